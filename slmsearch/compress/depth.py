@@ -1,0 +1,188 @@
+"""Depth pruning: drop decoder layers, chosen explicitly or by an importance score.
+
+Scores (computed once per (model, calibration) and cached as JSON):
+
+- ``angular``: mean angular distance ``arccos(cos(h_in, h_out)) / pi`` between the input of layer
+  l and the output of layer l+n-1, for every l and every block length n (ShortGPT for n=1,
+  PruneMe / "The Unreasonable Ineffectiveness of the Deeper Layers" for n>1). Low = redundant.
+- ``ppl``: calibration perplexity with that single layer removed (Shortened LLaMA, arXiv
+  2402.02834, PPL criterion). Low = redundant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from slmsearch.compress.calib import Calibration, capture_first_inputs
+from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range
+from slmsearch.compress.surgery import decoder_layers, drop_layers
+from slmsearch.errors import SlmsearchError
+from slmsearch.fsutil import write_json_atomic
+
+# The ppl score runs L*(L-1)/2 layer passes per batch; it uses at most this many calibration
+# windows (Shortened LLaMA scores on a small calibration set too).
+PPL_SCORE_MAX_SAMPLES = 8
+SCORE_VERSION = 1
+
+
+@torch.no_grad()
+def _layer_states(model: Any, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    inputs = capture_first_inputs(model, [ids])
+    hidden, kwargs = inputs.hidden[0], inputs.kwargs[0]
+    states = [hidden]
+    for layer in decoder_layers(model):
+        out = layer(states[-1], **kwargs)
+        states.append(out[0] if isinstance(out, tuple) else out)
+    return states, kwargs
+
+
+@torch.no_grad()
+def _lm_loss(model: Any, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    logits = model.lm_head(model.model.norm(hidden))[:, :-1].float()
+    target = ids[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+    return float(loss), int(target.numel())
+
+
+@torch.no_grad()
+def importance_scores(model: Any, calib: Calibration) -> dict[str, Any]:
+    """Both depth scores for ``model`` on ``calib`` (see the module docstring)."""
+    n_layers = len(decoder_layers(model))
+    ang_sum = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
+    ang_count = 0
+    ppl_loss = [0.0] * n_layers
+    base_loss, n_tok = 0.0, 0
+    ppl_budget = PPL_SCORE_MAX_SAMPLES
+    was_training = model.training
+    model.eval()
+    layers = decoder_layers(model)
+    try:
+        for ids in calib.token_batches():
+            states, kwargs = _layer_states(model, ids)
+            flat = [F.normalize(s.reshape(-1, s.shape[-1]).float(), dim=-1) for s in states]
+            for a in range(n_layers):
+                for b in range(a + 1, n_layers + 1):
+                    cos = (flat[a] * flat[b]).sum(-1).clamp(-1.0, 1.0)
+                    ang_sum[a, b] += (torch.arccos(cos) / math.pi).double().sum()
+            ang_count += flat[0].shape[0]
+            if ppl_budget > 0:
+                ids_p = ids[:ppl_budget]
+                ppl_budget -= ids_p.shape[0]
+                kw = {k: (v[: ids_p.shape[0]] if isinstance(v, torch.Tensor) and v.shape[0] == ids.shape[0] and v.shape[0] > 1 else v) for k, v in kwargs.items()}
+                loss, count = _lm_loss(model, states[-1][: ids_p.shape[0]], ids_p)
+                base_loss += loss
+                n_tok += count
+                for i in range(n_layers):
+                    h = states[i][: ids_p.shape[0]]
+                    for j in range(i + 1, n_layers):
+                        out = layers[j](h, **kw)
+                        h = out[0] if isinstance(out, tuple) else out
+                    ppl_loss[i] += _lm_loss(model, h, ids_p)[0]
+    finally:
+        model.train(was_training)
+    angular = {
+        str(n): [float(ang_sum[l, l + n] / ang_count) for l in range(n_layers - n + 1)] for n in range(1, n_layers + 1)
+    }
+    return {
+        "version": SCORE_VERSION,
+        "n_layers": n_layers,
+        "angular": angular,
+        "ppl": [math.exp(x / n_tok) for x in ppl_loss],
+        "ppl_base": math.exp(base_loss / n_tok),
+    }
+
+
+def cached_importance_scores(model: Any, calib: Calibration) -> dict[str, Any]:
+    """:func:`importance_scores`, read from / written to ``calib.score_dir`` when both it and
+    ``calib.model_key`` are set (key: model fingerprint + calibration settings)."""
+    path: Path | None = None
+    if calib.score_dir is not None and calib.model_key:
+        key = "-".join(f"{k}{v}" for k, v in calib.settings.key().items())
+        path = Path(calib.score_dir) / f"depth-{calib.model_key[:24]}-{key}.json"
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("version") == SCORE_VERSION and data.get("n_layers") == len(decoder_layers(model)):
+                    return data
+            except (OSError, ValueError):
+                pass
+    scores = importance_scores(model, calib)
+    if path is not None:
+        write_json_atomic(path, scores)
+    return scores
+
+
+def select_layers(scores: dict[str, Any], drop: int, by: str, block: int) -> tuple[int, ...]:
+    """The layers to drop: the ``drop`` lowest single-layer scores, or ``drop/block`` lowest
+    non-overlapping contiguous blocks of ``block`` layers (angular only)."""
+    n_layers = int(scores["n_layers"])
+    if drop >= n_layers:
+        raise SlmsearchError(f"depth.drop must be < {n_layers} (the model's layers), got {drop}")
+    if by == "ppl":
+        values = scores["ppl"]
+        order = sorted(range(n_layers), key=lambda i: (values[i], i))
+        return tuple(sorted(order[:drop]))
+    values = scores["angular"][str(block)]
+    chosen: set[int] = set()
+    for start in sorted(range(len(values)), key=lambda i: (values[i], i)):
+        if len(chosen) >= drop:
+            break
+        span = set(range(start, start + block))
+        if not span & chosen:
+            chosen |= span
+    if len(chosen) < drop:
+        raise SlmsearchError(f"cannot place {drop // block} non-overlapping blocks of {block} layers")
+    return tuple(sorted(chosen))
+
+
+@dataclass(frozen=True)
+class DepthPrune(Stage):
+    """Drop decoder layers: explicit ``indices``, or ``drop`` layers chosen ``by`` a score."""
+
+    kind = "depth"
+    drop: int = 0  # how many layers to drop (ignored when indices are given)
+    indices: tuple[int, ...] | None = None  # explicit layers to drop
+    by: str = "angular"  # "angular" (ShortGPT/PruneMe) or "ppl" (Shortened LLaMA)
+    block: int = 1  # angular only: drop contiguous blocks of this many layers
+
+    def __post_init__(self) -> None:
+        check_range("depth", "drop", self.drop, 0, 1024, integer=True)
+        check_choice("depth", "by", self.by, ("angular", "ppl"))
+        check_range("depth", "block", self.block, 1, 1024, integer=True)
+        if self.indices is not None:
+            object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
+            if self.drop not in (0, len(self.indices)):
+                raise SlmsearchError("depth: give either indices or drop, not both")
+        if self.by == "ppl" and self.block != 1:
+            raise SlmsearchError("depth: block > 1 needs by='angular' (the ppl score is per layer)")
+        if self.drop % self.block:
+            raise SlmsearchError(f"depth.drop ({self.drop}) must be a multiple of depth.block ({self.block})")
+
+    @property
+    def n_dropped(self) -> int:
+        return len(self.indices) if self.indices is not None else self.drop
+
+    def is_noop(self) -> bool:
+        return self.n_dropped == 0
+
+    def apply(self, model: Any, calib: Calibration) -> StageReport:
+        metrics: dict[str, Any] = {"layers_before": len(decoder_layers(model))}
+        with Timer() as t:
+            if self.indices is not None:
+                chosen = self.indices
+            elif self.drop == 0:
+                chosen = ()
+            else:
+                scores = cached_importance_scores(model, calib)
+                chosen = select_layers(scores, self.drop, self.by, self.block)
+                metrics["scores"] = scores["ppl"] if self.by == "ppl" else scores["angular"][str(self.block)]
+            drop_layers(model, chosen)
+        metrics.update(dropped=list(chosen), layers_after=len(decoder_layers(model)))
+        return StageReport(self.kind, self.to_dict(), t.seconds, metrics)

@@ -1,0 +1,47 @@
+"""Embedding / lm_head precision: keep 16-bit, or round-to-nearest per row at 8 or 4 bits.
+
+The weights are stored dequantized (the checkpoint stays a plain HF folder that every later stage
+and ``from_pretrained`` reads); ``slmsearch.json`` records the format, and the memory model counts
+the embedding at ``bits`` per weight plus one 16-bit scale per row. A tied embedding is quantized
+once (it is one tensor); an untied lm_head is quantized the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slmsearch.compress.kernels import rtn_quantize
+from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice
+
+
+@dataclass(frozen=True)
+class EmbeddingQuant(Stage):
+    """Quantize the token embedding (and the lm_head when it is not tied) per row."""
+
+    kind = "embedding"
+    bits: int = 16  # 16 = unchanged; 8 or 4 = symmetric round-to-nearest, one scale per row
+
+    def __post_init__(self) -> None:
+        check_choice("embedding", "bits", self.bits, (16, 8, 4))
+
+    def is_noop(self) -> bool:
+        return self.bits == 16
+
+    @torch.no_grad()
+    def apply(self, model: Any, calib: Any = None) -> StageReport:
+        metrics: dict[str, Any] = {"bits": self.bits}
+        with Timer() as t:
+            if not self.is_noop():
+                embed = model.get_input_embeddings().weight
+                original = embed.data.clone()
+                embed.data.copy_(rtn_quantize(embed.data, self.bits, None))
+                metrics["embedding_rel_error"] = float((embed.data - original).norm() / original.norm())
+                head = model.get_output_embeddings()
+                tied = head is None or head.weight.data_ptr() == embed.data_ptr()
+                metrics["tied"] = tied
+                if not tied:
+                    head.weight.data.copy_(rtn_quantize(head.weight.data, self.bits, None))
+        return StageReport(self.kind, self.to_dict(), t.seconds, metrics)

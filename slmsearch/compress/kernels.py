@@ -1,0 +1,174 @@
+"""Pure tensor kernels of the compression stages: no files, no models, no state.
+
+Every function takes tensors and returns tensors, so a test can call it on a 4x8 example and
+compare against brute force. Masks returned here mark the weights to *remove* (True = set to 0),
+as in locuslab/wanda's ``W_mask``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from slmsearch.errors import SlmsearchError
+
+# N:M patterns the stages accept, as (zeros per group, group size).
+NM_PATTERNS: dict[str, tuple[int, int]] = {"2:4": (2, 4), "4:8": (4, 8)}
+
+
+def wanda_scores(weight: torch.Tensor, act_norm_sq: torch.Tensor) -> torch.Tensor:
+    """WANDA importance ``|W_ij| * ||X_j||_2`` (Sun et al. 2023, eq. 1).
+
+    ``weight`` is ``[out, in]``; ``act_norm_sq`` is ``[in]``, the sum over calibration tokens of
+    each input feature squared (so its square root is the column's L2 norm).
+    """
+    if act_norm_sq.shape != weight.shape[1:]:
+        raise SlmsearchError(
+            f"activation norms must have one entry per input column: weight {tuple(weight.shape)}, "
+            f"norms {tuple(act_norm_sq.shape)}"
+        )
+    return weight.abs().float() * act_norm_sq.float().clamp_min(0).sqrt().unsqueeze(0)
+
+
+def _row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    if not 0.0 <= sparsity < 1.0:
+        raise SlmsearchError(f"sparsity must satisfy 0 <= sparsity < 1, got {sparsity}")
+    rows, cols = scores.shape
+    n_remove = int(cols * sparsity)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if n_remove == 0:
+        return mask
+    # Stable sort: ties are broken by column index, the same as a brute-force argsort.
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :n_remove]
+    return mask.scatter_(1, order, True)
+
+
+def _nm_mask(scores: torch.Tensor, n_m: tuple[int, int]) -> torch.Tensor:
+    n, m = n_m
+    if not 0 < n < m:
+        raise SlmsearchError(f"an N:M pattern needs 0 < N < M, got N={n}, M={m}")
+    rows, cols = scores.shape
+    if cols % m:
+        raise SlmsearchError(f"N:M pruning needs the input size divisible by M: {cols} % {m} != 0")
+    grouped = scores.reshape(rows, cols // m, m)
+    order = torch.sort(grouped, dim=2, stable=True).indices[:, :, :n]
+    mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, order, True)
+    return mask.reshape(rows, cols)
+
+
+def mask_from_scores(
+    scores: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Remove the lowest scores of each row: ``int(cols * sparsity)`` of them, or N of every M."""
+    if n_m is not None:
+        return _nm_mask(scores, n_m)
+    return _row_mask(scores, sparsity)
+
+
+def wanda_mask(
+    weight: torch.Tensor,
+    act_norm_sq: torch.Tensor,
+    sparsity: float,
+    n_m: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Boolean ``[out, in]`` mask of the weights WANDA removes (True = prune), compared per row.
+
+    Unstructured: each row loses exactly ``int(cols * sparsity)`` weights. With ``n_m=(N, M)``
+    every group of M consecutive inputs of a row loses exactly N weights (``sparsity`` unused).
+    """
+    return mask_from_scores(wanda_scores(weight, act_norm_sq), sparsity, n_m)
+
+
+def magnitude_mask(
+    weight: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The magnitude-pruning baseline: ``|W|`` alone, compared per row like :func:`wanda_mask`."""
+    return mask_from_scores(weight.abs().float(), sparsity, n_m)
+
+
+def mlp_channel_scores(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    hidden_norm_sq: torch.Tensor,
+    inter_norm_sq: torch.Tensor,
+) -> torch.Tensor:
+    """WANDA score of each MLP intermediate channel: the sum of the scores of every weight that
+    dies with it (its gate row, its up row, its down column). ``[intermediate]``."""
+    return (
+        wanda_scores(gate, hidden_norm_sq).sum(1)
+        + wanda_scores(up, hidden_norm_sq).sum(1)
+        + wanda_scores(down, inter_norm_sq).sum(0)
+    )
+
+
+def kv_group_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    hidden_norm_sq: torch.Tensor,
+    attn_norm_sq: torch.Tensor,
+    *,
+    n_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """WANDA score of each KV group (one KV head and the query heads that share it): the summed
+    scores of its q/k/v rows and its o_proj columns. ``[n_kv_heads]``."""
+    n_heads = q.shape[0] // head_dim
+    rep = n_heads // n_kv_heads
+    q_rows = wanda_scores(q, hidden_norm_sq).sum(1).reshape(n_kv_heads, rep * head_dim).sum(1)
+    k_rows = wanda_scores(k, hidden_norm_sq).sum(1).reshape(n_kv_heads, head_dim).sum(1)
+    v_rows = wanda_scores(v, hidden_norm_sq).sum(1).reshape(n_kv_heads, head_dim).sum(1)
+    o_cols = wanda_scores(o, attn_norm_sq).sum(0).reshape(n_kv_heads, rep * head_dim).sum(1)
+    return q_rows + k_rows + v_rows + o_cols
+
+
+def keep_lowest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Sorted indices of the entries to keep after removing the ``n_remove`` lowest scores."""
+    if not 0 <= n_remove < scores.numel():
+        raise SlmsearchError(f"can remove 0 <= n < {scores.numel()} entries, got {n_remove}")
+    order = torch.sort(scores, stable=True).indices
+    return torch.sort(order[n_remove:]).values
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """Round-to-nearest symmetric quantization, returned dequantized (same shape and dtype).
+
+    The grid is gptqmodel's symmetric one: per row (``group_size=None``) or per group of
+    ``group_size`` inputs, ``scale = 2 * max|w| / (2**bits - 1)``, integers ``q - 2**(bits-1)``
+    with ``q`` in ``[0, 2**bits - 1]``, so zero is exactly representable.
+    """
+    if not 2 <= bits <= 16:
+        raise SlmsearchError(f"bits must satisfy 2 <= bits <= 16, got {bits}")
+    rows, cols = weight.shape
+    group = cols if group_size in (None, -1) else int(group_size)
+    if group <= 0 or cols % group:
+        raise SlmsearchError(f"group size {group_size} must divide the input size {cols}")
+    w = weight.float().reshape(rows, cols // group, group)
+    maxq = 2**bits - 1
+    zero = (maxq + 1) / 2
+    scale = (2 * w.abs().amax(dim=2, keepdim=True) / maxq).clamp_min(1e-12)
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return ((q - zero) * scale).reshape(rows, cols).to(weight.dtype)
+
+
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over tokens of ``arccos(cos(a_t, b_t)) / pi`` (ShortGPT / PruneMe), in [0, 1]."""
+    a2 = a.reshape(-1, a.shape[-1]).float()
+    b2 = b.reshape(-1, b.shape[-1]).float()
+    cos = torch.nn.functional.cosine_similarity(a2, b2, dim=-1).clamp(-1.0, 1.0)
+    return float(torch.arccos(cos).mean() / math.pi)
+
+
+def masked_delta(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A merge delta with every position where ``weight`` is exactly zero set to zero."""
+    return delta * (weight != 0).to(delta.dtype)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Relative output error ``||X (W - A)^T||_F / ||X W^T||_F`` of a linear layer on inputs."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    ref = x @ weight.float().T
+    return float(torch.linalg.norm(x @ (weight.float() - approx.float()).T) / torch.linalg.norm(ref))

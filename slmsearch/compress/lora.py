@@ -1,0 +1,141 @@
+"""LoRA recovery: a short peft LoRA fine-tune on calibration text, then merge or keep the adapter.
+
+Training windows come from the first 90% of ``wiki.valid.tokens`` and the held-out loss from its
+last 10% (never the test split). Merging keeps pruning: the merged delta is multiplied by the
+mask of non-zero base weights, so a weight WANDA set to zero stays exactly zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slmsearch.compress.calib import Calibration
+from slmsearch.compress.kernels import masked_delta
+from slmsearch.compress.stage import Stage, StageReport, Timer, check_range
+from slmsearch.errors import SlmsearchError
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_ATTR = "_slmsearch_adapter"  # set on a model whose adapter is kept (merge=False)
+HELDOUT_SEED_OFFSET = 1000  # held-out windows use seed + this (a different stream from training)
+TRAIN_SEED_OFFSET = 1  # training windows use seed + this (not the calibration windows)
+
+
+@torch.no_grad()
+def mean_loss(model: Any, tokens: torch.Tensor, batch: int = 4) -> float:
+    """Mean next-token cross-entropy of ``model`` over ``tokens`` ``[n, seqlen]``."""
+    total, count = 0.0, 0
+    for start in range(0, tokens.shape[0], batch):
+        ids = tokens[start : start + batch]
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += float(out.loss) * n
+        count += n
+    return total / count
+
+
+@dataclass(frozen=True)
+class LoraRecovery(Stage):
+    """Train LoRA adapters on ``targets`` for ``steps`` AdamW steps, then merge (masked) or keep."""
+
+    kind = "lora"
+    rank: int = 8  # LoRA rank r
+    steps: int = 50  # optimizer steps
+    lr: float = 2e-4  # AdamW learning rate (constant)
+    targets: tuple[str, ...] = LORA_TARGETS  # projection names (peft target_modules)
+    merge: bool = True  # merge into the weights (masked), or keep the adapter beside them
+    batch: int = 2  # windows per step
+    seqlen: int = 256  # tokens per window
+    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
+    heldout: int = 8  # held-out windows for the before/after loss
+
+    def __post_init__(self) -> None:
+        check_range("lora", "rank", self.rank, 0, 4096, integer=True)
+        check_range("lora", "steps", self.steps, 0, 1_000_000, integer=True)
+        check_range("lora", "lr", self.lr, 1e-8, 1.0)
+        check_range("lora", "batch", self.batch, 1, 4096, integer=True)
+        check_range("lora", "seqlen", self.seqlen, 8, 1 << 20, integer=True)
+        check_range("lora", "alpha", self.alpha, 1e-6, 1e6)
+        check_range("lora", "heldout", self.heldout, 1, 4096, integer=True)
+        if not isinstance(self.merge, bool):
+            raise SlmsearchError(f"lora.merge must be true or false, got {self.merge!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise SlmsearchError(f"lora.targets: unknown or empty {bad}; choose from {', '.join(LORA_TARGETS)}")
+
+    def is_noop(self) -> bool:
+        return self.rank == 0 or self.steps == 0
+
+    def apply(self, model: Any, calib: Calibration) -> StageReport:
+        with Timer() as t:
+            metrics = {"noop": True} if self.is_noop() else self._train(model, calib)
+        return StageReport(self.kind, self.to_dict(), t.seconds, metrics)
+
+    def _train(self, model: Any, calib: Calibration) -> dict[str, Any]:
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+        seed = calib.settings.seed
+        train = calib.samples(self.steps * self.batch, seqlen=self.seqlen, seed=seed + TRAIN_SEED_OFFSET)
+        held = calib.samples(self.heldout, part="heldout", seqlen=self.seqlen, seed=seed + HELDOUT_SEED_OFFSET)
+        model.eval()
+        loss_before = mean_loss(model, held)
+        config = LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=list(self.targets), bias="none"
+        )
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        curve: list[float] = []
+        peft_model.train()
+        for step in range(self.steps):
+            ids = train[step * self.batch : (step + 1) * self.batch]
+            loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            curve.append(float(loss.detach()))
+        peft_model.eval()
+        del optimizer
+        loss_after_adapter = mean_loss(peft_model, held)
+        zeros_before = 0
+        if self.merge:
+            zeros_before = _merge_masked(peft_model)
+        else:
+            adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        base = peft_model.unload()  # removes the LoRA layers; the weights hold the merge (if any)
+        if base is not model:  # peft unwraps in place; keep the caller's object authoritative
+            raise SlmsearchError("peft returned a different model object after unload")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        metrics: dict[str, Any] = {
+            "loss_curve": curve,
+            "heldout_loss_before": loss_before,
+            "heldout_loss_after": loss_after_adapter,
+            "trainable_params": sum(p.numel() for p in params),
+        }
+        if self.merge:
+            metrics["heldout_loss_after_merge"] = mean_loss(model, held)
+            metrics["zeros_kept"] = zeros_before
+        else:
+            setattr(model, ADAPTER_ATTR, {"config": config, "state": adapter_state})
+        return metrics
+
+
+@torch.no_grad()
+def _merge_masked(peft_model: Any) -> int:
+    """Add each LoRA delta to its base weight where the base weight is non-zero; return the
+    number of exact zeros among the targeted weights (unchanged by the merge)."""
+    from peft.tuners.lora import LoraLayer
+
+    zeros = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
+            base = module.get_base_layer()
+            delta = module.get_delta_weight("default")
+            zeros += int((base.weight == 0).sum())
+            base.weight.data += masked_delta(delta.to(base.weight.dtype), base.weight.data)
+    return zeros

@@ -1,0 +1,200 @@
+"""WANDA pruning (Sun et al. 2023): unstructured, N:M, and structured (channels / KV groups).
+
+Unstructured and N:M zero weights in place (the tensors keep their shape; the memory model
+counts the sparsity from ``slmsearch.json``). Structured removes whole MLP intermediate channels
+and whole KV groups, the same count in every layer, so the tensors physically shrink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slmsearch.compress import kernels
+from slmsearch.compress.calib import Calibration, LayerInputs, collect_norms, layerwise, linear_modules
+from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range
+from slmsearch.compress.surgery import (
+    decoder_layers,
+    head_geometry,
+    set_kv_groups,
+    shrink_attention,
+    shrink_mlp,
+)
+from slmsearch.errors import SlmsearchError
+
+PATTERNS = ("unstructured", "2:4", "4:8", "structured")
+ALL_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def mlp_channels_to_remove(intermediate_size: int, fraction: float, multiple: int) -> int:
+    """Channels removed per layer: ``fraction`` of them, rounded to the nearest multiple of
+    ``multiple`` so the remaining width stays divisible by the quantization group size."""
+    if intermediate_size % multiple:
+        raise SlmsearchError(
+            f"wanda.multiple={multiple} must divide the intermediate size {intermediate_size}; "
+            "choose a divisor such as 32 or 64"
+        )
+    n = int(round(intermediate_size * fraction / multiple)) * multiple
+    return min(n, intermediate_size - multiple)
+
+
+@dataclass(frozen=True)
+class Wanda(Stage):
+    """Prune with WANDA scores (or plain magnitude, the baseline, with ``score='magnitude'``)."""
+
+    kind = "wanda"
+    sparsity: float = 0.0  # unstructured: fraction of each row zeroed; N:M: must be N/M or 0
+    pattern: str = "unstructured"  # "unstructured", "2:4", "4:8" or "structured"
+    targets: tuple[str, ...] = ALL_TARGETS  # Linear modules of each layer (unstructured / N:M)
+    score: str = "wanda"  # "wanda" or "magnitude"
+    mlp_fraction: float = 0.0  # structured: fraction of MLP intermediate channels removed
+    kv_groups: int = 0  # structured: KV groups (a KV head + its query heads) removed per layer
+    multiple: int = 64  # structured: channel counts stay divisible by this (the quant group size)
+
+    def __post_init__(self) -> None:
+        check_choice("wanda", "pattern", self.pattern, PATTERNS)
+        check_choice("wanda", "score", self.score, ("wanda", "magnitude"))
+        check_range("wanda", "sparsity", self.sparsity, 0.0, 0.99)
+        check_range("wanda", "mlp_fraction", self.mlp_fraction, 0.0, 0.95)
+        check_range("wanda", "kv_groups", self.kv_groups, 0, 1024, integer=True)
+        check_range("wanda", "multiple", self.multiple, 1, 4096, integer=True)
+        object.__setattr__(self, "targets", tuple(self.targets))
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        if bad:
+            raise SlmsearchError(f"wanda.targets: unknown module(s) {bad}; known: {', '.join(ALL_TARGETS)}")
+        if self.pattern == "structured":
+            if self.sparsity:
+                raise SlmsearchError("wanda: structured pruning takes mlp_fraction and kv_groups, not sparsity")
+        else:
+            if self.mlp_fraction or self.kv_groups:
+                raise SlmsearchError(f"wanda: mlp_fraction/kv_groups need pattern='structured', got {self.pattern!r}")
+            if self.pattern in kernels.NM_PATTERNS:
+                n, m = kernels.NM_PATTERNS[self.pattern]
+                if self.sparsity not in (0.0, n / m):
+                    raise SlmsearchError(f"wanda: pattern {self.pattern} implies sparsity {n / m}, got {self.sparsity}")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return kernels.NM_PATTERNS.get(self.pattern)
+
+    @property
+    def density(self) -> float:
+        """Fraction of targeted weights kept (unstructured / N:M)."""
+        if self.n_m is not None:
+            n, m = self.n_m
+            return 1.0 - n / m
+        return 1.0 - self.sparsity
+
+    def is_noop(self) -> bool:
+        if self.pattern == "structured":
+            return self.mlp_fraction == 0 and self.kv_groups == 0
+        return (self.n_m is None and self.sparsity == 0) or not self.targets
+
+    def apply(self, model: Any, calib: Calibration) -> StageReport:
+        with Timer() as t:
+            if self.is_noop():
+                metrics: dict[str, Any] = {"noop": True}
+            elif self.pattern == "structured":
+                metrics = self._structured(model, calib)
+            else:
+                metrics = self._unstructured(model, calib)
+        return StageReport(self.kind, self.to_dict(), t.seconds, metrics)
+
+    # unstructured and N:M ---------------------------------------------------------------
+    def _unstructured(self, model: Any, calib: Calibration) -> dict[str, Any]:
+        pruned = total = 0
+        targets = list(self.targets)
+
+        def visit(i: int, layer: torch.nn.Module, inputs: LayerInputs) -> None:
+            nonlocal pruned, total
+            modules = linear_modules(layer)
+            norms = collect_norms(layer, inputs, targets) if self.score == "wanda" else {}
+            for name in targets:
+                weight = modules[name].weight.data
+                if self.score == "wanda":
+                    mask = kernels.wanda_mask(weight, norms[name], self.sparsity, self.n_m)
+                else:
+                    mask = kernels.magnitude_mask(weight, self.sparsity, self.n_m)
+                weight[mask] = 0
+                pruned += int(mask.sum())
+                total += mask.numel()
+
+        if self.score == "wanda":
+            layerwise(model, calib, visit)
+        else:  # magnitude needs no activations
+            for i, layer in enumerate(decoder_layers(model)):
+                visit(i, layer, LayerInputs([], []))
+        return {"sparsity_achieved": pruned / max(total, 1), "weights_pruned": pruned, "weights_targeted": total}
+
+    # structured ----------------------------------------------------------------------------
+    def _structured(self, model: Any, calib: Calibration) -> dict[str, Any]:
+        config = model.config
+        inter = config.intermediate_size
+        n_heads, n_kv, head_dim = head_geometry(config)
+        n_channels = mlp_channels_to_remove(inter, self.mlp_fraction, self.multiple) if self.mlp_fraction else 0
+        if self.kv_groups >= n_kv:
+            raise SlmsearchError(f"wanda.kv_groups must be < {n_kv} (the model's KV heads), got {self.kv_groups}")
+        if self.kv_groups and ((n_kv - self.kv_groups) * (n_heads // n_kv) * head_dim) % self.multiple:
+            raise SlmsearchError(
+                f"wanda: removing {self.kv_groups} KV groups leaves an o_proj input of "
+                f"{(n_kv - self.kv_groups) * (n_heads // n_kv) * head_dim}, not divisible by multiple={self.multiple}"
+            )
+        keep_mlp: list[torch.Tensor] = []
+        keep_kv: list[torch.Tensor] = []
+        names = ["mlp.gate_proj", "mlp.down_proj", "self_attn.q_proj", "self_attn.o_proj"]
+
+        def visit(i: int, layer: torch.nn.Module, inputs: LayerInputs) -> None:
+            if self.score == "wanda":
+                norms = collect_norms(layer, inputs, names)
+            else:
+                norms = {n: torch.ones(m.in_features) for n, m in linear_modules(layer).items() if n in names}
+            mlp, attn = layer.mlp, layer.self_attn
+            if n_channels:
+                s = kernels.mlp_channel_scores(
+                    mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                    norms["mlp.gate_proj"], norms["mlp.down_proj"],
+                )
+                keep_mlp.append(kernels.keep_lowest_removed(s, n_channels))
+                # Shrink now, so the next layer is calibrated on the pruned model's outputs.
+                shrink_mlp(layer, keep_mlp[-1])
+            if self.kv_groups:
+                s = kernels.kv_group_scores(
+                    attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+                    norms["self_attn.q_proj"], norms["self_attn.o_proj"], n_kv_heads=n_kv, head_dim=head_dim,
+                )
+                keep_kv.append(kernels.keep_lowest_removed(s, self.kv_groups))
+                shrink_attention(layer, keep_kv[-1], rep=n_heads // n_kv, head_dim=head_dim)
+
+        if self.score == "wanda":
+            layerwise(model, calib, visit)
+        else:
+            for i, layer in enumerate(decoder_layers(model)):
+                visit(i, layer, LayerInputs([], []))
+        # Per-layer shrinking is done; now make the config agree (tensors already have the shape).
+        if n_channels:
+            config.intermediate_size = inter - n_channels
+            for layer in decoder_layers(model):
+                if hasattr(layer.mlp, "intermediate_size"):
+                    layer.mlp.intermediate_size = inter - n_channels
+        if self.kv_groups:
+            set_kv_groups(config, n_kv - self.kv_groups, rep=n_heads // n_kv, head_dim=head_dim)
+        return {
+            "mlp_channels_removed": n_channels,
+            "intermediate_size": config.intermediate_size,
+            "kv_groups_removed": self.kv_groups,
+            "num_key_value_heads": config.num_key_value_heads,
+            "num_attention_heads": config.num_attention_heads,
+            "kept_mlp_channels": [k.tolist() for k in keep_mlp],
+            "kept_kv_groups": [k.tolist() for k in keep_kv],
+        }
+

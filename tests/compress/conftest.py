@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random LLaMA and a 256-symbol byte-level tokenizer, built in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA_DIR = Path(os.environ.get("SLMSEARCH_DATA_DIR", "/work/shared/data"))
+
+
+def byte_tokenizer():
+    """A real (saveable) fast tokenizer whose 256 tokens are the byte-level alphabet."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0], pad_token=alphabet[0])
+    fast.name_or_path = "slmsearch-test-bytes"
+    return fast
+
+
+def tiny_config(**overrides):
+    from transformers import LlamaConfig
+
+    settings = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**overrides)).float().eval()
+    return model
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def calib(tokenizer):
+    from slmsearch.compress.calib import CalibSettings, Calibration
+
+    if not (DATA_DIR / "wikitext-2" / "wiki.valid.tokens").is_file():
+        pytest.skip(f"no data dir at {DATA_DIR}")
+    return Calibration.from_data(tokenizer, DATA_DIR, CalibSettings(n_samples=8, seqlen=64, seed=0, batch=4))
