@@ -1,0 +1,53 @@
+"""Bad input through the real CLI: one clear error line and exit code 2."""
+
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from slmsearch.cli import main
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output.strip()
+
+
+def test_missing_model_path(tmp_path):
+    code, out = _run("eval", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "e.json"))
+    assert code == 2 and out.startswith("error:") and "missing" in out and len(out.splitlines()) == 1
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_non_llama_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    code, out = _run("eval", "--model", str(tmp_path))
+    assert code == 2 and "gpt_neox" in out and len(out.splitlines()) == 1
+
+
+def test_wrong_data_file(tmp_path, data_dir):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    bad = copy / "wikitext-2" / "wiki.test.raw"
+    bad.chmod(0o644)
+    bad.write_text("not wikitext\n")
+    code, out = _run("eval", "--data-dir", str(copy), "--out", str(tmp_path / "e.json"))
+    assert code == 2 and "wiki.test.raw" in out and "sha256" in out and len(out.splitlines()) == 1
+
+
+def test_unknown_task():
+    code, out = _run("eval", "--tasks", "hellaswag")
+    assert code == 2 and "'hellaswag'" in out and "wikitext" in out
+
+
+def test_eval_writes_json(tmp_path, data_dir, default_model):
+    out_file = tmp_path / "eval.json"
+    code, out = _run(
+        "eval", "--data-dir", str(data_dir), "--tasks", "wikitext", "--metrics", "wikitext_token_ppl",
+        "--windows", "1", "--out", str(out_file),
+    )
+    assert code == 0, out
+    record = json.loads(out_file.read_text())
+    assert record["metrics"]["wikitext_token_ppl"] > 1
+    assert record["counts"]["wikitext_token_windows"] == 1
+    assert set(record["data_sha256"]) == {"wikitext_test_raw", "wikitext_test_pages", "wikitext_valid_tokens", "triviaqa_dev"}
