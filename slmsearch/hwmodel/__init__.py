@@ -1,1 +1,15 @@
-"""hwmodel"""
+"""Analytical hardware model: platform as data, model shape in, memory/latency/energy out.
+
+Pure Python (PyYAML; numpy only to count zeros in a checkpoint). Never imports torch.
+"""
+
+from slmsearch.hwmodel.estimate import Estimate, OpRow, PassEstimate, estimate, estimate_fast
+from slmsearch.hwmodel.memory import MemoryReport
+from slmsearch.hwmodel.placement import Placement
+from slmsearch.hwmodel.platform import Platform, load_platform
+from slmsearch.hwmodel.shape import Adapter, LayerShape, ModelShape, Sparsity, TensorFormat
+
+__all__ = [
+    "Adapter", "Estimate", "LayerShape", "MemoryReport", "ModelShape", "OpRow", "PassEstimate",
+    "Placement", "Platform", "Sparsity", "TensorFormat", "estimate", "estimate_fast", "load_platform",
+]

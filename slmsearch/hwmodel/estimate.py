@@ -1,0 +1,216 @@
+"""``estimate(shape, platform)``: memory, placement, decode and prefill latency and energy.
+
+``estimate_fast(shape, platform, context_len) -> (footprint_bytes, decode_s)`` returns the same two
+numbers as ``estimate(...).memory.total_bytes`` and ``.decode.latency_s`` (tested), without building
+the per-operator report. Per-shape and per-(layer, platform, placement) costs are memoized; shapes
+are immutable, so a memo can never go stale.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from slmsearch.hwmodel.energy import pass_energy_j
+from slmsearch.hwmodel.latency import Op, OpCost, head_ops, layer_context_ops, layer_static_ops, op_cost
+from slmsearch.hwmodel.memory import MemoryReport, memory_report, static_bytes
+from slmsearch.hwmodel.placement import Placement, Split, place
+from slmsearch.hwmodel.platform import Platform
+from slmsearch.hwmodel.shape import LayerShape, ModelShape
+from slmsearch.errors import SlmsearchError
+
+
+@dataclass(frozen=True)
+class OpRow:
+    layer: int | None
+    name: str
+    engine: str
+    bound: str
+    cycles: float
+    compute_cycles: float
+    overhead_cycles: float
+    transfer_cycles: dict[str, float]
+    level_bytes: dict[str, int]
+    n_tiles: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class PassEstimate:
+    """One forward pass: a decode step (tokens=1) or a prefill (tokens=P)."""
+
+    tokens: int
+    attended: int
+    cycles: float
+    latency_s: float
+    energy_j: float
+    energy_by: dict[str, float]
+    cycles_by_bound: dict[str, float]
+    cycles_by_engine: dict[str, float]
+    ops: tuple[OpRow, ...] = field(repr=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.latency_s if self.latency_s else float("inf")
+
+    @property
+    def energy_j_per_token(self) -> float:
+        return self.energy_j / self.tokens if self.tokens else 0.0
+
+    def to_dict(self, with_ops: bool = True) -> dict[str, Any]:
+        d = {
+            "tokens": self.tokens, "attended_positions": self.attended, "cycles": self.cycles,
+            "latency_s": self.latency_s, "tokens_per_s": self.tokens_per_s,
+            "energy_j": self.energy_j, "energy_j_per_token": self.energy_j_per_token,
+            "energy_j_by_component": self.energy_by, "cycles_by_bound": self.cycles_by_bound,
+            "cycles_by_engine": self.cycles_by_engine,
+        }
+        if with_ops:
+            d["ops"] = [r.__dict__ for r in self.ops]
+        return d
+
+
+@dataclass(frozen=True)
+class Estimate:
+    shape: ModelShape = field(repr=False)
+    platform: Platform = field(repr=False)
+    context_len: int
+    prefill_len: int
+    memory: MemoryReport
+    placement: dict[str, str]  # weight group -> level name ("l2+l3" when split)
+    placement_detail: Placement = field(repr=False)
+    decode: PassEstimate
+    prefill: PassEstimate | None
+
+    def to_dict(self, with_ops: bool = True) -> dict[str, Any]:
+        return {
+            "model": self.shape.name,
+            "platform": self.platform.name,
+            "freq_hz": self.platform.operating_point.freq_hz,
+            "context_len": self.context_len,
+            "prefill_len": self.prefill_len,
+            "memory": self.memory.to_dict(),
+            "placement": self.placement_detail.to_dict(self.platform),
+            "decode": self.decode.to_dict(with_ops),
+            "prefill": self.prefill.to_dict(with_ops) if self.prefill else None,
+        }
+
+
+# ---- shared pieces ---------------------------------------------------------------------------
+
+def _check(context_len: int, prefill_len: int) -> None:
+    for name, v in (("context_len", context_len), ("prefill_len", prefill_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise SlmsearchError(f"{name} must be an integer >= 0, but got {v!r}")
+
+
+def _placement(shape: ModelShape, p: Platform, context_len: int, activation_bytes: int) -> Placement:
+    kv_layer = [
+        -(-(2 * layer.n_kv_heads * layer.head_dim * shape.kv_cache_bits * context_len) // 8)
+        for layer in shape.layers
+    ]
+    return place(p, static_bytes(shape).weight_groups, kv_layer, activation_bytes)
+
+
+@functools.lru_cache(maxsize=8192)
+def _static_layer_ops(layer: LayerShape, hidden: int, tokens: int, act_bits: int, p: Platform
+                      ) -> tuple[tuple[Op, ...], tuple[Op, ...]]:
+    a, m = layer_static_ops(layer, hidden, tokens, act_bits, p, 0)
+    return tuple(a), tuple(m)
+
+
+@functools.lru_cache(maxsize=65536)
+def _group_cycles(ops: tuple[Op, ...], p: Platform, split: Split) -> float:
+    return sum(op_cost(op, p, split, ()).cycles for op in ops)
+
+
+@functools.lru_cache(maxsize=65536)
+def _context_cycles(layer: LayerShape, tokens: int, attended: int, act_bits: int, kv_bits: int,
+                    p: Platform, kv_split: Split) -> float:
+    return sum(op_cost(op, p, (), kv_split).cycles
+               for op in layer_context_ops(layer, tokens, attended, act_bits, kv_bits, p, 0))
+
+
+# ---- full report ------------------------------------------------------------------------------
+
+def _run_pass(shape: ModelShape, p: Platform, pl: Placement, tokens: int, attended: int) -> PassEstimate:
+    splits = {name: sp for name, _, sp in pl.groups}
+    rows: list[OpRow] = []
+    costs: list[OpCost] = []
+
+    def add(layer: int | None, op: Op, wsplit: Split, kvsplit: Split) -> None:
+        c = op_cost(op, p, wsplit, kvsplit)
+        costs.append(c)
+        rows.append(OpRow(layer, op.name, c.engine, c.bound, c.cycles, c.compute_cycles, c.overhead_cycles,
+                          dict(c.transfer_cycles), dict(c.level_bytes), c.n_tiles, c.macs))
+
+    for idx, layer in enumerate(shape.layers):
+        attn, mlp = layer_static_ops(layer, shape.hidden, tokens, shape.activation_bits, p, idx)
+        ctx = layer_context_ops(layer, tokens, attended, shape.activation_bits, shape.kv_cache_bits, p, idx)
+        o_at = next(i for i, op in enumerate(attn) if op.name == "o_proj")
+        ga, gm = splits[f"layers.{idx}.attn"], splits[f"layers.{idx}.mlp"]
+        for op in attn[:o_at]:
+            add(idx, op, ga, ())
+        for op in ctx:
+            add(idx, op, (), pl.kv_split[idx])
+        for op in attn[o_at:]:
+            add(idx, op, ga, ())
+        for op in mlp:
+            add(idx, op, gm, ())
+    for op in head_ops(shape, p):
+        add(None, op, splits.get(op.group, ()), ())
+    cycles = sum(r.cycles for r in rows)
+    latency = cycles / p.operating_point.freq_hz
+    energy_by = pass_energy_j(costs, latency, p)
+    by_bound: dict[str, float] = {}
+    by_engine: dict[str, float] = {}
+    for r in rows:
+        by_bound[r.bound] = by_bound.get(r.bound, 0.0) + r.cycles
+        by_engine[r.engine] = by_engine.get(r.engine, 0.0) + r.cycles
+    return PassEstimate(tokens, attended, cycles, latency, sum(energy_by.values()), energy_by,
+                        by_bound, by_engine, tuple(rows))
+
+
+def estimate(shape: ModelShape, platform: Platform, *, context_len: int = 512, prefill_len: int = 0) -> Estimate:
+    """Memory, placement, decode step at ``context_len`` (attending to that many positions) and,
+    when ``prefill_len`` > 0, a prefill of that many tokens. The KV cache is sized for
+    max(context_len, prefill_len) positions."""
+    _check(context_len, prefill_len)
+    ctx = max(context_len, prefill_len)
+    mem = memory_report(shape, ctx, prefill_len)
+    pl = _placement(shape, platform, ctx, mem.by_kind["activations_peak"])
+    decode = _run_pass(shape, platform, pl, 1, max(context_len, 1))
+    prefill = _run_pass(shape, platform, pl, prefill_len, prefill_len) if prefill_len else None
+    return Estimate(shape, platform, context_len, prefill_len, mem,
+                    {name: pl.level_of(platform, name) for name, _, _ in pl.groups}, pl, decode, prefill)
+
+
+# ---- fast path -------------------------------------------------------------------------------
+
+def estimate_fast(shape: ModelShape, platform: Platform, context_len: int = 512) -> tuple[int, float]:
+    """(deployed footprint bytes, decode seconds per token) == estimate(...) with prefill_len=0."""
+    memo = shape._cache.get("fast")
+    if memo is None:
+        memo = shape._cache["fast"] = {}
+    key = (platform.uid, context_len)
+    hit = memo.get(key)
+    if hit is not None:
+        return hit
+    _check(context_len, 0)
+    mem = memory_report(shape, context_len, 0)
+    pl = _placement(shape, platform, context_len, mem.by_kind["activations_peak"])
+    splits = {name: sp for name, _, sp in pl.groups}
+    h, a, kvb = shape.hidden, shape.activation_bits, shape.kv_cache_bits
+    attended = max(context_len, 1)
+    cycles = 0.0
+    for idx, layer in enumerate(shape.layers):
+        attn, mlp = _static_layer_ops(layer, h, 1, a, platform)
+        cycles += _group_cycles(attn, platform, splits[f"layers.{idx}.attn"])
+        cycles += _context_cycles(layer, 1, attended, a, kvb, platform, pl.kv_split[idx])
+        cycles += _group_cycles(mlp, platform, splits[f"layers.{idx}.mlp"])
+    for op in head_ops(shape, platform):
+        cycles += op_cost(op, platform, splits.get(op.group, ()), ()).cycles
+    out = (mem.total_bytes, cycles / platform.operating_point.freq_hz)
+    memo[key] = out
+    return out

@@ -1,0 +1,299 @@
+"""Per-operator latency: engine, compute cycles, data movement per level, overlap, overhead.
+
+One forward pass (a decode step or a prefill) is the sum over operators of
+
+    cycles(op) = overhead + body
+    overhead   = kernel_overhead_cycles (+ fork_join_cycles on >1 core) (+ NPU job overhead)
+                 + n_tiles * tile_overhead_cycles                      (tiled flow only)
+    body       = max(compute, dma_l2_l1, stream_l3, read_weight_mem)  (double-buffered tiles)
+               = sum of the same terms                                (single buffer)
+               = compute * l2_access_slowdown + stream_l3             (untiled: operands in L2)
+
+and each operator runs on the engine (8-core cluster or N-EUREKA) that finishes it first among
+those that support its formats. The largest term names the resource that bounds the operator
+("overhead" when the fixed costs exceed the body). See docs/hwmodel.md for every constant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from slmsearch.hwmodel.memory import layer_proj_bytes
+from slmsearch.hwmodel.placement import Split
+from slmsearch.hwmodel.platform import Platform
+from slmsearch.hwmodel.shape import ATTN_PROJS, LayerShape, ModelShape, TensorFormat
+
+LINEAR, ATTN, ELTWISE = "linear", "attn", "eltwise"
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One kernel invocation. Matmuls: batch x [tokens, inner] @ [inner, outputs]."""
+
+    name: str
+    kind: str  # linear | attn | eltwise
+    group: str  # placement group of its weights ("" = none)
+    batch: int = 1
+    tokens: int = 1
+    inner: int = 0
+    outputs: int = 0
+    elements: int = 0  # eltwise only
+    cycles_per_element: float = 0.0
+    operand_bits: int = 16  # max(weight or KV bits, activation bits): selects the SIMD width
+    weight_bits: int = 16
+    compute_density: float = 1.0  # fraction of MACs executed (N:M sparse kernels on the cluster)
+    npu_ok: bool = False
+    weight_bytes: int = 0
+    act_bytes: int = 0  # activations read + written
+    kv_bytes: int = 0  # KV cache read + written
+
+    @property
+    def macs(self) -> int:
+        return self.batch * self.tokens * self.inner * self.outputs
+
+
+@dataclass(frozen=True, slots=True)
+class OpCost:
+    cycles: float
+    engine: str
+    bound: str
+    compute_cycles: float
+    overhead_cycles: float
+    transfer_cycles: tuple[tuple[str, float], ...]  # (resource, cycles)
+    level_bytes: tuple[tuple[str, int], ...]  # bytes read/written at each memory level
+    n_tiles: int
+    macs: int
+
+
+class _PC:
+    """Platform constants used in the inner loop, looked up once per platform."""
+
+    def __init__(self, p: Platform) -> None:
+        self.p = p
+        self.names = [lv.name for lv in p.levels]
+        self.kinds = [lv.kind for lv in p.levels]
+        self.bw = [lv.read_bw_bytes_per_cycle for lv in p.levels]
+        self.l1 = self.kinds.index("l1")
+        self.l2 = self.kinds.index("l2")
+        self.dma_bw = p.dma.l2_l1_bw_bytes_per_cycle
+        cl = p.cluster
+        self.cores = cl.cores
+        self.fixed_cluster = cl.kernel_overhead_cycles + (cl.fork_join_cycles if cl.cores > 1 else 0.0)
+        self.tile_div = p.tiling.l1_budget_bytes / (2 if p.tiling.double_buffering else 1)
+
+
+_PCS: dict[int, _PC] = {}
+
+
+def consts(p: Platform) -> _PC:
+    pc = _PCS.get(p.uid)
+    if pc is None or pc.p is not p:
+        pc = _PCS[p.uid] = _PC(p)
+    return pc
+
+
+# ---- the formulas ---------------------------------------------------------------------------
+
+def cluster_compute_cycles(op: Op, p: Platform) -> float:
+    """Cycles of the busiest core: outputs split over cores; each output costs
+    output_overhead_cycles plus ceil(inner * density / SIMD MACs per cycle)."""
+    cl = p.cluster
+    if op.kind == ELTWISE:
+        return math.ceil(op.elements / cl.cores) * op.cycles_per_element
+    outputs = op.batch * op.tokens * op.outputs
+    if outputs == 0:
+        return 0.0
+    per_core = math.ceil(outputs / min(cl.cores, outputs))
+    inner = math.ceil(op.inner * op.compute_density / cl.macs_per_cycle(op.operand_bits))
+    return per_core * (cl.output_overhead_cycles + inner)
+
+
+def npu_compute_cycles(op: Op, p: Platform) -> float:
+    """N-EUREKA: spatial_tokens tokens at a time, macs_per_cycle(weight bits) when the array is full."""
+    npu = p.npu
+    passes = math.ceil(op.tokens / npu.spatial_tokens)
+    return passes * npu.spatial_tokens * op.batch * op.inner * op.outputs / npu.macs_per_cycle(op.weight_bits)
+
+
+def n_tiles(working_set_bytes: int, p: Platform) -> int:
+    """Tiles so that each fits the L1 budget (halved when double-buffered)."""
+    return max(1, math.ceil(working_set_bytes / consts(p).tile_div))
+
+
+def op_cost(op: Op, p: Platform, weight_split: Split, kv_split: Split) -> OpCost:
+    """Cost of ``op`` with its weights and KV cache placed as given (level index, fraction)."""
+    pc = consts(p)
+    w_by_level = [(i, op.weight_bytes * f) for i, f in weight_split] if op.weight_bytes else []
+    kv_by_level = [(i, op.kv_bytes * f) for i, f in kv_split] if op.kv_bytes else []
+    offchip_bytes = sum(b for i, b in w_by_level + kv_by_level if pc.kinds[i] == "offchip")
+    stream = offchip_bytes / pc.bw[_off(pc)] if offchip_bytes else 0.0
+    best: OpCost | None = None
+    for engine in ("cluster", "npu"):
+        if engine == "npu" and not (op.npu_ok and p.npu.enabled and p.tiling.enabled and op.kind == LINEAR):
+            continue
+        cost = _engine_cost(op, p, pc, engine, w_by_level, kv_by_level, stream)
+        if best is None or cost.cycles < best.cycles:
+            best = cost
+    assert best is not None
+    return best
+
+
+def _off(pc: _PC) -> int:
+    return pc.kinds.index("offchip")
+
+
+def _engine_cost(op: Op, p: Platform, pc: _PC, engine: str, w_by_level: list, kv_by_level: list,
+                 stream: float) -> OpCost:
+    tiled = p.tiling.enabled
+    if engine == "npu":
+        compute = npu_compute_cycles(op, p)
+        fixed = p.cluster.kernel_overhead_cycles + p.npu.job_overhead_cycles
+    else:
+        compute = cluster_compute_cycles(op, p)
+        fixed = pc.fixed_cluster
+    level_bytes: dict[int, float] = {}
+    wmem_read = 0.0
+    dma_bytes = float(op.act_bytes)
+    for i, b in w_by_level:
+        level_bytes[i] = level_bytes.get(i, 0.0) + b
+        if engine == "npu" and pc.kinds[i] == "weight":
+            wmem_read = max(wmem_read, b / pc.bw[i])  # read in place, no DMA
+        else:
+            dma_bytes += b
+    for i, b in kv_by_level:
+        level_bytes[i] = level_bytes.get(i, 0.0) + b
+        dma_bytes += b
+    act_level = pc.l2
+    level_bytes[act_level] = level_bytes.get(act_level, 0.0) + op.act_bytes
+    if tiled:
+        tiles = n_tiles(op.weight_bytes + op.act_bytes + op.kv_bytes, p)
+        overhead = fixed + tiles * p.tiling.tile_overhead_cycles
+        dma = dma_bytes / pc.dma_bw
+        level_bytes[pc.l1] = level_bytes.get(pc.l1, 0.0) + dma_bytes  # L1 side of the DMA
+        terms = [(f"compute:{engine}", compute), ("dma:l2-l1", dma)]
+        if stream:
+            terms.append((f"stream:{pc.names[_off(pc)]}", stream))
+        if wmem_read:
+            terms.append(("read:weight_mem", wmem_read))
+        body = max(t for _, t in terms) if p.tiling.double_buffering else sum(t for _, t in terms)
+    else:
+        tiles = 1
+        overhead = fixed
+        slow = compute * p.cluster.l2_access_slowdown
+        terms = [(f"compute:{engine}", slow)]
+        if stream:
+            terms.append((f"stream:{pc.names[_off(pc)]}", stream))
+        body = sum(t for _, t in terms)
+    bound_name, bound_val = max(terms, key=lambda t: t[1])
+    if overhead > body:
+        bound_name = "overhead"
+    return OpCost(
+        cycles=overhead + body,
+        engine=engine,
+        bound=bound_name,
+        compute_cycles=compute,
+        overhead_cycles=overhead,
+        transfer_cycles=tuple((n, v) for n, v in terms[1:]),
+        level_bytes=tuple((pc.names[i], int(round(b))) for i, b in sorted(level_bytes.items())),
+        n_tiles=tiles,
+        macs=int(op.macs * op.compute_density) if op.kind != ELTWISE else 0,
+    )
+
+
+# ---- the operator list of one pass ----------------------------------------------------------
+
+def _eltwise(name: str, group: str, elements: int, cpe: float, act_bytes_per_el: float) -> Op:
+    return Op(name, ELTWISE, group, elements=elements, cycles_per_element=cpe,
+              act_bytes=int(math.ceil(elements * act_bytes_per_el)))
+
+
+def _linear_ops(layer: LayerShape, hidden: int, proj: str, fmt: TensorFormat, tokens: int, act_bits: int,
+                group: str, npu_act_bits: int) -> list[Op]:
+    pb = next(x for x in layer_proj_bytes(layer, hidden) if x.name == proj)
+    sp = layer.sparsity
+    density = sp.density if sp.n_m is not None else 1.0
+    a = act_bits / 8
+    ops = [Op(
+        proj, LINEAR, group, tokens=tokens, inner=pb.in_features, outputs=pb.out_features,
+        operand_bits=max(fmt.weight_bits, act_bits), weight_bits=fmt.weight_bits, compute_density=density,
+        npu_ok=sp.format == "dense" and act_bits <= npu_act_bits,
+        weight_bytes=pb.weights + pb.scales_zeros + pb.sparsity_metadata,
+        act_bytes=int(math.ceil(tokens * (pb.in_features + pb.out_features) * a)),
+    )]
+    if layer.adapter is not None:
+        r, ab = layer.adapter.rank, layer.adapter.bits
+        half = pb.adapter // 2
+        ops.append(Op(proj + ".lora_a", LINEAR, group, tokens=tokens, inner=pb.in_features, outputs=r,
+                      operand_bits=max(ab, act_bits), weight_bits=ab, npu_ok=act_bits <= npu_act_bits,
+                      weight_bytes=half, act_bytes=int(math.ceil(tokens * (pb.in_features + r) * a))))
+        ops.append(Op(proj + ".lora_b", LINEAR, group, tokens=tokens, inner=r, outputs=pb.out_features,
+                      operand_bits=max(ab, act_bits), weight_bits=ab, npu_ok=act_bits <= npu_act_bits,
+                      weight_bytes=pb.adapter - half,
+                      act_bytes=int(math.ceil(tokens * (r + 2 * pb.out_features) * a))))
+    return ops
+
+
+def layer_static_ops(layer: LayerShape, hidden: int, tokens: int, act_bits: int, p: Platform,
+                     idx: int) -> tuple[list[Op], list[Op]]:
+    """Operators whose cost does not depend on the context: (attention-group ops, MLP-group ops)."""
+    cl = p.cluster
+    a = act_bits / 8
+    ga, gm = f"layers.{idx}.attn", f"layers.{idx}.mlp"
+    q, kv = layer.n_heads * layer.head_dim, layer.n_kv_heads * layer.head_dim
+    npu_a = p.npu.activation_bits
+    attn: list[Op] = [_eltwise("attn_norm", ga, tokens * hidden, cl.cycles_per_element_norm, 2 * a)]
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        attn += _linear_ops(layer, hidden, proj, layer.fmt(proj), tokens, act_bits, ga, npu_a)
+    attn.append(_eltwise("rope", ga, tokens * (q + kv), cl.cycles_per_element_rope, 2 * a))
+    attn += _linear_ops(layer, hidden, "o_proj", layer.fmt("o_proj"), tokens, act_bits, ga, npu_a)
+    attn.append(_eltwise("attn_residual_add", ga, tokens * hidden, cl.cycles_per_element_add, 3 * a))
+    mlp: list[Op] = [_eltwise("mlp_norm", gm, tokens * hidden, cl.cycles_per_element_norm, 2 * a)]
+    for proj in ("gate_proj", "up_proj"):
+        mlp += _linear_ops(layer, hidden, proj, layer.fmt(proj), tokens, act_bits, gm, npu_a)
+    mlp.append(_eltwise("act_mul", gm, tokens * layer.intermediate, cl.cycles_per_element_act, 3 * a))
+    mlp += _linear_ops(layer, hidden, "down_proj", layer.fmt("down_proj"), tokens, act_bits, gm, npu_a)
+    mlp.append(_eltwise("mlp_residual_add", gm, tokens * hidden, cl.cycles_per_element_add, 3 * a))
+    return attn, mlp
+
+
+def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: int, kv_bits: int,
+                      p: Platform, idx: int) -> list[Op]:
+    """Attention over the KV cache: scores, softmax, weighted sum (cost grows with ``attended``)."""
+    a, k = act_bits / 8, kv_bits / 8
+    h, hd, kvh = layer.n_heads, layer.head_dim, layer.n_kv_heads
+    g = f"layers.{idx}.attn"
+    kv_row = kvh * hd * k  # bytes of K (or V) for one position
+    new_kv = int(math.ceil(tokens * kv_row))  # this pass writes its K (V) rows
+    operand = max(act_bits, kv_bits)
+    scores = Op("attn_scores", ATTN, g, batch=h, tokens=tokens, inner=hd, outputs=attended,
+                operand_bits=operand, weight_bits=kv_bits,
+                act_bytes=int(math.ceil((tokens * h * hd + h * tokens * attended) * a)),
+                kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
+    softmax = _eltwise("softmax", g, h * tokens * attended, p.cluster.cycles_per_element_softmax, 2 * a)
+    values = Op("attn_values", ATTN, g, batch=h, tokens=tokens, inner=attended, outputs=hd,
+                operand_bits=operand, weight_bits=kv_bits,
+                act_bytes=int(math.ceil((h * tokens * attended + tokens * h * hd) * a)),
+                kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
+    return [scores, softmax, values]
+
+
+def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
+    """Final norm + lm_head for the last token (prefill only needs the last token's logits)."""
+    a = shape.activation_bits / 8
+    ops = [_eltwise("final_norm", "norms", shape.hidden, p.cluster.cycles_per_element_norm, 2 * a)]
+    if shape.vocab_size:
+        fmt = shape.head_format
+        from slmsearch.hwmodel.memory import matrix_bytes
+
+        v, s = matrix_bytes(shape.vocab_size, shape.hidden, fmt)
+        group = "embedding+lm_head" if shape.tie_word_embeddings else "lm_head"
+        ops.append(Op("lm_head", LINEAR, group, tokens=1, inner=shape.hidden, outputs=shape.vocab_size,
+                      operand_bits=max(fmt.weight_bits, shape.activation_bits), weight_bits=fmt.weight_bits,
+                      npu_ok=shape.activation_bits <= p.npu.activation_bits, weight_bytes=v + s,
+                      act_bytes=int(math.ceil((shape.hidden + shape.vocab_size) * a))))
+    return ops
+
+
+__all__ = ["Op", "OpCost", "op_cost", "cluster_compute_cycles", "npu_compute_cycles", "n_tiles",
+           "layer_static_ops", "layer_context_ops", "head_ops", "ATTN_PROJS"]
