@@ -172,3 +172,32 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, inputs: torch.Tenso
     x = inputs.reshape(-1, inputs.shape[-1]).float()
     ref = x @ weight.float().T
     return float(torch.linalg.norm(x @ (weight.float() - approx.float()).T) / torch.linalg.norm(ref))
+
+
+def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpack int32 words along dim 0 into ``bits``-bit unsigned values (GPTQ layout).
+
+    GPTQ packs the values of a column as one little-endian bit stream over consecutive 32-bit
+    words (for 3 bits a value may straddle two words), so ``[W, C]`` words hold
+    ``[W * 32 // bits, C]`` values.
+    """
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(32, dtype=torch.int64).view(1, 32, 1)
+    stream = ((w.unsqueeze(1) >> shifts) & 1).reshape(-1, words.shape[1])  # [W*32, C] bits
+    n = stream.shape[0] // bits
+    stream = stream[: n * bits].reshape(n, bits, -1)
+    weights = (1 << torch.arange(bits, dtype=torch.int64)).view(1, bits, 1)
+    return (stream * weights).sum(1)
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`unpack_bits`: ``[N, C]`` values in ``[0, 2**bits)`` to int32 words."""
+    n, cols = values.shape
+    if (n * bits) % 32:
+        raise SlmsearchError(f"{n} values of {bits} bits do not fill whole 32-bit words")
+    v = values.to(torch.int64)
+    stream = ((v.unsqueeze(1) >> torch.arange(bits, dtype=torch.int64).view(1, bits, 1)) & 1).reshape(-1, cols)
+    stream = stream.reshape(-1, 32, cols)
+    words = (stream << torch.arange(32, dtype=torch.int64).view(1, 32, 1)).sum(1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
