@@ -331,8 +331,11 @@ class ModelShape:
 
     def with_sparsity(self, format: str, density: float | None = None) -> ModelShape:  # noqa: A002
         if density is None:
-            nm = Sparsity(format, 1.0).n_m if ":" in format else None
-            density = nm[0] / nm[1] if nm else 1.0
+            if ":" in format and format in SPARSITY_FORMATS:
+                n, m = (int(x) for x in format.split(":"))
+                density = n / m
+            else:
+                density = 1.0
         return self._map_layers(sparsity=Sparsity(format, float(density)))
 
     def with_adapter(self, rank: int, bits: int = 16) -> ModelShape:

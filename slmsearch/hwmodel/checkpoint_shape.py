@@ -1,0 +1,227 @@
+"""Measure a ModelShape from a (compressed) checkpoint folder, so model and checkpoint agree.
+
+Read: config.json; safetensors headers (pure Python: 8-byte little-endian header length + JSON);
+GPTQ tensors (qweight/qzeros/scales/g_idx) with quantization_config / quantize_config.json;
+a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, in the checkpoint or in
+``adapter/``); and ``slmsearch.json`` written by the compress pipeline for what the tensors cannot
+tell (fake-quantized embedding, sparsity format, KV/activation precision). Shapes, layer count,
+per-layer heads and intermediate sizes, bit-widths and group sizes come from the tensors;
+a metadata number the tensors contradict is ignored. Tensor data is read (numpy) only to check a
+declared sparsity against the actual zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from slmsearch.errors import SlmsearchError
+from slmsearch.hwmodel.shape import ATTN_PROJS, MLP_PROJS, Adapter, LayerShape, ModelShape, TensorFormat
+
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(\w+)$")
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+               "F8_E4M3": 8, "F8_E5M2": 8, "BOOL": 8}
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} without reading tensor data."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SlmsearchError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise SlmsearchError(f"{path} is not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _headers(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    files = sorted(folder.glob("*.safetensors"))
+    out: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for fp in files:
+        for name, info in read_safetensors_header(fp).items():
+            out[name] = (fp, info)
+    return out
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SlmsearchError(f"cannot read {path}: {e}") from None
+
+
+def shape_from_checkpoint(path: str | Path) -> ModelShape:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise SlmsearchError(f"{folder} has no config.json; give a Hugging Face checkpoint folder")
+    cfg = _json(folder / "config.json")
+    meta = _json(folder / "slmsearch.json") if (folder / "slmsearch.json").is_file() else {}
+    tensors = _headers(folder)
+    if not tensors:
+        raise SlmsearchError(f"{folder} has no *.safetensors files")
+    qcfg = dict(cfg.get("quantization_config") or {})
+    if (folder / "quantize_config.json").is_file():
+        qcfg = {**_json(folder / "quantize_config.json"), **qcfg}
+
+    # group tensors per layer / projection
+    layers: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
+    for name, (_, info) in tensors.items():
+        m = _LAYER.match(name)
+        if m:
+            layers.setdefault(int(m.group(1)), {}).setdefault(m.group(3), {})[m.group(4)] = info
+    if not layers:
+        raise SlmsearchError(f"{folder}: no tensors named model.layers.<i>.(self_attn|mlp).<proj>.*")
+
+    emb = tensors.get("model.embed_tokens.weight")
+    hidden = emb[1]["shape"][1] if emb else int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+
+    layer_shapes = []
+    for idx in sorted(layers):
+        projs = layers[idx]
+        missing = [p for p in ATTN_PROJS + MLP_PROJS if p not in projs]
+        if missing:
+            raise SlmsearchError(f"{folder}: layer {idx} lacks {missing}")
+        dims: dict[str, tuple[int, int]] = {}
+        fmts: dict[str, TensorFormat] = {}
+        for proj, parts in projs.items():
+            if proj not in ATTN_PROJS + MLP_PROJS:
+                continue
+            dims[proj], fmts[proj] = _proj_format(folder, idx, proj, parts, qcfg)
+        q_out, k_out = dims["q_proj"][1], dims["k_proj"][1]
+        if q_out % head_dim or k_out % head_dim:
+            raise SlmsearchError(
+                f"{folder}: layer {idx} q/k widths {q_out}/{k_out} are not multiples of head_dim {head_dim}; "
+                f"write head_dim into config.json"
+            )
+        counts: dict[TensorFormat, int] = {}
+        for f in fmts.values():
+            counts[f] = counts.get(f, 0) + 1
+        common = max(counts, key=lambda f: counts[f])
+        layer_shapes.append(LayerShape(
+            n_heads=q_out // head_dim, n_kv_heads=k_out // head_dim, head_dim=head_dim,
+            intermediate=dims["gate_proj"][1], linear_format=common,
+            proj_formats=tuple((p, f) for p, f in fmts.items() if f != common and p in ATTN_PROJS + MLP_PROJS),
+        ))
+
+    # embedding / lm_head
+    vocab = emb[1]["shape"][0] if emb else int(cfg.get("vocab_size", 0))
+    tied = "lm_head.weight" not in tensors and "lm_head.qweight" not in tensors
+    emb_fmt = TensorFormat(weight_bits=_DTYPE_BITS.get(emb[1]["dtype"], 16)) if emb else TensorFormat()
+    e_meta = meta.get("embedding") or {}
+    if e_meta.get("bits") is not None and int(e_meta["bits"]) < emb_fmt.weight_bits:
+        emb_fmt = TensorFormat(weight_bits=int(e_meta["bits"]), group_size=e_meta.get("group_size"),
+                               zero_bits=e_meta.get("zero_bits"))
+    head_fmt = None
+    if not tied:
+        lm = tensors.get("lm_head.weight")
+        head_fmt = TensorFormat(weight_bits=_DTYPE_BITS.get(lm[1]["dtype"], 16)) if lm else emb_fmt
+
+    shape = ModelShape(
+        hidden=hidden, layers=tuple(layer_shapes), vocab_size=vocab, tie_word_embeddings=tied,
+        embedding_format=emb_fmt, lm_head_format=head_fmt,
+        kv_cache_bits=int((meta.get("kv_cache") or {}).get("bits", 16)),
+        activation_bits=int(meta.get("activation_bits", 16)),
+        name=str(cfg.get("_name_or_path", folder.name)),
+    )
+    shape = _apply_sparsity(shape, folder, tensors, meta.get("sparsity") or {})
+    adapter = _adapter(folder, meta.get("adapter") or {})
+    if adapter is not None:
+        shape = shape.with_adapter(adapter.rank, adapter.bits)
+    return shape
+
+
+def _proj_format(folder: Path, idx: int, proj: str, parts: dict[str, dict[str, Any]], qcfg: dict[str, Any]
+                 ) -> tuple[tuple[int, int], TensorFormat]:
+    """((in_features, out_features), format) measured from the tensors of one projection."""
+    if "weight" in parts:
+        out_f, in_f = parts["weight"]["shape"]
+        return (in_f, out_f), TensorFormat(weight_bits=_DTYPE_BITS.get(parts["weight"]["dtype"], 16))
+    if "qweight" not in parts or "scales" not in parts:
+        raise SlmsearchError(f"{folder}: layer {idx} {proj} has neither weight nor qweight+scales")
+    groups, out_f = parts["scales"]["shape"]
+    packed_rows = parts["qweight"]["shape"][0]
+    if "g_idx" in parts:
+        in_f = parts["g_idx"]["shape"][0]
+    else:
+        bits_cfg = int(qcfg.get("bits", 4))
+        in_f = packed_rows * 32 // bits_cfg
+    bits = packed_rows * 32 // in_f
+    if packed_rows * 32 != bits * in_f:
+        raise SlmsearchError(f"{folder}: layer {idx} {proj} qweight rows {packed_rows} do not pack {in_f} inputs")
+    group_size = None if groups == 1 else in_f // groups
+    cfg_gs = qcfg.get("group_size")
+    if groups == 1 and cfg_gs not in (None, -1) and int(cfg_gs) >= in_f:
+        group_size = int(cfg_gs)  # one group spanning all inputs: same bytes as per-channel
+    zero_bits = bits if "qzeros" in parts else 0
+    scale_bits = _DTYPE_BITS.get(parts["scales"]["dtype"], 16)
+    g_idx_bits = _DTYPE_BITS.get(parts["g_idx"]["dtype"], 32) if "g_idx" in parts else 0
+    return (in_f, out_f), TensorFormat(weight_bits=bits, group_size=group_size, scale_bits=scale_bits,
+                                       zero_bits=zero_bits, g_idx_bits=g_idx_bits)
+
+
+def _apply_sparsity(shape: ModelShape, folder: Path, tensors: dict[str, tuple[Path, dict[str, Any]]],
+                    declared: dict[str, Any]) -> ModelShape:
+    fmt = declared.get("format", "dense")
+    if fmt == "dense":
+        return shape
+    density = declared.get("density")
+    names = [n for n in tensors if _LAYER.match(n) and n.endswith(".weight")]
+    if names:  # unquantized weights: count the zeros, the tensors win
+        n_m = tuple(int(x) for x in fmt.split(":")) if ":" in fmt else None
+        measured, nm_ok = _measure_zeros(tensors, names, n_m)  # type: ignore[arg-type]
+        if ":" in fmt and not nm_ok:
+            fmt = "unstructured"
+        density = measured
+        if fmt != "unstructured" and ":" in fmt:
+            n, m = (int(x) for x in fmt.split(":"))
+            density = n / m
+    return shape.with_sparsity(fmt, density)
+
+
+def _measure_zeros(tensors: dict[str, tuple[Path, dict[str, Any]]], names: list[str],
+                   n_m: tuple[int, int] | None) -> tuple[float, bool]:
+    from safetensors.numpy import load_file
+
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(tensors[n][0], []).append(n)
+    nonzero = total = 0
+    nm_ok = True
+    for fp, ns in by_file.items():
+        data = load_file(str(fp))
+        for n in ns:
+            w = data[n]
+            nz = w != 0
+            nonzero += int(nz.sum())
+            total += w.size
+            if n_m is not None and nm_ok:
+                k, m = n_m
+                if w.shape[-1] % m or (nz.reshape(-1, m).sum(axis=1) > k).any():
+                    nm_ok = False
+    return (nonzero / total if total else 1.0), nm_ok
+
+
+def _adapter(folder: Path, declared: dict[str, Any]) -> Adapter | None:
+    for sub in (folder / "adapter", folder):
+        if (sub / "adapter_config.json").is_file():
+            rank = int(_json(sub / "adapter_config.json").get("r", 0))
+            bits = 16
+            for fp in sub.glob("adapter_model*.safetensors"):
+                for name, info in read_safetensors_header(fp).items():
+                    if "lora_A" in name:
+                        rank = info["shape"][0]  # measured
+                        bits = _DTYPE_BITS.get(info["dtype"], 16)
+                        break
+            if declared.get("bits") is not None:
+                bits = int(declared["bits"])
+            return Adapter(rank, bits) if rank else None
+    if declared.get("rank"):
+        return Adapter(int(declared["rank"]), int(declared.get("bits", 16)))
+    return None

@@ -1,0 +1,77 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slmsearch.errors import SlmsearchError
+from slmsearch.hwmodel import load_platform
+from slmsearch.hwmodel.platform import PLATFORM_DIR
+
+
+def test_packaged_platforms_load_and_every_value_has_provenance():
+    for name in ("siracusa", "generic_mcu"):
+        p = load_platform(name)
+        assert p.provenance
+        assert all(v.startswith(("source: ", "assumed: ")) for _, v in p.provenance)
+    sir = load_platform("siracusa")
+    assert sir.level("l2").size_bytes == 2 * 1024 * 1024
+    assert sir.npu.enabled and sir.cluster.cores == 8
+    assert not load_platform("generic_mcu").npu.enabled
+
+
+def test_override_replaces_value_and_is_recorded():
+    p = load_platform("siracusa", {"memory.l3.read_bw_bytes_per_cycle": 2.0})
+    assert p.level("l3").read_bw_bytes_per_cycle == 2.0
+    assert p.provenance_of("memory.l3.read_bw_bytes_per_cycle").startswith("source: override")
+
+
+def test_unknown_override_key_names_it():
+    with pytest.raises(SlmsearchError, match="memory.l3.bandwidth"):
+        load_platform("siracusa", {"memory.l3.bandwidth": 2.0})
+
+
+def _write(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load((PLATFORM_DIR / "siracusa.yaml").read_text())
+    mutate(raw)
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["memory"]["l2"].pop("size_bytes"), "memory.l2.size_bytes"),
+        (lambda r: r["memory"]["l2"]["size_bytes"].update(value=-5), "memory.l2.size_bytes must be >= 0"),
+        (lambda r: r["cluster"]["cores"].pop("source"), "cluster.cores"),
+        (lambda r: r["cluster"]["cores"].update(value="eight"), "cluster.cores must be a number"),
+        (lambda r: r["memory"]["l1"]["kind"].update(value="l9"), "kind must be one of"),
+        (lambda r: r["tiling"]["l1_budget_bytes"].update(value=10**9), "exceeds"),
+        (lambda r: r["npu"]["enabled"].update(value=3), "must be 0 or 1"),
+    ],
+)
+def test_bad_platform_files_raise_one_line_errors(tmp_path, mutate, message):
+    with pytest.raises(SlmsearchError, match=message) as e:
+        load_platform(_write(tmp_path, mutate))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_unknown_name():
+    with pytest.raises(SlmsearchError, match="does not exist"):
+        load_platform("/nonexistent/x.yaml")
+    with pytest.raises(SlmsearchError, match="unknown platform"):
+        load_platform("nosuchchip")
+
+
+def test_copy_of_file_loads_by_path(tmp_path):
+    f = _write(tmp_path, lambda r: r["operating_point"]["freq_hz"].update(value=210e6))
+    assert load_platform(f).operating_point.freq_hz == 210e6
+
+
+def test_hwmodel_does_not_import_torch():
+    code = "import sys, slmsearch.hwmodel, slmsearch.hwmodel.report, slmsearch.hwmodel.validate, " \
+           "slmsearch.hwmodel.checkpoint_shape; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
