@@ -83,3 +83,109 @@ def eval_cmd(
     )
     click.echo(result["table"])
     click.echo(f"wrote {out_path}")
+
+
+@main.command("optimize")
+@click.option("--budget-mb", type=float, default=None, help="Deployed footprint limit in MB (1e6 bytes); default: the study file's.")
+@click.option("--study", "study_file", default=None, metavar="YAML|NAME", help="Study file or a name in studies/ (default: studies/default.yaml).")
+@click.option("--study-name", default=None, help="Name of the study in the storage (default: the file's).")
+@click.option("--trials", type=int, default=None, help="Evaluated trials to reach (budget rejections are extra).")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Stop starting trials after this many seconds.")
+@click.option("--storage", default=None, help="Optuna storage URL (default sqlite:///runs/<study>.db; postgresql://... for many workers).")
+@click.option("--sampler", type=click.Choice(["nsga2", "tpe", "random"]), default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--model", default=None, metavar="PATH|HUB_ID", help="LLaMA-architecture checkpoint (default: SmolLM2-135M-Instruct).")
+@click.option("--platform", default=None, metavar="NAME|YAML", help="Hardware platform (default: siracusa).")
+@_data_option
+@click.option("--trust-remote-code", is_flag=True, default=None)
+@user_errors
+def optimize_cmd(
+    budget_mb: float | None, study_file: str | None, study_name: str | None, trials: int | None,
+    timeout_s: float | None, storage: str | None, sampler: str | None, seed: int | None,
+    model: str | None, platform: str | None, data_dir: str | None, trust_remote_code: bool | None,
+) -> None:
+    """Search compression plans under a memory budget (resumes an existing study)."""
+    import json
+
+    from slmsearch.search.config import load_study_config, with_overrides
+    from slmsearch.search.study import optimize
+
+    config = with_overrides(
+        load_study_config(study_file), budget_mb=budget_mb, name=study_name, trials=trials, timeout_s=timeout_s,
+        storage=storage, sampler=sampler, seed=seed, model=model, platform=platform, data_dir=data_dir,
+        trust_remote_code=trust_remote_code,
+    )
+    summary = optimize(config, log=lambda m: click.echo(m, err=True))
+    summary.pop("stage_calls", None)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("hw")
+@click.option("--model", default=None, metavar="PATH|HUB_ID", help="Checkpoint whose shape to use (default: SmolLM2-135M).")
+@click.option("--plan", "plan_file", default=None, metavar="YAML", help="Apply a compression plan's shape changes first.")
+@click.option("--platform", default="siracusa", show_default=True, metavar="NAME|YAML")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a platform value, e.g. memory.l3.read_bw_bytes_per_cycle=2")
+@click.option("--context", "context_len", default=512, show_default=True)
+@click.option("--prefill", "prefill_len", default=0, show_default=True)
+@click.option("--out", "out_path", default="hw.json", show_default=True)
+@user_errors
+def hw_cmd(model: str | None, plan_file: str | None, platform: str, overrides: tuple[str, ...],
+           context_len: int, prefill_len: int, out_path: str) -> None:
+    """Memory breakdown, placement, latency and energy on the hardware model."""
+    from pathlib import Path
+
+    from slmsearch.fsutil import write_json_atomic
+    from slmsearch.hwmodel import load_platform
+    from slmsearch.hwmodel.report import format_report, hw_report
+    from slmsearch.search.study import _base_shape
+    from slmsearch.hwmodel import ModelShape
+    from slmsearch.models import resolve_model
+
+    parsed: dict[str, float] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        try:
+            parsed[key.strip()] = float(value)
+        except ValueError:
+            raise SlmsearchError(f"--set needs KEY=NUMBER, got {item!r}") from None
+        if not sep:
+            raise SlmsearchError(f"--set needs KEY=NUMBER, got {item!r}")
+    plat = load_platform(platform, parsed or None)
+    shape = _base_shape(resolve_model(model), ModelShape)
+    if plan_file:
+        from slmsearch.compress.plan import Plan
+
+        shape = Plan.from_file(plan_file).shape(shape)
+    report = hw_report(shape, plat, context_len=context_len, prefill_len=prefill_len)
+    write_json_atomic(Path(out_path), report)
+    click.echo(format_report(report))
+    click.echo(f"wrote {out_path}")
+
+
+@main.command("hw-validate")
+@user_errors
+def hw_validate_cmd() -> None:
+    """The hardware model against every published Siracusa measurement (error per row)."""
+    from slmsearch.hwmodel.validate import format_validation, validation_table
+
+    click.echo(format_validation(validation_table()))
+
+
+@main.command("compress")
+@click.option("--plan", "plan_file", required=True, metavar="YAML|JSON", help="Compression plan (ordered stages).")
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="Folder for the checkpoint (must not exist).")
+@_model_option
+@_data_option
+@user_errors
+def compress_cmd(plan_file: str, out_dir: str, model: str | None, trust_remote_code: bool, data_dir: str | None) -> None:
+    """Run a compression plan and write a loadable checkpoint with plan.json and stage reports."""
+    from slmsearch.compress.pipeline import compress_to_dir
+    from slmsearch.data import resolve_data_dir
+
+    folder = resolve_data_dir(data_dir)
+    if folder is None:
+        raise SlmsearchError("compress needs the data folder for calibration; pass --data-dir or set SLMSEARCH_DATA_DIR")
+    result = compress_to_dir(plan_file, model, folder, out_dir)
+    for report in result.reports:
+        click.echo(f"{report.name:<10} {report.seconds:8.1f} s  {report.metrics}")
+    click.echo(f"wrote {out_dir}")

@@ -1,0 +1,251 @@
+"""A study file (``studies/*.yaml``) as validated, frozen dataclasses; unknown keys are rejected.
+
+Command-line flags override the file through :func:`with_overrides`. Every section maps onto one
+dataclass; a value out of range names itself and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slmsearch.errors import SlmsearchError
+
+STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+SAMPLERS = ("nsga2", "tpe", "random")
+DIRECTIONS = ("minimize", "maximize")
+# Objective names: quality metrics from slmsearch.evals, or hardware-model outputs.
+HW_OBJECTIVES = ("decode_latency_s", "energy_per_token_j", "footprint_mb")
+GPTQ_BITS = (2, 3, 4, 8, 16)  # 16 = not quantized
+GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
+EMBEDDING_BITS = (16, 8, 4)
+WANDA_PATTERNS = ("none", "unstructured", "2:4", "4:8", "structured")
+
+
+def _reject_unknown(section: str, raw: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise SlmsearchError(
+                f"unknown key {key!r} in study section {section!r}; known keys: {', '.join(sorted(known))}"
+            )
+
+
+def _range(section: str, name: str, pair: Any, low: float, high: float) -> tuple[float, float]:
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+        raise SlmsearchError(f"{section}.{name} must be a [low, high] pair, got {pair!r}")
+    lo, hi = pair
+    if not lo <= hi:
+        raise SlmsearchError(f"{section}.{name}: low <= high must hold, but got low={lo}, high={hi}")
+    if lo < low or hi > high:
+        raise SlmsearchError(f"{section}.{name} must lie within [{low}, {high}], got [{lo}, {hi}]")
+    return (lo, hi)
+
+
+def _choices(section: str, name: str, values: Any, allowed: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise SlmsearchError(f"{section}.{name} must be a non-empty list, got {values!r}")
+    for value in values:
+        if value not in allowed:
+            raise SlmsearchError(
+                f"{section}.{name}: unsupported value {value!r}; supported: {', '.join(map(str, allowed))}"
+            )
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """The search space, one entry per stage (the order of the stages is fixed)."""
+
+    drop_layers: tuple[int, int] = (0, 12)  # depth pruning: layers dropped, inclusive range
+    depth_score: str = "angular"  # which importance score picks them: angular | ppl
+    wanda_patterns: tuple[str, ...] = ("none", "structured", "unstructured", "2:4")
+    structured_fraction: tuple[float, float] = (0.0, 0.5)  # MLP channels removed (structured)
+    kv_groups: tuple[int, int] = (0, 0)  # KV groups removed per layer (structured)
+    unstructured_sparsity: tuple[float, float] = (0.1, 0.5)  # WANDA unstructured sparsity
+    lora_ranks: tuple[int, ...] = (0, 4, 8, 16)  # LoRA recovery rank, 0 = none
+    lora_steps: int = 10  # optimizer steps per recovery (about 2.5 s each on 2 cores)
+    gptq_bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # 16 = no GPTQ
+    group_sizes: tuple[int, ...] = (32, 64, 128)  # filtered to those dividing the model's dims
+    act_order: tuple[bool, ...] = (False,)
+    eora_ranks: tuple[int, ...] = (0, 8, 16, 32)  # only with GPTQ
+    embedding_bits: tuple[int, ...] = (16, 8, 4)
+
+    def __post_init__(self) -> None:
+        s = "space"
+        object.__setattr__(self, "drop_layers", tuple(int(v) for v in _range(s, "drop_layers", self.drop_layers, 0, 1024)))
+        if self.depth_score not in ("angular", "ppl"):
+            raise SlmsearchError(f"space.depth_score must be 'angular' or 'ppl', got {self.depth_score!r}")
+        object.__setattr__(self, "wanda_patterns", _choices(s, "wanda_patterns", self.wanda_patterns, WANDA_PATTERNS))
+        object.__setattr__(self, "structured_fraction", _range(s, "structured_fraction", self.structured_fraction, 0.0, 0.9))
+        object.__setattr__(self, "kv_groups", tuple(int(v) for v in _range(s, "kv_groups", self.kv_groups, 0, 64)))
+        object.__setattr__(self, "unstructured_sparsity", _range(s, "unstructured_sparsity", self.unstructured_sparsity, 0.0, 0.95))
+        object.__setattr__(self, "lora_ranks", _choices(s, "lora_ranks", self.lora_ranks, tuple(range(0, 1025))))
+        if not 1 <= self.lora_steps <= 100_000:
+            raise SlmsearchError(f"space.lora_steps must be >= 1, got {self.lora_steps}")
+        object.__setattr__(self, "gptq_bits", _choices(s, "gptq_bits", self.gptq_bits, GPTQ_BITS))
+        object.__setattr__(self, "group_sizes", _choices(s, "group_sizes", self.group_sizes, GROUP_SIZES))
+        object.__setattr__(self, "act_order", _choices(s, "act_order", self.act_order, (False, True)))
+        object.__setattr__(self, "eora_ranks", _choices(s, "eora_ranks", self.eora_ranks, tuple(range(0, 4097))))
+        object.__setattr__(self, "embedding_bits", _choices(s, "embedding_bits", self.embedding_bits, EMBEDDING_BITS))
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+    def __post_init__(self) -> None:
+        from slmsearch.evals.settings import METRICS
+
+        if self.metric not in METRICS + HW_OBJECTIVES:
+            raise SlmsearchError(
+                f"unknown objective metric {self.metric!r}; known: {', '.join(METRICS + HW_OBJECTIVES)}"
+            )
+        if self.direction not in DIRECTIONS:
+            raise SlmsearchError(f"objective direction must be minimize or maximize, got {self.direction!r}")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    first_windows: int = 2  # token-ppl windows scored before the pruning decision
+    max_ppl_ratio: float = 6.0  # prune when that early token ppl exceeds ratio x the baseline's
+
+    def __post_init__(self) -> None:
+        if self.first_windows < 1 or self.max_ppl_ratio <= 1.0:
+            raise SlmsearchError(
+                f"pruning needs first_windows >= 1 and max_ppl_ratio > 1, got {self.first_windows}, {self.max_ppl_ratio}"
+            )
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "smollm2-135m-siracusa"
+    model: str | None = None  # None = the default SmolLM2-135M-Instruct
+    data_dir: str | None = None  # None = $SLMSEARCH_DATA_DIR
+    platform: str = "siracusa"  # packaged platform name or a YAML path
+    platform_overrides: dict[str, float] = field(default_factory=dict)
+    budget_mb: float = 64.0  # deployed footprint limit, MB = 1e6 bytes
+    context_len: int = 512  # KV-cache length for memory and decode latency
+    objectives: tuple[Objective, ...] = (
+        Objective("wikitext_word_ppl", "minimize"),
+        Objective("triviaqa_exact_match", "maximize"),
+        Objective("decode_latency_s", "minimize"),
+    )
+    space: SpaceConfig = SpaceConfig()
+    calibration: dict[str, int] = field(default_factory=lambda: {"n_samples": 16, "seqlen": 256, "seed": 0})
+    evaluation: dict[str, Any] = field(default_factory=dict)  # EvalSettings fields
+    pruning: PruningConfig = PruningConfig()
+    sampler: str = "nsga2"
+    population_size: int = 8  # NSGA-II generation size
+    seed: int = 0
+    trials: int = 8  # evaluated trials (over-budget rejections are extra and cost < 1 s each)
+    timeout_s: float | None = None
+    storage: str | None = None  # None = sqlite:///<runs dir>/<name>.db
+    cache_gb: float = 20.0  # stage-cache bound (LRU)
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget_mb, (int, float)) or self.budget_mb <= 0:
+            raise SlmsearchError(f"budget must be a positive number of MB, got {self.budget_mb!r}; e.g. --budget-mb 64")
+        if self.sampler not in SAMPLERS:
+            raise SlmsearchError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.trials < 1:
+            raise SlmsearchError(f"trials must be >= 1, got {self.trials}")
+        if not self.objectives:
+            raise SlmsearchError("a study needs at least one objective")
+        if self.context_len < 1:
+            raise SlmsearchError(f"context_len must be >= 1, got {self.context_len}")
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def eval_settings(self) -> Any:
+        from slmsearch.evals.settings import EvalSettings
+
+        wanted = tuple(dict.fromkeys(o.metric for o in self.objectives if o.metric not in HW_OBJECTIVES))
+        metrics = tuple(dict.fromkeys(("wikitext_token_ppl",) + wanted))  # token ppl drives pruning
+        return EvalSettings.from_dict({"metrics": list(metrics), **self.evaluation})
+
+    def calib_settings(self) -> Any:
+        from slmsearch.compress.calib import CalibSettings
+
+        known = {f.name for f in dataclasses.fields(CalibSettings)}
+        for key in self.calibration:
+            if key not in known:
+                raise SlmsearchError(f"unknown key {key!r} in study section 'calibration'; known keys: {', '.join(sorted(known))}")
+        return CalibSettings(**self.calibration)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["objectives"] = [dataclasses.asdict(o) for o in self.objectives]
+        return out
+
+
+def _build(raw: dict[str, Any]) -> StudyConfig:
+    _reject_unknown("study", raw, StudyConfig)
+    data = dict(raw)
+    if "space" in data:
+        space = data["space"] or {}
+        if not isinstance(space, dict):
+            raise SlmsearchError("study section 'space' must be a mapping")
+        _reject_unknown("space", space, SpaceConfig)
+        data["space"] = SpaceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
+    if "pruning" in data:
+        _reject_unknown("pruning", data["pruning"] or {}, PruningConfig)
+        data["pruning"] = PruningConfig(**(data["pruning"] or {}))
+    if "objectives" in data:
+        objectives = []
+        for item in data["objectives"] or []:
+            if not isinstance(item, dict):
+                raise SlmsearchError(f"each objective must be {{metric: ..., direction: ...}}, got {item!r}")
+            _reject_unknown("objectives", item, Objective)
+            objectives.append(Objective(**item))
+        data["objectives"] = tuple(objectives)
+    if "evaluation" in data:
+        from slmsearch.evals.settings import EvalSettings
+
+        EvalSettings.from_dict(data["evaluation"] or {})  # validates keys and values now
+    try:
+        config = StudyConfig(**data)
+    except TypeError as exc:
+        raise SlmsearchError(f"study file: {exc}") from None
+    config.calib_settings()
+    config.eval_settings()
+    return config
+
+
+def load_study_config(path_or_name: str | Path | None = None) -> StudyConfig:
+    """A study from a YAML path or a name in ``studies/`` (default: ``studies/default.yaml``)."""
+    if path_or_name is None:
+        path = STUDIES_DIR / "default.yaml"
+        if not path.is_file():  # an installed (non-editable) package: the built-in defaults
+            return StudyConfig()
+    else:
+        path = Path(path_or_name)
+        if not path.exists() and (STUDIES_DIR / f"{path_or_name}.yaml").exists():
+            path = STUDIES_DIR / f"{path_or_name}.yaml"
+    if not path.is_file():
+        raise SlmsearchError(f"study file {str(path)!r} not found; pass a YAML path or a name from studies/")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SlmsearchError(f"study file {str(path)!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SlmsearchError(f"study file {str(path)!r} must hold a mapping of keys")
+    return _build(raw)
+
+
+def with_overrides(config: StudyConfig, **flags: Any) -> StudyConfig:
+    """The config with every flag that is not None replacing its field (validated again)."""
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if not changes:
+        return config
+    raw = config.to_dict()
+    raw.update(changes)
+    return _build(raw)

@@ -1,0 +1,144 @@
+"""One trial: sample a plan, check the budget on the hardware model, compress, evaluate (staged).
+
+Everything a trial measures lands in its user attributes: the plan, the memory breakdown and
+placement, latency and energy, per-stage wall times and cache hits, and every quality metric.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmsearch.search.config import HW_OBJECTIVES, StudyConfig
+from slmsearch.search.space import suggest_plan
+
+# Objective values of a trial rejected by the budget: finite, and worse than any real result.
+# The constraint (footprint over budget) already marks it infeasible for the sampler; these only
+# keep the trial COMPLETE so that the constraint is seen. Hardware objectives keep real values.
+REJECTED_VALUE = {"minimize": 1e6, "maximize": -1e6}
+CONSTRAINT_KEY = "footprint_over_budget_mb"
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one process shares (built once by :func:`slmsearch.search.study.optimize`)."""
+
+    config: StudyConfig
+    base_location: str
+    base_shape: Any
+    platform: Any
+    data_dir: Path
+    calib: Any
+    eval_settings: Any
+    cache: Any
+    log: Any = print
+    stage_calls: list[str] = field(default_factory=list)  # every stage the pipeline ran (tests count it)
+    baseline_first_ppl: float | None = None
+
+
+def hardware_attrs(estimate: Any) -> dict[str, Any]:
+    """The hardware model's numbers as flat, JSON-able trial attributes."""
+    decode = estimate.decode
+    return {
+        "footprint_mb": estimate.memory.total_bytes / 1e6,
+        "memory_bytes": dict(estimate.memory.by_kind),
+        "placement": estimate.placement.to_dict() if hasattr(estimate.placement, "to_dict") else str(estimate.placement),
+        "decode_latency_s": decode.latency_s,
+        "tokens_per_s": decode.tokens_per_s,
+        "energy_per_token_j": decode.energy_j_per_token,
+    }
+
+
+class Pruned(Exception):
+    """Raised inside the staged evaluation when the early perplexity is hopeless."""
+
+
+def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
+    """The objective: returns one value per ``ctx.config.objectives``."""
+    import optuna
+
+    from slmsearch.compress import pipeline
+    from slmsearch.hwmodel import estimate
+
+    config = ctx.config
+    plan = suggest_plan(trial, config.space, ctx.base_shape)
+    trial.set_user_attr("plan", plan.to_dict())
+    start = time.perf_counter()
+    est = estimate(plan.shape(ctx.base_shape), ctx.platform, context_len=config.context_len)
+    hw = hardware_attrs(est)
+    for key, value in hw.items():
+        trial.set_user_attr(key, value)
+    over = hw["footprint_mb"] - config.budget_mb
+    trial.set_constraint(CONSTRAINT_KEY, over)
+    if over > 0:
+        reason = f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB"
+        trial.set_user_attr("rejected", reason)
+        trial.set_user_attr("seconds_total", time.perf_counter() - start)
+        ctx.log(f"trial {trial.number}: rejected before compression ({reason})")
+        return tuple(
+            hw[o.metric] if o.metric in HW_OBJECTIVES else REJECTED_VALUE[o.direction] for o in config.objectives
+        )
+
+    ctx.log(f"trial {trial.number}: {plan.summary()} ({hw['footprint_mb']:.1f} MB)")
+    result = pipeline.run(
+        plan, ctx.base_location, ctx.data_dir, ctx.calib, cache=ctx.cache, progress=True, log=ctx.log
+    )
+    ctx.stage_calls.extend(result.stages_run)
+    trial.set_user_attr("stage_seconds", result.stage_seconds)
+    trial.set_user_attr("cache_hits", result.cache_hits)
+    trial.set_user_attr("stage_reports", [r.to_dict() for r in result.reports])
+    metrics = evaluate_staged(trial, ctx, result.checkpoint_dir)
+    for key, value in metrics.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("seconds_total", time.perf_counter() - start)
+    if "pruned" in metrics:
+        raise optuna.TrialPruned(metrics["pruned"])
+    values = {**metrics, **hw}
+    return tuple(float(values[o.metric]) for o in config.objectives)
+
+
+def evaluate_staged(trial: Any, ctx: TrialContext, checkpoint_dir: Path) -> dict[str, Any]:
+    """Token perplexity on the first windows, a pruning decision, the remaining windows, then the
+    other metrics. No window is scored twice."""
+    import dataclasses
+
+    from slmsearch.compress.pipeline import load_checkpoint
+    from slmsearch.evals.runner import evaluate
+    from slmsearch.evals.wikitext import token_perplexity
+
+    settings = ctx.eval_settings
+    pruning = ctx.config.pruning
+    start = time.perf_counter()
+    model, tokenizer = load_checkpoint(checkpoint_dir)
+    out: dict[str, Any] = {}
+
+    def decide(windows_done: int, ppl: float) -> None:
+        if "early_token_ppl" in out:
+            return
+        out["early_token_ppl"] = ppl
+        trial.set_user_attr("early_token_ppl", ppl)
+        if trial.user_attrs.get("baseline"):
+            ctx.baseline_first_ppl = ppl
+            trial.study.set_user_attr("baseline_early_token_ppl", ppl)
+        baseline = ctx.baseline_first_ppl or trial.study.user_attrs.get("baseline_early_token_ppl")
+        if baseline and ppl > pruning.max_ppl_ratio * baseline:
+            raise Pruned(f"early token ppl {ppl:.1f} > {pruning.max_ppl_ratio:g} x baseline {baseline:.1f}")
+
+    try:
+        ppl, windows = token_perplexity(
+            model, tokenizer, ctx.data_dir, seqlen=settings.token_seqlen, n_windows=settings.token_windows,
+            batch_size=settings.batch_size, chunk_windows=pruning.first_windows, on_chunk=decide,
+        )
+    except Pruned as stop:
+        out["pruned"] = str(stop)
+        ctx.log(f"trial {trial.number}: pruned ({stop})")
+        return out
+    rest = dataclasses.replace(settings, metrics=tuple(m for m in settings.metrics if m != "wikitext_token_ppl"))
+    results = evaluate(model, tokenizer, ctx.data_dir, rest) if rest.metrics else {"counts": {}, "seconds": {}}
+    out["wikitext_token_ppl"] = ppl
+    out.update({k: v for k, v in results.items() if k not in {"counts", "seconds"}})
+    out["eval_counts"] = {"wikitext_token_windows": windows, **results["counts"]}
+    out["eval_seconds"] = {**results["seconds"], "total": time.perf_counter() - start}
+    return out

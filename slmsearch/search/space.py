@@ -1,0 +1,150 @@
+"""Trial -> Plan: the only place in slmsearch that calls ``trial.suggest_*``.
+
+Only combinations that can run are sampled: group sizes that do not divide every quantized input
+dimension of the base model are removed from the choices up front (a fixed choice list keeps the
+samplers' bookkeeping valid), and structured pruning keeps dimensions multiples of the largest
+group size left.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slmsearch.compress.plan import Plan
+from slmsearch.errors import SlmsearchError
+from slmsearch.search.config import SpaceConfig
+
+
+def base_dims(shape: Any) -> dict[str, int]:
+    """Input sizes of the base model's quantized projections: hidden, attention output, MLP."""
+    layer = shape.layers[0]
+    return {
+        "hidden": int(layer.hidden),
+        "attn_out": int(layer.n_heads * layer.head_dim),
+        "intermediate": int(layer.intermediate),
+        "head_dim": int(layer.head_dim),
+    }
+
+
+def valid_group_sizes(space: SpaceConfig, dims: dict[str, int]) -> tuple[int, ...]:
+    """The space's group sizes that divide every quantized layer's input size (-1 always fits)."""
+    needed = (dims["hidden"], dims["attn_out"], dims["intermediate"])
+    groups = tuple(g for g in space.group_sizes if g == -1 or all(d % g == 0 for d in needed))
+    if not groups:
+        raise SlmsearchError(
+            f"no group size in {list(space.group_sizes)} divides the model's input sizes {list(needed)}; "
+            "add 32 or -1 (per channel) to space.group_sizes"
+        )
+    return groups
+
+
+def structured_multiple(groups: tuple[int, ...], dims: dict[str, int]) -> int:
+    """Channel counts after structured pruning stay multiples of this (the largest group in use)."""
+    sized = [g for g in groups if g > 0]
+    return max(sized) if sized else dims["head_dim"]
+
+
+def plan_from_params(params: dict[str, Any], space: SpaceConfig, dims: dict[str, int], n_layers: int) -> Plan:
+    """The plan a set of sampled parameters stands for (also used to rebuild a trial's plan)."""
+    stages: list[dict[str, Any]] = []
+    drop = int(params.get("drop_layers", 0))
+    if drop >= n_layers:
+        raise SlmsearchError(f"cannot drop {drop} of {n_layers} layers; lower space.drop_layers")
+    if drop:
+        stages.append({"stage": "depth", "drop": drop, "by": space.depth_score})
+    pattern = params.get("wanda_pattern", "none")
+    if pattern == "structured":
+        fraction = float(params.get("structured_fraction", 0.0))
+        kv = int(params.get("kv_groups", 0))
+        if fraction > 0 or kv > 0:
+            stages.append({
+                "stage": "wanda", "pattern": "structured", "mlp_fraction": fraction, "kv_groups": kv,
+                "multiple": int(params.get("structured_multiple", 64)),
+            })
+    elif pattern in ("2:4", "4:8"):
+        n, m = (int(x) for x in pattern.split(":"))
+        stages.append({"stage": "wanda", "pattern": pattern, "sparsity": n / m})
+    elif pattern == "unstructured":
+        stages.append({"stage": "wanda", "pattern": "unstructured", "sparsity": float(params["sparsity"])})
+    rank = int(params.get("lora_rank", 0))
+    if rank and stages:  # recovery only after something was removed
+        stages.append({"stage": "lora", "rank": rank, "steps": int(params.get("lora_steps", 10))})
+    emb = int(params.get("embedding_bits", 16))
+    if emb != 16:
+        stages.append({"stage": "embedding", "bits": emb})
+    bits = int(params.get("gptq_bits", 16))
+    if bits != 16:
+        stages.append({
+            "stage": "gptq", "bits": bits, "group_size": int(params["group_size"]),
+            "act_order": bool(params.get("act_order", False)),
+        })
+        eora = int(params.get("eora_rank", 0))
+        if eora:
+            stages.append({"stage": "eora", "rank": eora})
+    return Plan.from_dict({"stages": stages})
+
+
+def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any) -> Plan:
+    """Sample one plan from ``space`` for the model ``base_shape`` describes."""
+    dims = base_dims(base_shape)
+    n_layers = len(base_shape.layers)
+    groups = valid_group_sizes(space, dims)
+    lo, hi = space.drop_layers
+    hi = min(hi, n_layers - 1)
+    params: dict[str, Any] = {"drop_layers": trial.suggest_int("drop_layers", min(lo, hi), hi)}
+    pattern = trial.suggest_categorical("wanda_pattern", list(space.wanda_patterns))
+    params["wanda_pattern"] = pattern
+    if pattern == "structured":
+        params["structured_fraction"] = trial.suggest_float("structured_fraction", *space.structured_fraction, step=0.05)
+        kv_hi = min(space.kv_groups[1], max(0, base_shape.layers[0].n_kv_heads - 1))
+        params["kv_groups"] = trial.suggest_int("kv_groups", min(space.kv_groups[0], kv_hi), kv_hi)
+        params["structured_multiple"] = structured_multiple(groups, dims)
+    elif pattern == "unstructured":
+        params["sparsity"] = trial.suggest_float("sparsity", *space.unstructured_sparsity, step=0.05)
+    params["lora_rank"] = trial.suggest_categorical("lora_rank", list(space.lora_ranks))
+    params["lora_steps"] = space.lora_steps
+    params["embedding_bits"] = trial.suggest_categorical("embedding_bits", list(space.embedding_bits))
+    params["gptq_bits"] = trial.suggest_categorical("gptq_bits", list(space.gptq_bits))
+    if params["gptq_bits"] != 16:
+        params["group_size"] = trial.suggest_categorical("group_size", list(groups))
+        params["act_order"] = trial.suggest_categorical("act_order", list(space.act_order))
+        params["eora_rank"] = trial.suggest_categorical("eora_rank", list(space.eora_ranks))
+    return plan_from_params(params, space, dims, n_layers)
+
+
+def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = "structured") -> Plan:
+    """The most compressed plan with this WANDA pattern; the smallest footprint the space reaches is
+    the least over its patterns (for "budget unreachable" messages)."""
+    dims = base_dims(base_shape)
+    groups = valid_group_sizes(space, dims)
+    n_layers = len(base_shape.layers)
+    params: dict[str, Any] = {
+        "drop_layers": min(space.drop_layers[1], n_layers - 1),
+        "wanda_pattern": pattern,
+        "sparsity": space.unstructured_sparsity[1],
+        "structured_fraction": space.structured_fraction[1],
+        "kv_groups": min(space.kv_groups[1], max(0, base_shape.layers[0].n_kv_heads - 1)),
+        "structured_multiple": structured_multiple(groups, dims),
+        "lora_rank": 0,
+        "embedding_bits": min(space.embedding_bits),
+        "gptq_bits": min(space.gptq_bits),
+        "group_size": max(groups, key=lambda g: g if g > 0 else 10**9),
+        "eora_rank": 0,
+    }
+    return plan_from_params(params, space, dims, n_layers)
+
+
+def baseline_params(space: SpaceConfig) -> dict[str, Any]:
+    """The uncompressed baseline as a parameter set, enqueued as the study's first trial."""
+    params: dict[str, Any] = {"drop_layers": 0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16, "gptq_bits": 16}
+    for name, field, choices in (
+        ("wanda_pattern", "wanda_patterns", space.wanda_patterns),
+        ("lora_rank", "lora_ranks", space.lora_ranks),
+        ("embedding_bits", "embedding_bits", space.embedding_bits),
+        ("gptq_bits", "gptq_bits", space.gptq_bits),
+    ):
+        if params[name] not in choices:
+            raise SlmsearchError(
+                f"the baseline needs {params[name]!r} in space.{field} so every trial can be compared to it"
+            )
+    return params
