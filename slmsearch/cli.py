@@ -151,7 +151,10 @@ def hw_cmd(model: str | None, plan_file: str | None, platform: str, overrides: t
         if not sep:
             raise SlmsearchError(f"--set needs KEY=NUMBER, got {item!r}")
     plat = load_platform(platform, parsed or None)
-    shape = _base_shape(resolve_model(model), ModelShape)
+    location = resolve_model(model)
+    compressed = (Path(location) / "slmsearch.json").is_file() or (Path(location) / "quantize_config.json").is_file()
+    # A compressed checkpoint is read as stored; a base model as deployed (dense, 16-bit).
+    shape = ModelShape.from_checkpoint(location) if compressed else _base_shape(location, ModelShape)
     if plan_file:
         from slmsearch.compress.plan import Plan
 

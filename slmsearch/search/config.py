@@ -147,6 +147,8 @@ class StudyConfig:
     timeout_s: float | None = None
     storage: str | None = None  # None = sqlite:///<runs dir>/<name>.db
     cache_gb: float = 20.0  # stage-cache bound (LRU)
+    heartbeat_s: int = 10  # a running trial's heartbeat period
+    grace_s: int = 30  # a trial silent this long (its worker died) is marked FAILED and retried
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -158,6 +160,10 @@ class StudyConfig:
             raise SlmsearchError(f"trials must be >= 1, got {self.trials}")
         if not self.objectives:
             raise SlmsearchError("a study needs at least one objective")
+        if self.heartbeat_s < 1 or self.grace_s <= self.heartbeat_s:
+            raise SlmsearchError(
+                f"need heartbeat_s >= 1 and grace_s > heartbeat_s, got {self.heartbeat_s} and {self.grace_s}"
+            )
         if self.context_len < 1:
             raise SlmsearchError(f"context_len must be >= 1, got {self.context_len}")
 

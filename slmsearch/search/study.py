@@ -127,6 +127,7 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
         raise SlmsearchError("optimize needs the offline data folder for calibration; pass --data-dir or set SLMSEARCH_DATA_DIR")
     platform = load_platform(config.platform, config.platform_overrides or None)
     location = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+    # Deployed precision of unquantized weights is 16 bit, whatever the checkpoint stores.
     base_shape = _base_shape(location, ModelShape)
     smallest = min(
         estimate(most_compressed_plan(config.space, base_shape, pattern=p).shape(base_shape), platform,
@@ -139,7 +140,7 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
             f"({smallest:.2f} MB); raise --budget-mb or widen the space (more dropped layers, lower bits)"
         )
     url = storage_url(config)
-    storage = open_storage(url)
+    storage = open_storage(url, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s)
     study = open_study(config, storage)
     done = n_counted(study)
     if not study.get_trials(deepcopy=False):
@@ -177,9 +178,12 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
 
 
 def _base_shape(location: str, shape_cls: Any) -> Any:
+    """The base model's shape from its config: every weight dense and 16-bit, as deployed."""
     path = Path(location)
     if path.is_dir():
-        return shape_cls.from_checkpoint(path)
+        import json
+
+        return shape_cls.from_hf_config(json.loads((path / "config.json").read_text()))
     from transformers import AutoConfig
 
     return shape_cls.from_hf_config(AutoConfig.from_pretrained(location).to_dict())
