@@ -158,7 +158,7 @@ def hw_cmd(model: str | None, plan_file: str | None, platform: str, overrides: t
     if plan_file:
         from slmsearch.compress.plan import Plan
 
-        shape = Plan.from_file(plan_file).shape(shape)
+        shape = Plan.load(plan_file).shape(shape)
     report = hw_report(shape, plat, context_len=context_len, prefill_len=prefill_len)
     write_json_atomic(Path(out_path), report)
     click.echo(format_report(report))
@@ -192,3 +192,4 @@ def compress_cmd(plan_file: str, out_dir: str, model: str | None, trust_remote_c
     for report in result.reports:
         click.echo(f"{report.name:<10} {report.seconds:8.1f} s  {report.metrics}")
     click.echo(f"wrote {out_dir}")
+

@@ -48,3 +48,22 @@ def make_tiny_llama(tmp: Path | None = None, *, seed: int = 0, layers: int = 4, 
 @pytest.fixture
 def tiny_llama() -> Any:
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaMA saved with the default model's real tokenizer (so every evaluation,
+    calibration and GPTQ path runs for real, in seconds). Dimensions divide group size 32/64."""
+    from transformers import AutoTokenizer
+
+    from slmsearch.models import resolve_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
+    make_tiny_llama(
+        folder, layers=4, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    tokenizer.save_pretrained(folder)
+    return folder

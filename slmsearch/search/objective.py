@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slmsearch.search.config import HW_OBJECTIVES, StudyConfig
-from slmsearch.search.space import suggest_plan
+from slmsearch.search.space import plan_summary, suggest_plan
 
 # Objective values of a trial rejected by the budget: finite, and worse than any real result.
 # The constraint (footprint over budget) already marks it infeasible for the sampler; these only
@@ -81,7 +81,7 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
             hw[o.metric] if o.metric in HW_OBJECTIVES else REJECTED_VALUE[o.direction] for o in config.objectives
         )
 
-    ctx.log(f"trial {trial.number}: {plan.summary()} ({hw['footprint_mb']:.1f} MB)")
+    ctx.log(f"trial {trial.number}: {plan_summary(plan.to_dict())} ({hw['footprint_mb']:.1f} MB)")
     result = pipeline.run(
         plan, ctx.base_location, ctx.data_dir, ctx.calib, cache=ctx.cache, progress=True, log=ctx.log
     )

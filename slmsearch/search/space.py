@@ -148,3 +148,27 @@ def baseline_params(space: SpaceConfig) -> dict[str, Any]:
                 f"the baseline needs {params[name]!r} in space.{field} so every trial can be compared to it"
             )
     return params
+
+
+def plan_summary(plan: dict[str, Any]) -> str:
+    """A short human label for a plan dict, e.g. ``drop4 wanda2:4 lora8 emb4 w3g64 eora16``."""
+    parts = []
+    for stage in plan.get("stages", []):
+        kind = stage.get("stage")
+        if kind == "depth":
+            parts.append(f"drop{stage.get('drop') or len(stage.get('indices') or ())}")
+        elif kind == "wanda":
+            if stage.get("pattern") == "structured":
+                parts.append(f"struct{stage.get('mlp_fraction', 0):.2f}/kv{stage.get('kv_groups', 0)}")
+            else:
+                parts.append(f"wanda{stage.get('pattern')}@{stage.get('sparsity', 0):.2f}")
+        elif kind == "lora":
+            parts.append(f"lora{stage.get('rank')}")
+        elif kind == "embedding":
+            parts.append(f"emb{stage.get('bits')}")
+        elif kind == "gptq":
+            group = stage.get("group_size")
+            parts.append(f"w{stage.get('bits')}g{'ch' if group == -1 else group}")
+        elif kind == "eora":
+            parts.append(f"eora{stage.get('rank')}")
+    return " ".join(parts) or "baseline"

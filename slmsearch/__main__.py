@@ -1,0 +1,5 @@
+"""`python -m slmsearch` runs the command line."""
+
+from slmsearch.cli import main
+
+main()

@@ -1,0 +1,166 @@
+"""A real study end to end: tiny random LLaMA, real stages, real hardware model, real SQLite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from slmsearch.search.config import load_study_config
+from slmsearch.search.study import open_storage, optimize, pareto_trials
+
+TINY_STUDY = """
+name: tiny
+model: {model}
+data_dir: {data}
+budget_mb: {budget}
+context_len: 128
+space:
+  drop_layers: [0, 1]
+  wanda_patterns: [none, unstructured, "2:4"]
+  unstructured_sparsity: [0.2, 0.5]
+  lora_ranks: [0, 4]
+  lora_steps: 2
+  gptq_bits: [4, 16]
+  group_sizes: [32]
+  eora_ranks: [0, 8]
+  embedding_bits: [16, 8]
+calibration: {{n_samples: 4, seqlen: 64, seed: 0}}
+evaluation:
+  token_seqlen: 128
+  token_windows: 2
+  word_pages: 1
+  word_max_length: 256
+  triviaqa_limit: 4
+  triviaqa_shots: 1
+  logprob_limit: 4
+  batch_size: 4
+pruning: {{first_windows: 1, max_ppl_ratio: 50.0}}
+sampler: {sampler}
+population_size: 4
+seed: {seed}
+trials: {trials}
+storage: {storage}
+heartbeat_s: 1
+grace_s: 3
+cache_gb: 2
+"""
+
+
+def write_study(tmp_path: Path, tiny_checkpoint: Path, data_dir: Path, **kw: object) -> Path:
+    values = dict(model=tiny_checkpoint, data=data_dir, budget=1000, sampler="random", seed=0, trials=5,
+                  storage=f"sqlite:///{tmp_path / 'study.db'}")
+    values.update(kw)
+    path = tmp_path / "study.yaml"
+    path.write_text(TINY_STUDY.format(**values))
+    return path
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLMSEARCH_RUNS", str(tmp_path / "runs"))
+
+
+def test_five_trials_end_to_end(tmp_path, tiny_checkpoint, data_dir, cache_env):
+    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir))
+    summary = optimize(config, log=lambda m: None)
+    study = optuna.load_study(study_name="tiny", storage=config.storage)
+    evaluated = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(evaluated) >= 5 and summary["completed"] + summary["pruned"] >= 5
+    first = study.trials[0]
+    assert first.user_attrs.get("baseline") and first.user_attrs["plan"] == {"stages": []}
+    for trial in study.trials:
+        if trial.state == TrialState.COMPLETE:
+            for key in ("plan", "footprint_mb", "memory_bytes", "decode_latency_s", "energy_per_token_j",
+                        "stage_seconds", "cache_hits", "wikitext_word_ppl", "triviaqa_exact_match"):
+                assert key in trial.user_attrs, key
+    front = pareto_trials(study)
+    assert front
+    signs = [1 if d.name == "MINIMIZE" else -1 for d in study.directions]
+    for a in front:
+        for b in front:
+            if a is not b:
+                better_everywhere = all(s * x <= s * y for s, x, y in zip(signs, b.values, a.values))
+                assert not (better_everywhere and b.values != a.values), (a.number, b.number)
+
+
+def test_over_budget_plan_runs_no_stage(tmp_path, tiny_checkpoint, data_dir, cache_env):
+    from slmsearch.hwmodel import ModelShape, estimate, load_platform
+    from slmsearch.compress.plan import Plan
+    import json
+
+    shape = ModelShape.from_hf_config(json.loads((tiny_checkpoint / "config.json").read_text()))
+    base_mb = estimate(shape, load_platform("siracusa"), context_len=128).memory.total_bytes / 1e6
+    emb8 = Plan.from_dict({"stages": [{"stage": "embedding", "bits": 8}, {"stage": "gptq", "bits": 4, "group_size": 32}]})
+    small_mb = estimate(emb8.shape(shape), load_platform("siracusa"), context_len=128).memory.total_bytes / 1e6
+    budget = (base_mb + small_mb) / 2  # the baseline is over budget, compressed plans are not
+    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, budget=round(budget, 4), trials=1))
+    summary = optimize(config, log=lambda m: None, stop_after=1)  # just the enqueued baseline
+    study = optuna.load_study(study_name="tiny", storage=config.storage)
+    (trial,) = study.trials
+    assert "rejected" in trial.user_attrs and trial.user_attrs["footprint_mb"] > budget
+    assert trial.constraints["footprint_over_budget_mb"] > 0
+    assert summary["stage_calls"] == []  # nothing was compressed or evaluated
+    assert "seconds_total" in trial.user_attrs and trial.user_attrs["seconds_total"] < 1.0
+
+
+def test_same_prefix_hits_cache_with_identical_metrics(tmp_path, tiny_checkpoint, data_dir, cache_env):
+    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, trials=1))
+    storage = open_storage(config.storage)
+    study = optuna.create_study(study_name="tiny", storage=storage, directions=config.directions)
+    params = {"drop_layers": 1, "wanda_pattern": "unstructured", "sparsity": 0.5, "lora_rank": 4,
+              "embedding_bits": 16, "gptq_bits": 16}
+    study.enqueue_trial(params)
+    study.enqueue_trial(params)
+    config = type(config)(**{**config.__dict__, "trials": 3})
+    optimize(config, log=lambda m: None, stop_after=2)
+    study = optuna.load_study(study_name="tiny", storage=config.storage)
+    a, b = study.trials[:2]
+    assert a.params == b.params
+    assert a.user_attrs["cache_hits"] == [] and set(b.user_attrs["cache_hits"]) >= {"depth", "wanda", "lora"}
+    assert a.values == b.values
+    assert a.user_attrs["wikitext_token_ppl"] == b.user_attrs["wikitext_token_ppl"]
+
+
+def test_killed_study_resumes_without_losing_trials(tmp_path, tiny_checkpoint, data_dir):
+    study_file = write_study(tmp_path, tiny_checkpoint, data_dir, trials=4)
+    env = {**os.environ, "SLMSEARCH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "slmsearch", "optimize", "--study", str(study_file)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    deadline = time.time() + 300
+    # Kill it while a trial runs, after at least one trial finished.
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name="tiny", storage=storage).trials
+        except Exception:
+            continue
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        if done and trials[-1].state == TrialState.RUNNING:
+            break
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = optuna.load_study(study_name="tiny", storage=storage).trials
+    finished = {t.number for t in before if t.state == TrialState.COMPLETE}
+    interrupted = [t.number for t in before if t.state == TrialState.RUNNING]
+    assert interrupted
+    time.sleep(4)  # past the grace period
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = optuna.load_study(study_name="tiny", storage=storage).trials
+    by_number = {t.number: t for t in after}
+    assert finished <= {t.number for t in after if t.state == TrialState.COMPLETE}
+    assert all(by_number[n].state == TrialState.FAIL for n in interrupted)
+    evaluated = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs]
+    assert len(evaluated) >= 4
