@@ -169,9 +169,9 @@ def hw_cmd(model: str | None, plan_file: str | None, platform: str, overrides: t
 @user_errors
 def hw_validate_cmd() -> None:
     """The hardware model against every published Siracusa measurement (error per row)."""
-    from slmsearch.hwmodel.validate import format_validation, validation_table
+    from slmsearch.hwmodel.validate import format_validation_table, validation_table
 
-    click.echo(format_validation(validation_table()))
+    click.echo(format_validation_table(validation_table()))
 
 
 @main.command("compress")
