@@ -1,0 +1,164 @@
+"""A compression plan: an ordered tuple of stages, in the canonical order, as YAML/JSON.
+
+Canonical order: depth -> wanda -> lora -> embedding -> gptq -> eora, each at most once.
+The YAML/JSON form is ``{"stages": [{"stage": "wanda", "sparsity": 0.5}, ...]}`` (a bare list
+is accepted too); unknown stage names and unknown keys are rejected by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmsearch.compress.depth import DepthPrune
+from slmsearch.compress.embedding import EmbeddingQuant
+from slmsearch.compress.gptq import Eora, Gptq
+from slmsearch.compress.lora import LoraRecovery
+from slmsearch.compress.stage import Stage
+from slmsearch.compress.wanda import Wanda, mlp_channels_to_remove
+from slmsearch.errors import SlmsearchError
+
+STAGE_TYPES: dict[str, type[Stage]] = {
+    cls.kind: cls for cls in (DepthPrune, Wanda, LoraRecovery, EmbeddingQuant, Gptq, Eora)
+}
+CANONICAL_ORDER: tuple[str, ...] = ("depth", "wanda", "lora", "embedding", "gptq", "eora")
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered tuple of stages (validated: canonical order, each kind at most once)."""
+
+    stages: tuple[Stage, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        kinds = [s.kind for s in self.stages]
+        for stage in self.stages:
+            if not isinstance(stage, Stage):
+                raise SlmsearchError(f"a plan holds stages, got {type(stage).__name__}")
+        if len(set(kinds)) != len(kinds):
+            raise SlmsearchError(f"each stage may appear once in a plan, got {kinds}")
+        ranks = [CANONICAL_ORDER.index(k) for k in kinds]
+        if ranks != sorted(ranks):
+            raise SlmsearchError(
+                f"stages must follow the order {' -> '.join(CANONICAL_ORDER)}, got {' -> '.join(kinds)}"
+            )
+        if "eora" in kinds and "gptq" not in kinds and self.get("eora").rank > 0:  # type: ignore[union-attr]
+            raise SlmsearchError("an eora stage needs a gptq stage before it")
+        lora = self.get("lora")
+        if lora is not None and not lora.merge and not lora.is_noop() and "gptq" in kinds:  # type: ignore[attr-defined]
+            raise SlmsearchError("lora.merge=false cannot be followed by gptq; set lora.merge=true (the merge keeps pruning)")
+
+    def get(self, kind: str) -> Stage | None:
+        for stage in self.stages:
+            if stage.kind == kind:
+                return stage
+        return None
+
+    # serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "stages": [s.to_dict() for s in self.stages]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        if isinstance(data, list):
+            data = {"stages": data}
+        if not isinstance(data, dict):
+            raise SlmsearchError(f"a plan is a mapping with 'stages' (or a list of stages), got {type(data).__name__}")
+        unknown = sorted(set(data) - {"stages", "version"})
+        if unknown:
+            raise SlmsearchError(f"plan has unknown key(s) {', '.join(map(repr, unknown))}; known: 'stages', 'version'")
+        if data.get("version", PLAN_VERSION) != PLAN_VERSION:
+            raise SlmsearchError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        stages = []
+        for i, item in enumerate(data.get("stages") or []):
+            if not isinstance(item, dict) or "stage" not in item:
+                raise SlmsearchError(f"plan stage #{i} must be a mapping with a 'stage' name, got {item!r}")
+            kind = item["stage"]
+            if kind not in STAGE_TYPES:
+                raise SlmsearchError(f"plan stage #{i}: unknown stage {kind!r}; known: {', '.join(CANONICAL_ORDER)}")
+            stages.append(STAGE_TYPES[kind].from_dict(item))
+        return cls(tuple(stages))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise SlmsearchError(f"plan is not valid JSON: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Plan:
+        import yaml
+
+        try:
+            return cls.from_dict(yaml.safe_load(text))
+        except yaml.YAMLError as exc:
+            raise SlmsearchError(f"plan is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """A plan from a ``.yaml``/``.yml``/``.json`` file."""
+        p = Path(path)
+        if not p.is_file():
+            raise SlmsearchError(f"plan file {str(p)!r} does not exist")
+        text = p.read_text(encoding="utf-8")
+        return cls.from_json(text) if p.suffix == ".json" else cls.from_yaml(text)
+
+    # caching ---------------------------------------------------------------------------------
+    def effective(self) -> Plan:
+        """The plan without stages that do nothing (same output, shorter cache keys)."""
+        return Plan(tuple(s for s in self.stages if not s.is_noop()))
+
+    def prefixes(self) -> list[Plan]:
+        """Every non-empty prefix, shortest first (the stage cache stores each)."""
+        return [Plan(self.stages[: i + 1]) for i in range(len(self.stages))]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    # hardware model --------------------------------------------------------------------------
+    def shape(self, base_shape: Any) -> Any:
+        """The ModelShape of this plan's output, by pure arithmetic on ``base_shape``."""
+        from slmsearch.hwmodel import TensorFormat
+
+        shape = base_shape
+        for stage in self.stages:
+            if stage.is_noop():
+                continue
+            if isinstance(stage, DepthPrune):
+                shape = shape.drop_layers(range(stage.n_dropped) if stage.indices is None else stage.indices)
+            elif isinstance(stage, Wanda):
+                if stage.pattern == "structured":
+                    inter = shape.layers[0].intermediate
+                    channels = mlp_channels_to_remove(inter, stage.mlp_fraction, stage.multiple) if stage.mlp_fraction else 0
+                    shape = shape.prune_structured(channels, stage.kv_groups)
+                else:
+                    fmt = stage.pattern if stage.n_m else "unstructured"
+                    shape = shape.with_sparsity(fmt, stage.density)
+            elif isinstance(stage, LoraRecovery):
+                if not stage.merge:
+                    shape = shape.with_adapter(stage.rank, 16)
+            elif isinstance(stage, EmbeddingQuant):
+                shape = shape.with_embedding_format(TensorFormat(weight_bits=stage.bits, group_size=None, zero_bits=0))
+            elif isinstance(stage, Gptq):
+                group = None if stage.group_size == -1 else stage.group_size
+                shape = shape.with_linear_format(
+                    TensorFormat(weight_bits=stage.bits, group_size=group, scale_bits=16, zero_bits=stage.bits, g_idx_bits=32)
+                )
+            elif isinstance(stage, Eora):
+                shape = shape.with_adapter(stage.rank, 16)
+        return shape
