@@ -49,7 +49,7 @@ def evaluate(
             "wikitext_token_ppl",
             lambda: token_perplexity(
                 model, tokenizer, data_dir, seqlen=settings.token_seqlen,
-                n_windows=settings.token_windows, batch_size=settings.batch_size,
+                n_windows=settings.token_windows, batch_size=settings.batch_size, progress=log is not None,
             ),
         )
         values["wikitext_token_ppl"] = ppl

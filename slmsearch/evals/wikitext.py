@@ -36,14 +36,16 @@ def test_windows(tokenizer: Any, data_dir: Path, seqlen: int, n_windows: int | N
     return ids[: count * seqlen].view(count, seqlen)
 
 
-def window_nlls(model: Any, windows: Any, *, batch_size: int = 8) -> Any:
+def window_nlls(model: Any, windows: Any, *, batch_size: int = 8, progress: bool = False) -> Any:
     """Mean next-token NLL of each window (FloatTensor [n]), float64 accumulation."""
     import torch
+    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     out = []
+    starts = range(0, windows.shape[0], batch_size)
     with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch_size):
+        for start in tqdm(starts, desc="token ppl", unit="batch", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)
             logits = model(batch, use_cache=False).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(
@@ -63,6 +65,7 @@ def token_perplexity(
     batch_size: int = 8,
     on_chunk: Callable[[int, float], None] | None = None,
     chunk_windows: int | None = None,
+    progress: bool = False,
 ) -> tuple[float, int]:
     """(token perplexity, windows scored). ``on_chunk(windows_done, ppl_so_far)`` is called after
     every ``chunk_windows`` windows, so a caller can stop a hopeless evaluation early (it may raise)."""
@@ -72,7 +75,7 @@ def token_perplexity(
     step = chunk_windows or windows.shape[0]
     nlls: list[Any] = []
     for start in range(0, windows.shape[0], step):
-        nlls.append(window_nlls(model, windows[start : start + step], batch_size=batch_size))
+        nlls.append(window_nlls(model, windows[start : start + step], batch_size=batch_size, progress=progress))
         done = torch.cat(nlls)
         if on_chunk is not None:
             on_chunk(int(done.numel()), math.exp(float(done.mean())))
