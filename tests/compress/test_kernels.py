@@ -1,0 +1,111 @@
+"""Pure kernels on hand-made tensors, against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmsearch.compress import kernels
+from slmsearch.errors import SlmsearchError
+
+
+def brute_force_mask(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    for r in range(scores.shape[0]):
+        order = sorted(range(scores.shape[1]), key=lambda c: (float(scores[r, c]), c))
+        for c in order[:n_remove]:
+            mask[r, c] = True
+    return mask
+
+
+def test_wanda_mask_equals_brute_force_argsort():
+    weight = torch.tensor(
+        [
+            [0.1, -2.0, 0.3, 0.4, -0.5, 0.6, 0.05, -1.0],
+            [1.0, 1.0, -1.0, 1.0, 0.2, -0.2, 0.2, 0.9],
+            [-3.0, 0.0, 0.01, 2.0, -0.7, 0.7, 0.8, -0.1],
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2],
+        ]
+    )
+    norm_sq = torch.tensor([1.0, 0.25, 4.0, 1.0, 9.0, 0.0, 16.0, 1.0])
+    scores = weight.abs() * norm_sq.sqrt()
+    for sparsity in (0.25, 0.5, 0.75):
+        got = kernels.wanda_mask(weight, norm_sq, sparsity)
+        assert torch.equal(got, brute_force_mask(scores, int(8 * sparsity)))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("cols", [7, 64, 100])
+def test_exact_per_row_counts(sparsity, cols):
+    torch.manual_seed(0)
+    weight = torch.randn(13, cols)
+    mask = kernels.wanda_mask(weight, torch.rand(cols), sparsity)
+    assert (mask.sum(1) == int(cols * sparsity)).all()
+    assert ((~mask).sum(1) == cols - int(cols * sparsity)).all()
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_exact_nm_counts(pattern):
+    n, m = kernels.NM_PATTERNS[pattern]
+    torch.manual_seed(1)
+    weight = torch.randn(16, 64)
+    mask = kernels.wanda_mask(weight, torch.rand(64), 0.0, n_m=(n, m))
+    assert (mask.reshape(16, 64 // m, m).sum(-1) == n).all()
+
+
+def test_small_weight_with_large_input_norm_survives():
+    weight = torch.tensor([[0.1, 1.0, 1.0, 1.0]])
+    norm_sq = torch.tensor([10_000.0, 1.0, 1.0, 1.0])  # column 0 sees a 100x larger input
+    wanda = kernels.wanda_mask(weight, norm_sq, 0.25)
+    magnitude = kernels.magnitude_mask(weight, 0.25)
+    assert not wanda[0, 0] and magnitude[0, 0]
+
+
+def test_mask_rejects_bad_settings():
+    with pytest.raises(SlmsearchError, match="sparsity"):
+        kernels.wanda_mask(torch.randn(2, 4), torch.ones(4), 1.0)
+    with pytest.raises(SlmsearchError, match="divisible"):
+        kernels.wanda_mask(torch.randn(2, 6), torch.ones(6), 0.0, n_m=(2, 4))
+    with pytest.raises(SlmsearchError, match="one entry per input"):
+        kernels.wanda_mask(torch.randn(2, 4), torch.ones(3), 0.5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 16])
+def test_rtn_grid(bits, group):
+    torch.manual_seed(2)
+    weight = torch.randn(8, 32)
+    deq = kernels.rtn_quantize(weight, bits, group)
+    groups = deq.reshape(8, -1, group or 32)
+    for row in groups.reshape(-1, groups.shape[-1]):
+        assert row.unique().numel() <= 2**bits
+    assert (kernels.rtn_quantize(torch.zeros(2, 32), bits, group) == 0).all()
+    err = (deq - weight).abs().max()
+    assert err <= weight.abs().max() / (2**bits - 1) + 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_roundtrip(bits):
+    values = torch.randint(0, 2**bits, (64, 5))
+    assert torch.equal(kernels.unpack_bits(kernels.pack_bits(values, bits), bits), values)
+
+
+def test_gptq_layout_4bit():
+    # value k of a column sits at bits 4*(k % 8) of word k // 8 (GPTQ's layout)
+    values = torch.arange(8).reshape(8, 1)
+    word = int(kernels.pack_bits(values, 4)[0, 0]) & 0xFFFFFFFF
+    assert word == 0x76543210
+
+
+def test_angular_distance():
+    a = torch.randn(3, 5, 16)
+    assert kernels.angular_distance(a, a) == pytest.approx(0.0, abs=1e-3)
+    assert kernels.angular_distance(a, -a) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_masked_delta_and_scores():
+    weight = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    delta = torch.ones(2, 2)
+    assert torch.equal(kernels.masked_delta(delta, weight), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    scores = torch.tensor([3.0, 1.0, 2.0, 0.5])
+    assert kernels.keep_lowest_removed(scores, 2).tolist() == [0, 2]
