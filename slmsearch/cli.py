@@ -193,3 +193,24 @@ def compress_cmd(plan_file: str, out_dir: str, model: str | None, trust_remote_c
         click.echo(f"{report.name:<10} {report.seconds:8.1f} s  {report.metrics}")
     click.echo(f"wrote {out_dir}")
 
+
+
+# --- results: pareto, report, dashboard, export (read the study's storage; never write to it) ----
+
+
+def _study_options(func: F) -> F:
+    func = click.option("--study-name", default=None, help="Study name in the storage (default: the study file's, or the only one).")(func)
+    func = click.option("--storage", default=None, help="Optuna storage URL (default: the study file's, sqlite:///runs/<study>.db).")(func)
+    func = click.option("--study", "study_file", default=None, metavar="YAML|NAME", help="Study file or a name in studies/ (default: studies/default.yaml).")(func)
+    return func
+
+
+@main.command("pareto")
+@_study_options
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+@user_errors
+def pareto_cmd(study_file: str | None, storage: str | None, study_name: str | None, fmt: str) -> None:
+    """List the feasible Pareto-optimal trials: plan, objectives, footprint, tokens/s, energy/token."""
+    from slmsearch.search.pareto import locate_study, pareto_table
+
+    click.echo(pareto_table(locate_study(study_file, storage, study_name), fmt), nl=False)
