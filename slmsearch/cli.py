@@ -214,3 +214,17 @@ def pareto_cmd(study_file: str | None, storage: str | None, study_name: str | No
     from slmsearch.search.pareto import locate_study, pareto_table
 
     click.echo(pareto_table(locate_study(study_file, storage, study_name), fmt), nl=False)
+
+
+@main.command("report")
+@_study_options
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="Folder for report.html, report.md and figures/.")
+@user_errors
+def report_cmd(study_file: str | None, storage: str | None, study_name: str | None, out_dir: str) -> None:
+    """Write a self-contained HTML report (Pareto fronts, trials, importances, stage times) and a Markdown twin."""
+    from slmsearch.search.pareto import locate_study
+    from slmsearch.search.report import write_report
+
+    report = write_report(locate_study(study_file, storage, study_name), out_dir)
+    click.echo(f"wrote {report.html_path}")
+    click.echo(f"wrote {report.md_path}")

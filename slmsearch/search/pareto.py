@@ -146,7 +146,7 @@ def _cell(value: Any, key: str) -> str:
         if key == "energy_per_token_j":
             return f"{value * 1e3:.3g}"
         if key == "triviaqa_exact_match":
-            return f"{value:.3f}"
+            return f"{100 * value:.1f}%"
         if key == "footprint_mb":
             return f"{value:.1f}"
         return f"{value:.4g}"
