@@ -228,3 +228,15 @@ def report_cmd(study_file: str | None, storage: str | None, study_name: str | No
     report = write_report(locate_study(study_file, storage, study_name), out_dir)
     click.echo(f"wrote {report.html_path}")
     click.echo(f"wrote {report.md_path}")
+
+
+@main.command("dashboard")
+@_study_options
+@click.option("--port", default=8080, show_default=True, help="Port on 127.0.0.1 (0 = any free port).")
+@user_errors
+def dashboard_cmd(study_file: str | None, storage: str | None, study_name: str | None, port: int) -> None:
+    """Start optuna-dashboard on 127.0.0.1 over the study's storage and print its address."""
+    from slmsearch.search.dashboard import serve
+    from slmsearch.search.pareto import locate_study
+
+    serve(locate_study(study_file, storage, study_name), port=port, log=click.echo)
