@@ -68,3 +68,15 @@ def calib(tokenizer):
     if not (DATA_DIR / "wikitext-2" / "wiki.valid.tokens").is_file():
         pytest.skip(f"no data dir at {DATA_DIR}")
     return Calibration.from_data(tokenizer, DATA_DIR, CalibSettings(n_samples=8, seqlen=64, seed=0, batch=4))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny LLaMA checkpoint folder (fp32 + byte tokenizer) that the pipeline can start from."""
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tiny_model().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+TINY_CALIB = dict(n_samples=8, seqlen=64, seed=0, batch=4)

@@ -1,0 +1,106 @@
+"""GPTQ + EoRA through gptqmodel on a tiny model: error ordering, sparsity, reload with adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DATA_DIR, TINY_CALIB
+from slmsearch.compress import kernels
+from slmsearch.compress.cache import StageCache
+from slmsearch.compress.calib import CalibSettings
+from slmsearch.compress.gptq import Gptq
+from slmsearch.compress.pipeline import load_checkpoint, run
+from slmsearch.compress.plan import Plan
+from slmsearch.errors import SlmsearchError
+
+LAYER = "model.layers.1.mlp.up_proj"
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_base, tmp_path_factory):
+    cache = StageCache(tmp_path_factory.mktemp("cache") / "stages")
+    settings = CalibSettings(**TINY_CALIB)
+    plans = {}
+    for name, text in {
+        "gptq": "[{stage: gptq, bits: 4, group_size: 32}]",
+        "eora": "[{stage: gptq, bits: 4, group_size: 32}, {stage: eora, rank: 16}]",
+        "sparse": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32}]",
+    }.items():
+        plans[name] = run(Plan.from_yaml(text), str(tiny_base), DATA_DIR, settings, cache=cache)
+    return plans
+
+
+def dequantized(folder, name=LAYER):
+    model, _ = load_checkpoint(folder)
+    module = dict(model.named_modules())[name]
+    return module.dequantize_weight().T.float()  # [out, in]
+
+
+def layer_inputs(tiny_base, name=LAYER):
+    from transformers import AutoModelForCausalLM
+
+    from slmsearch.compress.calib import Calibration
+    from conftest import byte_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    calib = Calibration.from_data(byte_tokenizer(), DATA_DIR, CalibSettings(**TINY_CALIB))
+    seen = []
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    with torch.no_grad():
+        model(calib.tokens)
+    handle.remove()
+    return dict(model.named_modules())[name].weight.detach(), torch.cat(seen)
+
+
+def test_gptq_beats_rtn_and_eora_helps(quantized, tiny_base):
+    weight, x = layer_inputs(tiny_base)
+    rtn = kernels.output_error(weight, kernels.rtn_quantize(weight, 4, 32), x)
+    gptq_w = dequantized(quantized["gptq"].checkpoint_dir)
+    gptq = kernels.output_error(weight, gptq_w, x)
+    adapter = load_file(str(quantized["eora"].checkpoint_dir / "eora" / "adapter_model.safetensors"))
+    a = next(v for k, v in adapter.items() if LAYER.split("model.")[1] in k and "lora_A" in k).float()
+    b = next(v for k, v in adapter.items() if LAYER.split("model.")[1] in k and "lora_B" in k).float()
+    eora = kernels.output_error(weight, gptq_w + b @ a, x)
+    assert gptq < rtn
+    assert eora < gptq
+
+
+def test_reload_runs_forward_with_adapter(quantized):
+    folder = quantized["eora"].checkpoint_dir
+    model, tok = load_checkpoint(folder)
+    module = dict(model.named_modules())[LAYER]
+    assert module.adapter is not None and module.adapter.rank == 16
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(out.float()).all()
+    meta = json.loads((folder / "slmsearch.json").read_text())
+    assert meta["adapter"] == {"rank": 16, "bits": 16}
+    assert quantized["eora"].cache_hits == 1  # the gptq prefix was reused
+
+
+def test_sparsity_survives_quantization(quantized):
+    folder = quantized["sparse"].checkpoint_dir
+    model, _ = load_checkpoint(folder)
+    for name, module in model.named_modules():
+        if hasattr(module, "qweight"):
+            w = module.dequantize_weight()  # [in, out]
+            assert int((w == 0).sum(0).min()) >= w.shape[0] // 2, name  # every row keeps its zeros
+    report = quantized["sparse"].reports[-1]
+    assert report.metrics["sparse_modules"] == 28
+    meta = json.loads((folder / "slmsearch.json").read_text())
+    assert meta["sparsity"] == {"format": "unstructured", "density": 0.5}
+
+
+def test_group_size_must_divide(tiny_base, tmp_path):
+    from conftest import byte_tokenizer
+    from slmsearch.compress.calib import Calibration
+
+    calib = Calibration.from_data(byte_tokenizer(), DATA_DIR, CalibSettings(**TINY_CALIB))
+    with pytest.raises(SlmsearchError, match="must divide"):
+        Gptq(bits=4, group_size=128).apply_dir(tiny_base, tmp_path / "out", calib)
+    with pytest.raises(SlmsearchError, match="bits"):
+        Gptq(bits=5)
