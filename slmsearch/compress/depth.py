@@ -52,14 +52,15 @@ def _lm_loss(model: Any, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float
 
 
 @torch.no_grad()
-def importance_scores(model: Any, calib: Calibration) -> dict[str, Any]:
-    """Both depth scores for ``model`` on ``calib`` (see the module docstring)."""
+def importance_scores(model: Any, calib: Calibration, *, with_ppl: bool = True) -> dict[str, Any]:
+    """The depth scores for ``model`` on ``calib`` (see the module docstring); the costly
+    ``ppl`` score only when ``with_ppl``."""
     n_layers = len(decoder_layers(model))
     ang_sum = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
     ang_count = 0
     ppl_loss = [0.0] * n_layers
     base_loss, n_tok = 0.0, 0
-    ppl_budget = PPL_SCORE_MAX_SAMPLES
+    ppl_budget = PPL_SCORE_MAX_SAMPLES if with_ppl else 0
     was_training = model.training
     model.eval()
     layers = decoder_layers(model)
@@ -90,16 +91,14 @@ def importance_scores(model: Any, calib: Calibration) -> dict[str, Any]:
     angular = {
         str(n): [float(ang_sum[l, l + n] / ang_count) for l in range(n_layers - n + 1)] for n in range(1, n_layers + 1)
     }
-    return {
-        "version": SCORE_VERSION,
-        "n_layers": n_layers,
-        "angular": angular,
-        "ppl": [math.exp(x / n_tok) for x in ppl_loss],
-        "ppl_base": math.exp(base_loss / n_tok),
-    }
+    scores: dict[str, Any] = {"version": SCORE_VERSION, "n_layers": n_layers, "angular": angular}
+    if with_ppl:
+        scores["ppl"] = [math.exp(x / n_tok) for x in ppl_loss]
+        scores["ppl_base"] = math.exp(base_loss / n_tok)
+    return scores
 
 
-def cached_importance_scores(model: Any, calib: Calibration) -> dict[str, Any]:
+def cached_importance_scores(model: Any, calib: Calibration, *, with_ppl: bool = True) -> dict[str, Any]:
     """:func:`importance_scores`, read from / written to ``calib.score_dir`` when both it and
     ``calib.model_key`` are set (key: model fingerprint + calibration settings)."""
     path: Path | None = None
@@ -109,11 +108,15 @@ def cached_importance_scores(model: Any, calib: Calibration) -> dict[str, Any]:
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
-                if data.get("version") == SCORE_VERSION and data.get("n_layers") == len(decoder_layers(model)):
+                if (
+                    data.get("version") == SCORE_VERSION
+                    and data.get("n_layers") == len(decoder_layers(model))
+                    and (not with_ppl or "ppl" in data)
+                ):
                     return data
             except (OSError, ValueError):
                 pass
-    scores = importance_scores(model, calib)
+    scores = importance_scores(model, calib, with_ppl=with_ppl)
     if path is not None:
         write_json_atomic(path, scores)
     return scores
@@ -180,7 +183,7 @@ class DepthPrune(Stage):
             elif self.drop == 0:
                 chosen = ()
             else:
-                scores = cached_importance_scores(model, calib)
+                scores = cached_importance_scores(model, calib, with_ppl=self.by == "ppl")
                 chosen = select_layers(scores, self.drop, self.by, self.block)
                 metrics["scores"] = scores["ppl"] if self.by == "ppl" else scores["angular"][str(self.block)]
             drop_layers(model, chosen)

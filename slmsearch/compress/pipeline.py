@@ -29,6 +29,7 @@ from slmsearch.errors import SlmsearchError
 from slmsearch.fsutil import atomic_dir, write_json_atomic
 
 META_FILE = "slmsearch.json"
+_CALIB_TOKENS: dict[tuple[Any, ...], Any] = {}  # one entry: the last base model's calibration windows
 ADAPTER_DIR = EORA_DIR  # one adapter folder per checkpoint: EoRA (GPTQ) or a kept LoRA (peft)
 
 
@@ -206,7 +207,13 @@ def run(
 
             tokenizer = AutoTokenizer.from_pretrained(str(current_dir) if current_dir is not None else location)
         score_dir = cache.score_dir() if cache is not None else None
-        calibration = Calibration.from_data(tokenizer, data_dir, calib, score_dir=score_dir, model_key=fingerprint)
+        token_key = (fingerprint, str(data_dir), tuple(sorted(calib_key.items())))
+        if token_key in _CALIB_TOKENS:  # same base model + settings: same tokenizer, same windows
+            calibration = Calibration(calib, _CALIB_TOKENS[token_key], tokenizer, Path(data_dir), score_dir, fingerprint)
+        else:
+            calibration = Calibration.from_data(tokenizer, data_dir, calib, score_dir=score_dir, model_key=fingerprint)
+            _CALIB_TOKENS.clear()
+            _CALIB_TOKENS[token_key] = calibration.tokens
 
         for i in range(start, len(stages)):
             stage = stages[i]
