@@ -1,23 +1,23 @@
 """``estimate(shape, platform)``: memory, placement, decode and prefill latency and energy.
 
-``estimate_fast(shape, platform, context_len) -> (footprint_bytes, decode_s)`` returns the same two
-numbers as ``estimate(...).memory.total_bytes`` and ``.decode.latency_s`` (tested), without building
-the per-operator report. Per-shape and per-(layer, platform, placement) costs are memoized; shapes
-are immutable, so a memo can never go stale.
+``estimate_fast(shape, platform, context_len) -> (footprint_bytes, decode_s)`` (fast.py) returns the
+same two numbers as ``estimate(...).memory.total_bytes`` and ``.decode.latency_s`` (tested), without
+building the per-operator report.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from slmsearch.hwmodel.energy import pass_energy_j
-from slmsearch.hwmodel.latency import Op, OpCost, head_ops, layer_context_ops, layer_static_ops, op_cost
+from slmsearch.hwmodel.fast import estimate_fast
+from slmsearch.hwmodel.latency import (Op, OpCost, embedding_ops, head_ops, layer_context_ops, layer_static_ops,
+                                       op_cost)
 from slmsearch.hwmodel.memory import MemoryReport, memory_report, static_bytes
 from slmsearch.hwmodel.placement import Placement, Split, place
 from slmsearch.hwmodel.platform import Platform
-from slmsearch.hwmodel.shape import LayerShape, ModelShape
+from slmsearch.hwmodel.shape import ModelShape
 from slmsearch.errors import SlmsearchError
 
 
@@ -113,25 +113,6 @@ def _placement(shape: ModelShape, p: Platform, context_len: int, activation_byte
     return place(p, static_bytes(shape).weight_groups, kv_layer, activation_bytes)
 
 
-@functools.lru_cache(maxsize=8192)
-def _static_layer_ops(layer: LayerShape, hidden: int, tokens: int, act_bits: int, p: Platform
-                      ) -> tuple[tuple[Op, ...], tuple[Op, ...]]:
-    a, m = layer_static_ops(layer, hidden, tokens, act_bits, p, 0)
-    return tuple(a), tuple(m)
-
-
-@functools.lru_cache(maxsize=65536)
-def _group_cycles(ops: tuple[Op, ...], p: Platform, split: Split) -> float:
-    return sum(op_cost(op, p, split, ()).cycles for op in ops)
-
-
-@functools.lru_cache(maxsize=65536)
-def _context_cycles(layer: LayerShape, tokens: int, attended: int, act_bits: int, kv_bits: int,
-                    p: Platform, kv_split: Split) -> float:
-    return sum(op_cost(op, p, (), kv_split).cycles
-               for op in layer_context_ops(layer, tokens, attended, act_bits, kv_bits, p, 0))
-
-
 # ---- full report ------------------------------------------------------------------------------
 
 def _run_pass(shape: ModelShape, p: Platform, pl: Placement, tokens: int, attended: int) -> PassEstimate:
@@ -145,6 +126,8 @@ def _run_pass(shape: ModelShape, p: Platform, pl: Placement, tokens: int, attend
         rows.append(OpRow(layer, op.name, c.engine, c.bound, c.cycles, c.compute_cycles, c.overhead_cycles,
                           dict(c.transfer_cycles), dict(c.level_bytes), c.n_tiles, c.macs))
 
+    for op in embedding_ops(shape, p, tokens):
+        add(None, op, splits.get(op.group, ()), ())
     for idx, layer in enumerate(shape.layers):
         attn, mlp = layer_static_ops(layer, shape.hidden, tokens, shape.activation_bits, p, idx)
         ctx = layer_context_ops(layer, tokens, attended, shape.activation_bits, shape.kv_cache_bits, p, idx)
@@ -186,133 +169,4 @@ def estimate(shape: ModelShape, platform: Platform, *, context_len: int = 512, p
                     {name: pl.level_of(platform, name) for name, _, _ in pl.groups}, pl, decode, prefill)
 
 
-# ---- fast path -------------------------------------------------------------------------------
-
-class _FastConsts:
-    """Per-(shape, platform) constants of the fast path: group sizes in fill order, their cycles
-    when wholly in each level (prefix sums), KV bytes per position per layer."""
-
-    def __init__(self, shape: ModelShape, p: Platform) -> None:
-        sb = static_bytes(shape)
-        self.static_total = sb.static_total
-        self.kv_bits_pos = [2 * layer.n_kv_heads * layer.head_dim * shape.kv_cache_bits for layer in shape.layers]
-        self.kv_bits_per_position = sb.kv_bits_per_position
-        self.sizes = [b for _, b in sb.weight_groups]
-        levels = p.levels
-        self.l2 = next(i for i, lv in enumerate(levels) if lv.kind == "l2")
-        self.off = next((i for i, lv in enumerate(levels) if lv.kind == "offchip"), None)
-        self.weight_caps = [(i, lv.usable_bytes) for i, lv in enumerate(levels) if lv.kind == "weight"]
-        self.l2_usable = levels[self.l2].usable_bytes
-        h, a = shape.hidden, shape.activation_bits
-        ops: list[tuple[Op, ...]] = [()]  # norms group: no weight-reading operator per layer
-        for layer in shape.layers:
-            attn, mlp = _static_layer_ops(layer, h, 1, a, p)
-            ops += [attn, mlp]
-        heads = head_ops(shape, p)
-        self.head_eltwise = sum(op_cost(op, p, (), ()).cycles for op in heads if not op.weight_bytes)
-        tail = tuple(op for op in heads if op.weight_bytes)
-        if tail:
-            ops.append(tail)
-        while len(ops) < len(self.sizes):
-            ops.append(())  # untied embedding: no decode operator reads it wholesale
-        self.ops = ops
-        self.level_ids = [i for i, _ in self.weight_caps] + [self.l2] + ([self.off] if self.off is not None else [])
-        self.prefix = {}
-        for lid in self.level_ids:
-            acc, pre = 0.0, [0.0]
-            for g in ops:
-                acc += _group_cycles(g, p, ((lid, 1.0),)) if g else 0.0
-                pre.append(acc)
-            self.prefix[lid] = pre
-        seen: dict[tuple[int, int, int, int], None] = {}
-        for layer in shape.layers:
-            seen[(layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.intermediate)] = None
-        self.act_dims = list(seen)
-
-
-def _splits_cycles(fc: _FastConsts, p: Platform, caps: list[tuple[int, int]]) -> float:
-    """Cycles of all weight groups filled in order into ``caps`` (same rule as placement.fill)."""
-    total = 0.0
-    k, free = 0, caps[0][1]
-    g, n = 0, len(fc.sizes)
-    while g < n:
-        lid = caps[k][0]
-        last = k == len(caps) - 1
-        # whole groups that fit in this level: advance with the prefix sums
-        start = g
-        while g < n and (last or fc.sizes[g] <= free):
-            if fc.sizes[g] > 0:
-                free -= fc.sizes[g]
-            g += 1
-        total += fc.prefix[lid][g] - fc.prefix[lid][start]
-        if g >= n:
-            break
-        size = fc.sizes[g]
-        parts, left, kk, fr = [], size, k, free
-        while left > 0:
-            take = left if kk == len(caps) - 1 else min(left, fr)
-            if take > 0:
-                parts.append((caps[kk][0], take / size))
-                left -= take
-                fr -= take
-            if left > 0:
-                kk += 1
-                fr = caps[kk][1]
-        if len(parts) == 1:  # the group starts exactly on a fresh level
-            k, free = kk, fr
-            continue
-        total += _group_cycles(fc.ops[g], p, tuple(parts)) if fc.ops[g] else 0.0
-        k, free = kk, fr
-        g += 1
-    return total
-
-
-def estimate_fast(shape: ModelShape, platform: Platform, context_len: int = 512) -> tuple[int, float]:
-    """(deployed footprint bytes, decode seconds per token) == estimate(...) with prefill_len=0."""
-    memo = shape._cache.get("fast")
-    if memo is None:
-        memo = shape._cache["fast"] = {}
-    key = (platform.uid, context_len)
-    hit = memo.get(key)
-    if hit is not None:
-        return hit
-    _check(context_len, 0)
-    fc = shape._cache.get(("fastc", platform.uid))
-    if fc is None:
-        fc = shape._cache[("fastc", platform.uid)] = _FastConsts(shape, platform)
-    attended = max(context_len, 1)
-    # memory (same formula as memory.memory_report with prefill_len=0)
-    best = shape.hidden + shape.vocab_size
-    h = shape.hidden
-    for nh, nkv, hd, inter in fc.act_dims:
-        q, kv = nh * hd, nkv * hd
-        best = max(best, h + q + 2 * kv, q + 2 * nh * attended, h + 3 * inter)
-    act = -(-((h + best) * shape.activation_bits) // 8)
-    kv_total = -(-(fc.kv_bits_per_position * context_len) // 8)
-    footprint = fc.static_total + kv_total + act
-    # placement of KV (same rule as placement.place), then its attention cost per layer
-    l2_free = max(0, fc.l2_usable - act)
-    cycles = 0.0
-    ctx_memo: dict[tuple[LayerShape, Split], float] = {}
-    a, kvb = shape.activation_bits, shape.kv_cache_bits
-    for layer, bits in zip(shape.layers, fc.kv_bits_pos):
-        size = -(-(bits * context_len) // 8)
-        if size <= 0:
-            split: Split = ((fc.l2, 1.0),)
-        elif fc.off is None or size <= l2_free:
-            split = ((fc.l2, 1.0),)
-            l2_free -= size
-        elif l2_free > 0:
-            split = ((fc.l2, l2_free / size), (fc.off, (size - l2_free) / size))
-            l2_free = 0
-        else:
-            split = ((fc.off, 1.0),)
-        c = ctx_memo.get((layer, split))
-        if c is None:
-            c = ctx_memo[(layer, split)] = _context_cycles(layer, 1, attended, a, kvb, platform, split)
-        cycles += c
-    caps = list(fc.weight_caps) + [(fc.l2, l2_free)] + ([(fc.off, 0)] if fc.off is not None else [])
-    cycles += _splits_cycles(fc, platform, caps) + fc.head_eltwise
-    out = (footprint, cycles / platform.operating_point.freq_hz)
-    memo[key] = out
-    return out
+__all__ = ["Estimate", "OpRow", "PassEstimate", "estimate", "estimate_fast"]

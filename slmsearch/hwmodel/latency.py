@@ -42,7 +42,7 @@ class Op:
     cycles_per_element: float = 0.0
     operand_bits: int = 16  # max(weight or KV bits, activation bits): selects the SIMD width
     weight_bits: int = 16
-    compute_density: float = 1.0  # fraction of MACs executed (N:M sparse kernels on the cluster)
+    compute_density: float = 1.0  # fraction of MACs executed (N:M sparse kernels; causal attention)
     npu_ok: bool = False
     weight_bytes: int = 0
     act_bytes: int = 0  # activations read + written
@@ -257,25 +257,58 @@ def layer_static_ops(layer: LayerShape, hidden: int, tokens: int, act_bits: int,
     return attn, mlp
 
 
+def causal_pairs(tokens: int, attended: int) -> int:
+    """(query, key) pairs scored when ``tokens`` new tokens, the last ``tokens`` of ``attended``
+    positions, each attend to the positions up to and including their own (causal mask):
+    tokens * attended - tokens * (tokens - 1) / 2; a decode step (tokens=1) scores ``attended``,
+    a prefill of P tokens P * (P + 1) / 2."""
+    t = min(tokens, attended)
+    return tokens * attended - t * (t - 1) // 2
+
+
 def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: int, kv_bits: int,
                       p: Platform, idx: int) -> list[Op]:
-    """Attention over the KV cache: scores, softmax, weighted sum (cost grows with ``attended``)."""
+    """Attention over the KV cache: scores, softmax, weighted sum (cost grows with ``attended``).
+
+    Only the causal pairs are computed (``causal_pairs``): scores as batch x pairs dot products
+    of length head_dim; the weighted sum as [tokens, attended] @ [attended, head_dim] with
+    compute_density = pairs / (tokens * attended) (each output sums over its own prefix)."""
     a, k = act_bits / 8, kv_bits / 8
     h, hd, kvh = layer.n_heads, layer.head_dim, layer.n_kv_heads
     g = f"layers.{idx}.attn"
     kv_row = kvh * hd * k  # bytes of K (or V) for one position
     new_kv = int(math.ceil(tokens * kv_row))  # this pass writes its K (V) rows
     operand = max(act_bits, kv_bits)
-    scores = Op("attn_scores", ATTN, g, batch=h, tokens=tokens, inner=hd, outputs=attended,
+    pairs = causal_pairs(tokens, attended)
+    full = tokens * attended
+    scores = Op("attn_scores", ATTN, g, batch=h, tokens=1, inner=hd, outputs=pairs,
                 operand_bits=operand, weight_bits=kv_bits,
-                act_bytes=int(math.ceil((tokens * h * hd + h * tokens * attended) * a)),
+                act_bytes=int(math.ceil((tokens * h * hd + h * pairs) * a)),
                 kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
-    softmax = _eltwise("softmax", g, h * tokens * attended, p.cluster.cycles_per_element_softmax, 2 * a)
+    softmax = _eltwise("softmax", g, h * pairs, p.cluster.cycles_per_element_softmax, 2 * a)
     values = Op("attn_values", ATTN, g, batch=h, tokens=tokens, inner=attended, outputs=hd,
                 operand_bits=operand, weight_bits=kv_bits,
-                act_bytes=int(math.ceil((h * tokens * attended + tokens * h * hd) * a)),
+                compute_density=pairs / full if full and pairs != full else 1.0,
+                act_bytes=int(math.ceil((h * pairs + tokens * h * hd) * a)),
                 kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
     return [scores, softmax, values]
+
+
+def embedding_ops(shape: ModelShape, p: Platform, tokens: int) -> list[Op]:
+    """The input lookup: one embedding row (values + its scales/zeros) per token, read from
+    wherever the embedding is placed (its own group when untied, the shared one when tied)."""
+    if not shape.vocab_size or tokens <= 0:
+        return []
+    from slmsearch.hwmodel.memory import matrix_bytes
+
+    fmt = shape.embedding_format
+    v, s = matrix_bytes(1, shape.hidden, fmt)
+    group = "embedding+lm_head" if shape.tie_word_embeddings else "embedding"
+    a = shape.activation_bits / 8
+    return [Op("embedding", ELTWISE, group, tokens=tokens, elements=tokens * shape.hidden,
+               cycles_per_element=p.cluster.cycles_per_element_add,
+               operand_bits=max(fmt.weight_bits, shape.activation_bits), weight_bits=fmt.weight_bits,
+               weight_bytes=tokens * (v + s), act_bytes=int(math.ceil(tokens * shape.hidden * a)))]
 
 
 def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
@@ -296,4 +329,4 @@ def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
 
 
 __all__ = ["Op", "OpCost", "op_cost", "cluster_compute_cycles", "npu_compute_cycles", "n_tiles",
-           "layer_static_ops", "layer_context_ops", "head_ops", "ATTN_PROJS"]
+           "layer_static_ops", "layer_context_ops", "head_ops", "embedding_ops", "causal_pairs", "ATTN_PROJS"]
