@@ -240,3 +240,20 @@ def dashboard_cmd(study_file: str | None, storage: str | None, study_name: str |
     from slmsearch.search.pareto import locate_study
 
     serve(locate_study(study_file, storage, study_name), port=port, log=click.echo)
+
+
+@main.command("export")
+@_study_options
+@click.option("--pareto", is_flag=True, help="Export every Pareto-optimal trial.")
+@click.option("--trial", "numbers", type=int, multiple=True, metavar="N", help="Export trial N (repeatable).")
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="Folder that receives one trial-NNNN/ folder per trial.")
+@_data_option
+@user_errors
+def export_cmd(study_file: str | None, storage: str | None, study_name: str | None, pareto: bool,
+               numbers: tuple[int, ...], out_dir: str, data_dir: str | None) -> None:
+    """Write each chosen trial's compressed checkpoint with a model card (rebuilt from the stage cache)."""
+    from slmsearch.search.export import export
+    from slmsearch.search.pareto import locate_study
+
+    export(locate_study(study_file, storage, study_name), out_dir, pareto=pareto, numbers=numbers,
+           data_dir=data_dir, log=click.echo)

@@ -1,0 +1,289 @@
+"""`slmsearch export`: one folder per trial with the compressed checkpoint and a model card.
+
+The checkpoint is rebuilt by the compression pipeline from the trial's recorded plan, reusing the
+stage cache where entries survive and recomputing the rest. Each folder holds the checkpoint in
+the format its stages produce (plain transformers safetensors, or gptqmodel's format with the
+EoRA adapter in ``eora/``), ``README.md`` (a model card: a two-line loading snippet, the plan, the
+measured metrics, the hardware estimate, data hashes and seeds) and ``trial.json`` (the same
+record, machine-readable). A folder is complete or absent: it is written under a temporary name
+and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmsearch.errors import SlmsearchError
+from slmsearch.search.pareto import LocatedStudy, label
+
+QUALITY_KEYS = ("wikitext_word_ppl", "wikitext_token_ppl", "triviaqa_exact_match", "triviaqa_answer_logprob", "early_token_ppl")
+HW_KEYS = ("footprint_mb", "decode_latency_s", "tokens_per_s", "energy_per_token_j")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """One exported trial: its number, folder, and whether it was written now or found complete."""
+
+    trial: int
+    folder: Path
+    written: bool
+    checkpoint_format: str = ""
+    stages_from_cache: int = 0  # pipeline stages read from the stage cache instead of recomputed
+
+
+def folder_name(number: int) -> str:
+    return f"trial-{number:04d}"
+
+
+def exportable(trial: Any) -> None:
+    """Raise a one-line error unless ``trial`` is an evaluated trial within the budget."""
+    from optuna.trial import TrialState
+
+    n = trial.number
+    hint = "export an evaluated trial within the budget, e.g. one that `slmsearch pareto` lists"
+    if "rejected" in trial.user_attrs or any(c > 0 for c in trial.constraints.values()):
+        reason = trial.user_attrs.get("rejected") or "footprint over budget"
+        raise SlmsearchError(f"trial {n} was over budget ({reason}) and never compressed or evaluated; {hint}")
+    if trial.state == TrialState.FAIL:
+        raise SlmsearchError(f"trial {n} failed, so nothing was measured to stand behind; {hint}")
+    if trial.state == TrialState.PRUNED:
+        ppl = trial.user_attrs.get("early_token_ppl")
+        at = f" (early token ppl {ppl:.1f})" if isinstance(ppl, (int, float)) else ""
+        raise SlmsearchError(f"trial {n} was pruned by the early perplexity check{at}; {hint}")
+    if trial.state != TrialState.COMPLETE:
+        raise SlmsearchError(f"trial {n} is {trial.state.name.lower()}, not finished; wait for it or {hint}")
+    if trial.values is None or not all(math.isfinite(v) for v in trial.values):
+        raise SlmsearchError(f"trial {n} has no finite objective values; {hint}")
+    if not isinstance(trial.user_attrs.get("plan"), dict):
+        raise SlmsearchError(f"trial {n} has no recorded plan (user attribute 'plan'); it cannot be rebuilt")
+
+
+def select_trials(located: LocatedStudy, *, pareto: bool = False, numbers: tuple[int, ...] = ()) -> list[Any]:
+    """The trials to export: the Pareto-optimal ones and/or the numbered ones (each checked)."""
+    from slmsearch.search.study import pareto_trials
+
+    if not pareto and not numbers:
+        raise SlmsearchError("say what to export: --pareto (every Pareto-optimal trial) or --trial N")
+    trials = located.study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    chosen: dict[int, Any] = {}
+    if pareto:
+        front = pareto_trials(located.study)
+        if not front:
+            raise SlmsearchError(f"study {located.name!r} has no Pareto-optimal trial yet; run `slmsearch optimize` longer")
+        chosen.update((t.number, t) for t in front)
+    for n in numbers:
+        if n not in by_number:
+            span = f"0-{max(by_number)}" if by_number else "none"
+            raise SlmsearchError(f"no trial {n} in study {located.name!r} (trials: {span})")
+        chosen[n] = by_number[n]
+    for trial in chosen.values():
+        exportable(trial)
+    return [chosen[n] for n in sorted(chosen)]
+
+
+def _calib(config: dict[str, Any]) -> Any:
+    from slmsearch.compress.calib import CalibSettings
+
+    raw = config.get("calibration") or {}
+    try:
+        return CalibSettings(**raw) if raw else CalibSettings()  # as objective.run_trial builds it
+    except TypeError as exc:
+        raise SlmsearchError(f"the study's calibration settings {raw!r} are not understood ({exc})") from None
+
+
+def _checkpoint_format(folder: Path) -> str:
+    from slmsearch.compress.pipeline import ADAPTER_DIR, is_gptq_checkpoint
+
+    adapter = (folder / ADAPTER_DIR / "adapter_config.json").is_file()
+    if is_gptq_checkpoint(folder):
+        return "gptq+eora" if adapter else "gptq"
+    return "hf+lora-adapter" if adapter else "hf"
+
+
+def load_snippet(name: str, fmt: str, adapter_rank: int | None) -> list[str]:
+    """Two lines of Python that load the folder ``name`` in format ``fmt``."""
+    if fmt == "gptq+eora":
+        return ["from gptqmodel import GPTQModel; from gptqmodel.adapter.adapter import Lora",
+                f'model = GPTQModel.load("{name}", adapter=Lora(path="{name}/eora", rank={adapter_rank}))']
+    if fmt == "gptq":
+        return ["from gptqmodel import GPTQModel", f'model = GPTQModel.load("{name}")']
+    if fmt == "hf+lora-adapter":
+        return ["from transformers import AutoModelForCausalLM; from peft import PeftModel",
+                f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{name}"), "{name}/eora")']
+    return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'model, tokenizer = AutoModelForCausalLM.from_pretrained("{name}"), AutoTokenizer.from_pretrained("{name}")']
+
+
+def trial_record(located: LocatedStudy, trial: Any, *, data_dir: Path, fmt: str, base: str, fingerprint: str) -> dict[str, Any]:
+    """Everything the model card states, as JSON-able data."""
+    import optuna
+
+    import slmsearch
+    from slmsearch.data import data_hashes
+    from slmsearch.search.study import redact
+
+    a = trial.user_attrs
+    cfg = located.config
+    evaluation = cfg.get("evaluation") or {}
+    return {
+        "study": located.name,
+        "storage": redact(located.url),
+        "trial": trial.number,
+        "baseline": bool(a.get("baseline", False)),
+        "params": dict(trial.params),
+        "plan": a["plan"],
+        "objectives": dict(zip(located.objectives, trial.values)),
+        "metrics": {k: a[k] for k in QUALITY_KEYS if k in a},
+        "eval_counts": a.get("eval_counts", {}),
+        "eval_settings": evaluation,
+        "hardware": {
+            "platform": cfg.get("platform"), "platform_overrides": cfg.get("platform_overrides") or {},
+            "context_len": cfg.get("context_len"), "budget_mb": cfg.get("budget_mb"),
+            **{k: a.get(k) for k in HW_KEYS}, "memory_bytes": a.get("memory_bytes"), "placement": a.get("placement"),
+        },
+        "seeds": {
+            "sampler": cfg.get("seed"), "calibration": (cfg.get("calibration") or {}).get("seed", 0),
+            "evaluation_fewshot": evaluation.get("seed", 1234),
+        },
+        "calibration": cfg.get("calibration") or {},
+        "data_sha256": data_hashes(data_dir),
+        "base_model": base,
+        "base_fingerprint": fingerprint,
+        "checkpoint_format": fmt,
+        "versions": {"slmsearch": getattr(slmsearch, "__version__", "?"), "optuna": optuna.__version__},
+    }
+
+
+def _fmt(value: Any, key: str = "") -> str:
+    if isinstance(value, float):
+        if key == "triviaqa_exact_match":
+            return f"{100 * value:.1f}% ({value:.4f})"
+        if key == "energy_per_token_j":
+            return f"{value * 1e3:.3f} mJ"
+        return f"{value:.6g}"
+    return str(value)
+
+
+def model_card(record: dict[str, Any], name: str, adapter_rank: int | None) -> str:
+    """The folder's README.md."""
+    import yaml
+
+    hw = record["hardware"]
+    snippet = load_snippet(name, record["checkpoint_format"], adapter_rank)
+    lines = [
+        f"# {record['study']}: trial {record['trial']}" + (" (uncompressed baseline)" if record["baseline"] else ""),
+        "",
+        f"A compressed `{record['base_model']}` found by slmsearch (Optuna study `{record['study']}`, storage "
+        f"`{record['storage']}`). Checkpoint format: **{record['checkpoint_format']}**.",
+        "",
+        "## Load it",
+        "",
+        "Run from the folder that holds this one (or replace the name with its path):",
+        "",
+        "```python",
+        *snippet,
+        "```",
+        "",
+        "Or `slmsearch.compress.pipeline.load_checkpoint(path)` for (model, tokenizer) in any format.",
+        "",
+        "## Plan",
+        "",
+        "```yaml",
+        yaml.safe_dump(record["plan"], sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## Measured quality",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        *(f"| {label(k)} (`{k}`) | {_fmt(v, k)} |" for k, v in record["metrics"].items()),
+        "",
+        f"Evaluation settings: `{json.dumps(record['eval_settings'], sort_keys=True)}`; "
+        f"counts: `{json.dumps(record['eval_counts'], sort_keys=True)}`.",
+        "",
+        f"## Hardware estimate ({hw['platform']}, analytical model, context {hw['context_len']} tokens)",
+        "",
+        "| quantity | value |",
+        "|---|---:|",
+        f"| footprint (budget {_fmt(hw['budget_mb'])} MB) | {_fmt(hw['footprint_mb'])} MB |",
+        f"| decode latency | {_fmt(hw['decode_latency_s'])} s/token |",
+        f"| throughput | {_fmt(hw['tokens_per_s'])} tokens/s |",
+        f"| energy | {_fmt(hw['energy_per_token_j'], 'energy_per_token_j')} per token |",
+        "",
+        "Memory (bytes by kind): `" + json.dumps(hw.get("memory_bytes"), sort_keys=True) + "`; placement: `"
+        + json.dumps(hw.get("placement"), sort_keys=True, default=str) + "`.",
+        "",
+        "## Reproducibility",
+        "",
+        f"- seeds: `{json.dumps(record['seeds'], sort_keys=True)}`; calibration: `{json.dumps(record['calibration'], sort_keys=True)}`",
+        f"- base model fingerprint (sha256 of config + weights): `{record['base_fingerprint']}`",
+        *(f"- data `{k}` sha256 `{v}`" for k, v in record["data_sha256"].items()),
+        f"- trial parameters: `{json.dumps(record['params'], sort_keys=True)}`",
+        f"- versions: `{json.dumps(record['versions'], sort_keys=True)}`",
+        "",
+        "`plan.json`, `reports.json` (what each stage did) and `slmsearch.json` (what the hardware model reads) "
+        "sit beside the weights; `trial.json` holds this card's data.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_trial(
+    located: LocatedStudy, trial: Any, out_dir: Path, *, data_dir: Path, cache: Any = None, progress: bool = True,
+) -> Exported:
+    """Rebuild ``trial``'s checkpoint (stage cache first) into ``out_dir/trial-NNNN`` with its card."""
+    from slmsearch.compress import pipeline
+    from slmsearch.compress.plan import Plan
+    from slmsearch.fsutil import atomic_dir
+    from slmsearch.models import model_fingerprint, resolve_model
+
+    exportable(trial)
+    final = Path(out_dir) / folder_name(trial.number)
+    if final.exists():
+        return Exported(trial.number, final, written=False)
+    cfg = located.config
+    plan = Plan.from_dict(trial.user_attrs["plan"])
+    location = resolve_model(cfg.get("model"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    with atomic_dir(final) as tmp:
+        result = pipeline.run(plan, location, data_dir, _calib(cfg), cache=cache, out=tmp, progress=progress)
+        fmt = _checkpoint_format(tmp)
+        adapter_cfg = tmp / pipeline.ADAPTER_DIR / "adapter_config.json"
+        rank = int(json.loads(adapter_cfg.read_text())["r"]) if adapter_cfg.is_file() else None
+        record = trial_record(located, trial, data_dir=data_dir, fmt=fmt, base=location, fingerprint=model_fingerprint(location))
+        (tmp / "trial.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(record, final.name, rank), encoding="utf-8")
+    return Exported(trial.number, final, written=True, checkpoint_format=fmt, stages_from_cache=int(result.cache_hits))
+
+
+def export(
+    located: LocatedStudy, out_dir: str | os.PathLike[str], *, pareto: bool = False, numbers: tuple[int, ...] = (),
+    data_dir: str | os.PathLike[str] | None = None, cache: Any = None, progress: bool = True, log: Any = print,
+) -> list[Exported]:
+    """Export the chosen trials (all checked before any work starts)."""
+    from slmsearch.compress.cache import StageCache
+    from slmsearch.data import resolve_data_dir
+
+    trials = select_trials(located, pareto=pareto, numbers=numbers)
+    folder = resolve_data_dir(data_dir if data_dir is not None else located.config.get("data_dir"))
+    if folder is None:
+        raise SlmsearchError("export needs the data folder the study calibrated on; pass --data-dir or set SLMSEARCH_DATA_DIR")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SlmsearchError(f"--out {str(out)!r} is a file; pass a folder")
+    if cache is None:
+        cache = StageCache(max_bytes=int(float(located.config.get("cache_gb") or 20.0) * 1e9))
+    done = []
+    for trial in trials:
+        item = export_trial(located, trial, out, data_dir=folder, cache=cache, progress=progress)
+        if item.written:
+            log(f"trial {trial.number}: wrote {item.folder} ({item.checkpoint_format}; {item.stages_from_cache} stage(s) from the cache)")
+        else:
+            log(f"trial {trial.number}: {item.folder} exists (complete), kept; delete it to export again")
+        done.append(item)
+    return done
