@@ -94,6 +94,11 @@ class Calibration:
         )
 
 
+def model_device(model: Any) -> torch.device:
+    """The device of a model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
 class _Stop(Exception):
     pass
 
@@ -124,10 +129,11 @@ def capture_first_inputs(model: Any, batches: list[torch.Tensor]) -> LayerInputs
         raise _Stop
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    device = model_device(model)
     try:
         for ids in batches:
             try:
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids.to(device), use_cache=False)
             except _Stop:
                 pass
     finally:

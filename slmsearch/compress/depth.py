@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slmsearch.compress.calib import Calibration, capture_first_inputs
+from slmsearch.compress.calib import Calibration, capture_first_inputs, model_device
 from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range
 from slmsearch.compress.surgery import decoder_layers, drop_layers
 from slmsearch.errors import SlmsearchError
@@ -66,12 +66,13 @@ def importance_scores(model: Any, calib: Calibration, *, with_ppl: bool = True) 
     layers = decoder_layers(model)
     try:
         for ids in calib.token_batches():
+            ids = ids.to(model_device(model))
             states, kwargs = _layer_states(model, ids)
             flat = [F.normalize(s.reshape(-1, s.shape[-1]).float(), dim=-1) for s in states]
             for a in range(n_layers):
                 for b in range(a + 1, n_layers + 1):
                     cos = (flat[a] * flat[b]).sum(-1).clamp(-1.0, 1.0)
-                    ang_sum[a, b] += (torch.arccos(cos) / math.pi).double().sum()
+                    ang_sum[a, b] += (torch.arccos(cos) / math.pi).double().sum().cpu()
             ang_count += flat[0].shape[0]
             if ppl_budget > 0:
                 ids_p = ids[:ppl_budget]

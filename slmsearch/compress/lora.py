@@ -27,8 +27,9 @@ TRAIN_SEED_OFFSET = 1  # training windows use seed + this (not the calibration w
 def mean_loss(model: Any, tokens: torch.Tensor, batch: int = 4) -> float:
     """Mean next-token cross-entropy of ``model`` over ``tokens`` ``[n, seqlen]``."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, tokens.shape[0], batch):
-        ids = tokens[start : start + batch]
+        ids = tokens[start : start + batch].to(device)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         n = ids.shape[0] * (ids.shape[1] - 1)
         total += float(out.loss) * n
@@ -92,7 +93,7 @@ class LoraRecovery(Stage):
         curve: list[float] = []
         peft_model.train()
         for step in range(self.steps):
-            ids = train[step * self.batch : (step + 1) * self.batch]
+            ids = train[step * self.batch : (step + 1) * self.batch].to(params[0].device)
             loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

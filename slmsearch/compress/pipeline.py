@@ -46,8 +46,9 @@ class PipelineResult:
 
 def checkpoint_meta(plan: Plan, *, base: str = "", fingerprint: str = "", calib: CalibSettings | None = None) -> dict[str, Any]:
     """The ``slmsearch.json`` content for the output of ``plan`` (see hwmodel.checkpoint_shape)."""
+    # "embedding" is written only when a stage quantized it: otherwise the tensors' own dtype
+    # (fp32 here) is the truth, and hwmodel uses a declared width only when it is smaller.
     meta: dict[str, Any] = {
-        "embedding": {"bits": 16, "group_size": None},
         "sparsity": {"format": "dense", "density": 1.0},
         "plan": plan.to_dict(),
         "base_model": base,
@@ -202,6 +203,10 @@ def run(
         needs_model = bool(memory_stages)
         if needs_model:
             model, tokenizer = load_model(start_dir if start_dir is not None else location)
+            import torch
+
+            if torch.cuda.is_available():
+                model.to("cuda")
         else:
             from transformers import AutoTokenizer
 

@@ -75,8 +75,8 @@ def shrink_mlp(layer: nn.Module, keep: torch.Tensor) -> None:
 def shrink_attention(layer: nn.Module, groups: torch.Tensor, *, rep: int, head_dim: int) -> None:
     """Keep KV groups ``groups`` of one layer: each KV head with the ``rep`` query heads reading it."""
     groups = groups.to(torch.long)
-    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-    q_rows = (groups[:, None] * rep * head_dim + torch.arange(rep * head_dim)).reshape(-1)
+    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim, device=groups.device)).reshape(-1)
+    q_rows = (groups[:, None] * rep * head_dim + torch.arange(rep * head_dim, device=groups.device)).reshape(-1)
     attn = layer.self_attn
     _shrink_linear(attn.q_proj, rows=q_rows)
     _shrink_linear(attn.k_proj, rows=kv_rows)

@@ -36,6 +36,20 @@ ALL_TARGETS = (
 )
 
 
+def allowed_kv_group_removals(hidden: int, n_heads: int, n_kv: int, head_dim: int, multiple: int) -> tuple[int, ...]:
+    """KV-group counts structured pruning may remove: at least one group stays, the o_proj input
+    stays divisible by ``multiple``, and ``hidden % num_attention_heads == 0`` still holds
+    (transformers' LlamaConfig refuses to save or load a config that breaks it, even with an
+    explicit ``head_dim``). SmolLM2-135M: (0, 1, 2); Llama-3.2-1B: (0, 4, 6, 7)."""
+    rep = n_heads // n_kv
+    out = []
+    for removed in range(n_kv):
+        heads = (n_kv - removed) * rep
+        if hidden % heads == 0 and (heads * head_dim) % multiple == 0:
+            out.append(removed)
+    return tuple(out)
+
+
 def mlp_channels_to_remove(intermediate_size: int, fraction: float, multiple: int) -> int:
     """Channels removed per layer: ``fraction`` of them, rounded to the nearest multiple of
     ``multiple`` so the remaining width stays divisible by the quantization group size."""
@@ -125,7 +139,7 @@ class Wanda(Stage):
                     mask = kernels.wanda_mask(weight, norms[name], self.sparsity, self.n_m)
                 else:
                     mask = kernels.magnitude_mask(weight, self.sparsity, self.n_m)
-                weight[mask] = 0
+                weight.masked_fill_(mask, 0)
                 pruned += int(mask.sum())
                 total += mask.numel()
 
@@ -144,10 +158,12 @@ class Wanda(Stage):
         n_channels = mlp_channels_to_remove(inter, self.mlp_fraction, self.multiple) if self.mlp_fraction else 0
         if self.kv_groups >= n_kv:
             raise SlmsearchError(f"wanda.kv_groups must be < {n_kv} (the model's KV heads), got {self.kv_groups}")
-        if self.kv_groups and ((n_kv - self.kv_groups) * (n_heads // n_kv) * head_dim) % self.multiple:
+        allowed = allowed_kv_group_removals(config.hidden_size, n_heads, n_kv, head_dim, self.multiple)
+        if self.kv_groups not in allowed:
             raise SlmsearchError(
-                f"wanda: removing {self.kv_groups} KV groups leaves an o_proj input of "
-                f"{(n_kv - self.kv_groups) * (n_heads // n_kv) * head_dim}, not divisible by multiple={self.multiple}"
+                f"wanda.kv_groups={self.kv_groups} is not allowed for this model with multiple={self.multiple}: "
+                f"allowed {list(allowed)} (hidden_size must stay divisible by the head count, and the "
+                "o_proj input by the multiple)"
             )
         keep_mlp: list[torch.Tensor] = []
         keep_kv: list[torch.Tensor] = []
@@ -157,7 +173,7 @@ class Wanda(Stage):
             if self.score == "wanda":
                 norms = collect_norms(layer, inputs, names)
             else:
-                norms = {n: torch.ones(m.in_features) for n, m in linear_modules(layer).items() if n in names}
+                norms = {n: torch.ones(m.in_features, device=m.weight.device) for n, m in linear_modules(layer).items() if n in names}
             mlp, attn = layer.mlp, layer.self_attn
             if n_channels:
                 s = kernels.mlp_channel_scores(
@@ -194,7 +210,7 @@ class Wanda(Stage):
             "kv_groups_removed": self.kv_groups,
             "num_key_value_heads": config.num_key_value_heads,
             "num_attention_heads": config.num_attention_heads,
-            "kept_mlp_channels": [k.tolist() for k in keep_mlp],
-            "kept_kv_groups": [k.tolist() for k in keep_kv],
+            "kept_mlp_channels": [k.cpu().tolist() for k in keep_mlp],
+            "kept_kv_groups": [k.cpu().tolist() for k in keep_kv],
         }
 

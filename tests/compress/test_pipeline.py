@@ -90,7 +90,8 @@ def test_compress_to_dir(tiny_base, tmp_path):
         assert (out / name).is_file(), name
     assert Plan.from_json((out / "plan.json").read_text()) == PLAN
     meta = json.loads((out / "slmsearch.json").read_text())
-    assert meta["embedding"]["bits"] == 8 and meta["sparsity"]["format"] == "dense"
+    assert meta["embedding"] == {"bits": 8, "group_size": None, "zero_bits": 0}
+    assert meta["sparsity"]["format"] == "dense"
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -99,6 +99,15 @@ def test_structured_multiple_rules(model, calib):
         Wanda(pattern="structured", mlp_fraction=0.5, multiple=96).apply(model, calib)
     with pytest.raises(SlmsearchError, match="kv_groups must be <"):
         Wanda(pattern="structured", kv_groups=2, multiple=16).apply(model, calib)
+    with pytest.raises(SlmsearchError, match=r"kv_groups=1 is not allowed .* allowed \[0\]"):
+        Wanda(pattern="structured", kv_groups=1, multiple=64).apply(model, calib)
+
+
+def test_allowed_kv_group_removals():
+    from slmsearch.compress.wanda import allowed_kv_group_removals
+
+    assert allowed_kv_group_removals(576, 9, 3, 64, 64) == (0, 1, 2)  # SmolLM2-135M
+    assert allowed_kv_group_removals(2048, 32, 8, 64, 64) == (0, 4, 6, 7)  # Llama-3.2-1B
 
 
 def test_settings_validated():
