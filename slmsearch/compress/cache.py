@@ -25,6 +25,8 @@ from slmsearch.fsutil import atomic_dir, cache_dir
 MANIFEST = "MANIFEST.json"
 LAST_USED = ".last_used"
 DEFAULT_MAX_BYTES = 20 * 1024**3  # 20 GiB: about 35 fp32 SmolLM2-135M checkpoints
+# Bump when what a stage writes changes, so entries from older code are never reused.
+CACHE_FORMAT = 2
 
 
 def file_sha256(path: Path) -> str:
@@ -37,7 +39,9 @@ def file_sha256(path: Path) -> str:
 
 def entry_key(base_fingerprint: str, plan_prefix: dict[str, Any], calib_key: dict[str, Any]) -> str:
     """sha256 of the base model fingerprint, the plan prefix and the calibration settings."""
-    payload = json.dumps({"base": base_fingerprint, "plan": plan_prefix, "calib": calib_key}, sort_keys=True)
+    payload = json.dumps(
+        {"format": CACHE_FORMAT, "base": base_fingerprint, "plan": plan_prefix, "calib": calib_key}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -30,7 +30,7 @@ from slmsearch.errors import SlmsearchError
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_GROUPS = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
-EORA_DIR = "eora"  # sub-folder of a GPTQ checkpoint that holds its EoRA adapter
+EORA_DIR = "adapter"  # sub-folder holding the EoRA adapter (hwmodel reads adapter/ too)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 

@@ -61,7 +61,7 @@ def test_gptq_beats_rtn_and_eora_helps(quantized, tiny_base):
     rtn = kernels.output_error(weight, kernels.rtn_quantize(weight, 4, 32), x)
     gptq_w = dequantized(quantized["gptq"].checkpoint_dir)
     gptq = kernels.output_error(weight, gptq_w, x)
-    adapter = load_file(str(quantized["eora"].checkpoint_dir / "eora" / "adapter_model.safetensors"))
+    adapter = load_file(str(quantized["eora"].checkpoint_dir / "adapter" / "adapter_model.safetensors"))
     a = next(v for k, v in adapter.items() if LAYER.split("model.")[1] in k and "lora_A" in k).float()
     b = next(v for k, v in adapter.items() if LAYER.split("model.")[1] in k and "lora_B" in k).float()
     eora = kernels.output_error(weight, gptq_w + b @ a, x)

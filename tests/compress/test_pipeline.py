@@ -129,3 +129,18 @@ def test_noop_plan_keeps_logits(tiny_base, tmp_path):
     plan = Plan.from_dict([{"stage": "depth"}, {"stage": "wanda"}, {"stage": "lora", "rank": 0}, {"stage": "embedding"}])
     result = run(plan, str(tiny_base), DATA_DIR, SETTINGS, out=tmp_path / "out")
     torch.testing.assert_close(logits(result.checkpoint_dir), logits(tiny_base), rtol=0, atol=0)
+
+
+def test_kept_lora_adapter_reloads(tiny_base, tmp_path):
+    from slmsearch.hwmodel import ModelShape
+
+    plan = Plan.from_dict([{"stage": "lora", "rank": 4, "steps": 2, "seqlen": 32, "merge": False}])
+    result = run(plan, str(tiny_base), DATA_DIR, SETTINGS, out=tmp_path / "out")
+    folder = result.checkpoint_dir
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    model, _ = load_checkpoint(folder)
+    assert type(model).__name__.startswith("Peft")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    assert json.loads((folder / "slmsearch.json").read_text())["adapter"] == {"rank": 4, "bits": 16}
+    assert ModelShape.from_checkpoint(folder).layers[0].adapter.rank == 4
