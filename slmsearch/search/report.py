@@ -89,7 +89,7 @@ def trials_frame(study: Any, objectives: list[str]) -> Any:
             "embedding_bits": int(emb["bits"]) if emb else 16,
             "wanda": (wanda or {}).get("pattern", "none"),
             "stage_seconds": dict(a.get("stage_seconds") or {}),
-            "cache_hits": list(a.get("cache_hits") or []),
+            "cache_hits": [str(h) for h in a["cache_hits"]] if isinstance(a.get("cache_hits"), list) else [],
             "eval_seconds": float((a.get("eval_seconds") or {}).get("total", 0.0)),
         }
         for key in HW_KEYS + QUALITY_KEYS:
@@ -144,7 +144,7 @@ def importances(study: Any, objectives: list[str]) -> tuple[dict[str, dict[str, 
     sub.add_trials(trials)
     quantile = min(0.5, max(0.1, 5 / len(trials)))  # at least ~5 trials in the top quantile
     varied = [p for p in {p for t in trials for p in t.params}
-              if len({repr(t.params.get(p)) for t in trials}) > 1]
+              if len({repr(t.params[p]) for t in trials if p in t.params}) > 1]
     out: dict[str, dict[str, float]] = {}
     problems = []
     for i, metric in enumerate(objectives):
