@@ -3,7 +3,7 @@
 The checkpoint is rebuilt by the compression pipeline from the trial's recorded plan, reusing the
 stage cache where entries survive and recomputing the rest. Each folder holds the checkpoint in
 the format its stages produce (plain transformers safetensors, or gptqmodel's format with the
-EoRA adapter in ``eora/``), ``README.md`` (a model card: a two-line loading snippet, the plan, the
+EoRA adapter in ``adapter/``), ``README.md`` (a model card: a two-line loading snippet, the plan, the
 measured metrics, the hardware estimate, data hashes and seeds) and ``trial.json`` (the same
 record, machine-readable). A folder is complete or absent: it is written under a temporary name
 and renamed at the end.
@@ -108,14 +108,15 @@ def _checkpoint_format(folder: Path) -> str:
 
 def load_snippet(name: str, fmt: str, adapter_rank: int | None) -> list[str]:
     """Two lines of Python that load the folder ``name`` in format ``fmt``."""
+    from slmsearch.compress.pipeline import ADAPTER_DIR
     if fmt == "gptq+eora":
         return ["from gptqmodel import GPTQModel; from gptqmodel.adapter.adapter import Lora",
-                f'model = GPTQModel.load("{name}", adapter=Lora(path="{name}/eora", rank={adapter_rank}))']
+                f'model = GPTQModel.load("{name}", adapter=Lora(path="{name}/{ADAPTER_DIR}", rank={adapter_rank}))']
     if fmt == "gptq":
         return ["from gptqmodel import GPTQModel", f'model = GPTQModel.load("{name}")']
     if fmt == "hf+lora-adapter":
         return ["from transformers import AutoModelForCausalLM; from peft import PeftModel",
-                f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{name}"), "{name}/eora")']
+                f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{name}"), "{name}/{ADAPTER_DIR}")']
     return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
             f'model, tokenizer = AutoModelForCausalLM.from_pretrained("{name}"), AutoTokenizer.from_pretrained("{name}")']
 
