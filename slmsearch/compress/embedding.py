@@ -15,6 +15,7 @@ import torch
 
 from slmsearch.compress.kernels import rtn_quantize
 from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice
+from slmsearch.errors import SlmsearchError
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,12 @@ class EmbeddingQuant(Stage):
     """Quantize the token embedding (and the lm_head when it is not tied) per row."""
 
     kind = "embedding"
-    bits: int = 16  # 16 = unchanged; 8 or 4 = symmetric round-to-nearest, one scale per row
+    bits: int = 16  # 16 = unchanged; 8 or 4 = symmetric round-to-nearest
+    group_size: int | None = None  # None = one 16-bit scale per row; else one per group of columns
 
     def __post_init__(self) -> None:
         check_choice("embedding", "bits", self.bits, (16, 8, 4))
+        check_choice("embedding", "group_size", self.group_size, (None, 32, 64, 128))
 
     def is_noop(self) -> bool:
         return self.bits == 16
@@ -37,11 +40,15 @@ class EmbeddingQuant(Stage):
             if not self.is_noop():
                 embed = model.get_input_embeddings().weight
                 original = embed.data.clone()
-                embed.data.copy_(rtn_quantize(embed.data, self.bits, None))
+                if embed.shape[1] % (self.group_size or 1):
+                    raise SlmsearchError(
+                        f"embedding.group_size={self.group_size} must divide the hidden size {embed.shape[1]}"
+                    )
+                embed.data.copy_(rtn_quantize(embed.data, self.bits, self.group_size))
                 metrics["embedding_rel_error"] = float((embed.data - original).norm() / original.norm())
                 head = model.get_output_embeddings()
                 tied = head is None or head.weight.data_ptr() == embed.data_ptr()
                 metrics["tied"] = tied
                 if not tied:
-                    head.weight.data.copy_(rtn_quantize(head.weight.data, self.bits, None))
+                    head.weight.data.copy_(rtn_quantize(head.weight.data, self.bits, self.group_size))
         return StageReport(self.kind, self.to_dict(), t.seconds, metrics)

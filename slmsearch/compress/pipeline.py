@@ -62,7 +62,7 @@ def checkpoint_meta(plan: Plan, *, base: str = "", fingerprint: str = "", calib:
         if isinstance(stage, Wanda) and stage.pattern != "structured":
             meta["sparsity"] = {"format": stage.pattern, "density": stage.density}
         elif isinstance(stage, EmbeddingQuant):
-            meta["embedding"] = {"bits": stage.bits, "group_size": None, "zero_bits": 0}
+            meta["embedding"] = {"bits": stage.bits, "group_size": stage.group_size, "zero_bits": 0}
         elif isinstance(stage, LoraRecovery) and not stage.merge:
             meta["adapter"] = {"rank": stage.rank, "bits": 16}
         elif isinstance(stage, Eora):

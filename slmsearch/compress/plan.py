@@ -153,7 +153,7 @@ class Plan:
                 if not stage.merge:
                     shape = shape.with_adapter(stage.rank, 16)
             elif isinstance(stage, EmbeddingQuant):
-                shape = shape.with_embedding_format(TensorFormat(weight_bits=stage.bits, group_size=None, zero_bits=0))
+                shape = shape.with_embedding_format(TensorFormat(weight_bits=stage.bits, group_size=stage.group_size, zero_bits=0))
             elif isinstance(stage, Gptq):
                 group = None if stage.group_size == -1 else stage.group_size
                 shape = shape.with_linear_format(

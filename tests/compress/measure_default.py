@@ -38,6 +38,7 @@ CONFIGS = {
     "wanda structured 1 kv group": [{"stage": "wanda", "pattern": "structured", "kv_groups": 1}],
     "embedding 8 bit": [{"stage": "embedding", "bits": 8}],
     "embedding 4 bit": [{"stage": "embedding", "bits": 4}],
+    "embedding 4 bit group64": [{"stage": "embedding", "bits": 4, "group_size": 64}],
     "depth drop4 angular + lora r8 60 steps": [{"stage": "depth", "drop": 4}, {"stage": "lora", "rank": 8, "steps": 60, "lr": 5e-4}],
     "gptq 4 bit g64": [{"stage": "gptq", "bits": 4, "group_size": 64}],
     "gptq 3 bit g64": [{"stage": "gptq", "bits": 3, "group_size": 64}],

@@ -44,6 +44,14 @@ def test_embedding_rtn_per_row(model):
     assert not torch.equal(weight, original)
 
 
+def test_embedding_groups_lower_error(model):
+    from conftest import tiny_model
+
+    per_row = EmbeddingQuant(bits=4).apply(tiny_model()).metrics["embedding_rel_error"]
+    grouped = EmbeddingQuant(bits=4, group_size=32).apply(model).metrics["embedding_rel_error"]
+    assert grouped < per_row
+
+
 def test_embedding_16_is_noop(model):
     before = model.get_input_embeddings().weight.clone()
     EmbeddingQuant(bits=16).apply(model)

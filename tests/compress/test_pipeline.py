@@ -115,7 +115,7 @@ def test_shape_from_checkpoint_matches_plan_shape(tiny_base, tmp_path):
         [
             {"stage": "depth", "drop": 1},
             {"stage": "wanda", "sparsity": 0.5},
-            {"stage": "embedding", "bits": 4},
+            {"stage": "embedding", "bits": 4, "group_size": 32},
             {"stage": "gptq", "bits": 4, "group_size": 32},
         ]
     )
