@@ -82,12 +82,11 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
         )
 
     ctx.log(f"trial {trial.number}: {plan_summary(plan.to_dict())} ({hw['footprint_mb']:.1f} MB)")
-    result = pipeline.run(
-        plan, ctx.base_location, ctx.data_dir, ctx.calib, cache=ctx.cache, progress=True, log=ctx.log
-    )
-    ctx.stage_calls.extend(result.stages_run)
+    result = pipeline.run(plan, ctx.base_location, ctx.data_dir, ctx.calib, cache=ctx.cache, progress=True)
+    kinds = [stage.kind for stage in plan.effective().stages]
+    ctx.stage_calls.extend(kinds[result.cache_hits :])
     trial.set_user_attr("stage_seconds", result.stage_seconds)
-    trial.set_user_attr("cache_hits", result.cache_hits)
+    trial.set_user_attr("cache_hits", kinds[: result.cache_hits])
     trial.set_user_attr("stage_reports", [r.to_dict() for r in result.reports])
     metrics = evaluate_staged(trial, ctx, result.checkpoint_dir)
     for key, value in metrics.items():

@@ -19,7 +19,7 @@ def base_dims(shape: Any) -> dict[str, int]:
     """Input sizes of the base model's quantized projections: hidden, attention output, MLP."""
     layer = shape.layers[0]
     return {
-        "hidden": int(layer.hidden),
+        "hidden": int(shape.hidden),
         "attn_out": int(layer.n_heads * layer.head_dim),
         "intermediate": int(layer.intermediate),
         "head_dim": int(layer.head_dim),

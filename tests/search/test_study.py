@@ -77,7 +77,7 @@ def test_five_trials_end_to_end(tmp_path, tiny_checkpoint, data_dir, cache_env):
     evaluated = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(evaluated) >= 5 and summary["completed"] + summary["pruned"] >= 5
     first = study.trials[0]
-    assert first.user_attrs.get("baseline") and first.user_attrs["plan"] == {"stages": []}
+    assert first.user_attrs.get("baseline") and first.user_attrs["plan"]["stages"] == []
     for trial in study.trials:
         if trial.state == TrialState.COMPLETE:
             for key in ("plan", "footprint_mb", "memory_bytes", "decode_latency_s", "energy_per_token_j",
