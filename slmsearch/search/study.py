@@ -39,8 +39,10 @@ def redact(url: str) -> str:
 
 def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 30) -> Any:
     """An Optuna RDB storage with heartbeats, so that a killed worker's trial is failed and retried."""
+    import warnings
+
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme not in STORAGE_SCHEMES:
@@ -48,13 +50,15 @@ def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 
             f"storage URL scheme {scheme!r} is not supported; use sqlite:///path.db or postgresql://user@host/db"
         )
     try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
-            engine_kwargs={"pool_pre_ping": True} if scheme.startswith("postgresql") else None,
-        )
+        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5.0, and relied upon here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                engine_kwargs={"pool_pre_ping": True} if scheme.startswith("postgresql") else None,
+            )
     except Exception as exc:  # connection refused, bad credentials, missing driver...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise SlmsearchError(f"cannot open storage {redact(url)!r} ({first}); check the URL and that the server runs") from None
