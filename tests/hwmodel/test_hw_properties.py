@@ -198,7 +198,7 @@ def test_transforms_share_layer_objects_and_keep_runs():
     assert c == a and c._cache == {} and "_m" not in c.layers[0].__dict__
 
 
-def test_decode_reads_one_embedding_row_and_prefill_is_causal():
+def test_decode_reads_one_embedding_row_and_prefill_scores_the_full_matrix():
     from slmsearch.hwmodel.latency import causal_pairs
 
     s = smollm2_135m()
@@ -214,10 +214,10 @@ def test_decode_reads_one_embedding_row_and_prefill_is_causal():
     untied = s._replace(tie_word_embeddings=False)
     assert embedding_ops(untied, P, 3)[0].group == "embedding"
     assert embedding_ops(untied, P, 3)[0].weight_bytes == 3 * 576 * 2
-    assert causal_pairs(1, 512) == 512 and causal_pairs(64, 64) == 64 * 65 // 2
+    assert causal_pairs(1, 512) == 512 and causal_pairs(64, 64) == 64 * 64  # masked, not skipped
     pre = estimate(s, P, context_len=64, prefill_len=64).prefill
     scores = [r for r in pre.ops if r.name == "attn_scores"][0]
     layer = s.layers[0]
-    assert scores.macs == layer.n_heads * layer.head_dim * 64 * 65 // 2
+    assert scores.macs == layer.n_heads * layer.head_dim * 64 * 64
     values = [r for r in pre.ops if r.name == "attn_values"][0]
-    assert values.macs == layer.n_heads * layer.head_dim * 64 * 65 // 2
+    assert values.macs == layer.n_heads * layer.head_dim * 64 * 64
