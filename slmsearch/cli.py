@@ -26,7 +26,7 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except SlmsearchError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(getattr(exc, "exit_code", 2))  # 2; 130 for an interrupted study
 
     return wrapper  # type: ignore[return-value]
 

@@ -6,19 +6,25 @@ placement, latency and energy, per-stage wall times and cache hits, and every qu
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slmsearch.search.config import HW_OBJECTIVES, StudyConfig
 from slmsearch.search.space import plan_summary, suggest_plan
+from slmsearch.search.workers import SURPLUS_ATTR, SurplusTrial, claim_slot
 
 # Objective values of a trial rejected by the budget: finite, and worse than any real result.
 # The constraint (footprint over budget) already marks it infeasible for the sampler; these only
 # keep the trial COMPLETE so that the constraint is seen. Hardware objectives keep real values.
 REJECTED_VALUE = {"minimize": 1e6, "maximize": -1e6}
 CONSTRAINT_KEY = "footprint_over_budget_mb"
+# Which process ran a trial (host:pid), for studies shared by many workers.
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -36,6 +42,7 @@ class TrialContext:
     log: Any = print
     stage_calls: list[str] = field(default_factory=list)  # every stage the pipeline ran (tests count it)
     baseline_first_ppl: float | None = None
+    current: tuple[int, int] | None = None  # (number, trial id) of the trial running now, for Ctrl-C
 
 
 def hardware_attrs(estimate: Any) -> dict[str, Any]:
@@ -63,6 +70,8 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     from slmsearch.hwmodel import estimate
 
     config = ctx.config
+    ctx.current = (trial.number, trial._trial_id)
+    trial.set_user_attr("worker", WORKER)
     plan = suggest_plan(trial, config.space, ctx.base_shape)
     trial.set_user_attr("plan", plan.to_dict())
     start = time.perf_counter()
@@ -71,7 +80,9 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     for key, value in hw.items():
         trial.set_user_attr(key, value)
     over = hw["footprint_mb"] - config.budget_mb
-    trial.set_constraint(CONSTRAINT_KEY, over)
+    with warnings.catch_warnings():  # a retried trial inherits its (identical) constraint: optuna warns, keeps it
+        warnings.filterwarnings("ignore", message="The constraint value is ignored")
+        trial.set_constraint(CONSTRAINT_KEY, over)
     if over > 0:
         reason = f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB"
         trial.set_user_attr("rejected", reason)
@@ -81,6 +92,10 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
             hw[o.metric] if o.metric in HW_OBJECTIVES else REJECTED_VALUE[o.direction] for o in config.objectives
         )
 
+    if not claim_slot(trial, config.trials):
+        # Other workers already run or finished the last trials: end without work, not counted.
+        trial.set_user_attr(SURPLUS_ATTR, f"all {config.trials} trials were taken when it started")
+        raise SurplusTrial(f"trial {trial.number}: all {config.trials} trials taken by other workers")
     ctx.log(f"trial {trial.number}: {plan_summary(plan.to_dict())} ({hw['footprint_mb']:.1f} MB)")
     result = pipeline.run(plan, ctx.base_location, ctx.data_dir, ctx.calib, cache=ctx.cache, progress=True)
     kinds = [stage.kind for stage in plan.effective().stages]

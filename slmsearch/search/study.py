@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import random
 import re
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from slmsearch.errors import SlmsearchError
 from slmsearch.search.config import StudyConfig
 from slmsearch.search.objective import CONSTRAINT_KEY, TrialContext, run_trial
 from slmsearch.search.space import baseline_params, most_compressed_plan
+from slmsearch.search.workers import SURPLUS_ATTR, SurplusTrial, counted, taken_slots
 
 ENV_RUNS = "SLMSEARCH_RUNS"
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
@@ -33,8 +36,29 @@ def storage_url(config: StudyConfig) -> str:
 
 
 def redact(url: str) -> str:
-    """A storage URL with any password replaced, safe to print."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """A storage URL with any password replaced, safe to print (``user:pw@`` and ``?password=pw``)."""
+    url = re.sub(r"(://[^:/@]*):[^?#]*@", r"\1:***@", url)
+    return re.sub(r"([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
+
+
+def _secrets(url: str) -> list[str]:
+    """The password strings in a storage URL (to scrub them from driver messages)."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+        found += [v for k, vs in parse_qs(parts.query).items() if k.lower() in ("password", "passwd", "pwd") for v in vs]
+    except ValueError:
+        return []
+    return [s for f in found for s in {f, unquote(f)} if s]
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with the URL's passwords replaced by ``***``."""
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return redact(text)
 
 
 def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 30) -> Any:
@@ -49,21 +73,36 @@ def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 
         raise SlmsearchError(
             f"storage URL scheme {scheme!r} is not supported; use sqlite:///path.db or postgresql://user@host/db"
         )
+    engine_kwargs = None
+    if scheme.startswith("postgresql"):  # fail fast on an unreachable host instead of the TCP timeout
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5.0, and relied upon here
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                engine_kwargs={"pool_pre_ping": True} if scheme.startswith("postgresql") else None,
-            )
+        for attempt in range(6):
+            try:
+                with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5.0, and relied upon here
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(
+                        url,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                        engine_kwargs=engine_kwargs,
+                    )
+            except Exception as exc:
+                # Workers started together on an empty database race to create Optuna's tables; the
+                # losers see "already exists" / a duplicate key, and the tables are there on retry.
+                if attempt == 5 or not _SCHEMA_RACE.search(f"{type(exc).__name__}: {exc}"):
+                    raise
+                time.sleep(0.5 + random.random() * (attempt + 1))
     except Exception as exc:  # connection refused, bad credentials, missing driver...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = scrub((str(exc).strip().splitlines() or [type(exc).__name__])[0], url)[:200]
         raise SlmsearchError(f"cannot open storage {redact(url)!r} ({first}); check the URL and that the server runs") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    raise AssertionError("unreachable")
+
+
+_SCHEMA_RACE = re.compile(r"already exists|duplicate key|UniqueViolation|IntegrityError|deadlock", re.IGNORECASE)
 
 
 def make_sampler(config: StudyConfig) -> Any:
@@ -89,16 +128,11 @@ def open_study(config: StudyConfig, storage: Any) -> Any:
             f"study {config.name!r} exists with other objectives; pass another --study-name or the same study file"
         )
     if "config" not in study.user_attrs:
-        study.set_user_attr("config", config.to_dict())
+        stored = config.to_dict()
+        stored["storage"] = redact(stored["storage"]) if stored.get("storage") else None  # never a password
+        study.set_user_attr("config", stored)
         study.set_user_attr("objectives", [o.metric for o in config.objectives])
     return study
-
-
-def counted(trial: Any) -> bool:
-    """A trial that counts towards ``--trials``: evaluated (complete or pruned), not a budget rejection."""
-    from optuna.trial import TrialState
-
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in trial.user_attrs
 
 
 def n_counted(study: Any) -> int:
@@ -148,7 +182,8 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
     study = open_study(config, storage)
     done = n_counted(study)
     if not study.get_trials(deepcopy=False):
-        study.enqueue_trial(baseline_params(config.space), user_attrs={"baseline": True})
+        # skip_if_exists: workers started together enqueue the baseline once (as far as timing allows).
+        study.enqueue_trial(baseline_params(config.space), user_attrs={"baseline": True}, skip_if_exists=True)
     per_trial = estimate_trial_seconds(config)
     remaining = max(0, config.trials - done)
     log(
@@ -162,23 +197,105 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
         eval_settings=config.eval_settings(), cache=StageCache(max_bytes=int(config.cache_gb * 1e9)), log=log,
     )
     started = time.perf_counter()
-    max_total = len(study.get_trials(deepcopy=False)) + 50 * max(1, remaining)
+    try:
+        _run_loop(study, ctx, log=log, stop_after=stop_after, started=started, max_runs=50 * max(1, remaining))
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(study, ctx)) from None
+    return summarize(study, config, stage_calls=ctx.stage_calls, seconds=time.perf_counter() - started)
+
+
+class Interrupted(SlmsearchError):
+    """Ctrl-C during a study: the running trial is marked FAILED; the CLI exits with 130."""
+
+    exit_code = 130
+
+
+class _QuietFailureFilter(logging.Filter):
+    """Optuna warns (with a traceback) about every failed trial. A surplus trial (ended on purpose,
+    no work) is not news, and Ctrl-C gets its own one-line message: drop both, and the
+    "failed with value None" line that follows each."""
+
+    QUIET = (SurplusTrial.__name__, "KeyboardInterrupt")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._numbers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        match = re.match(r"Trial (\d+) failed with ", message)
+        if not match:
+            return True
+        if any(q in message for q in self.QUIET):
+            self._numbers.add(match.group(1))
+            return False
+        if message.startswith(f"Trial {match.group(1)} failed with value") and match.group(1) in self._numbers:
+            self._numbers.discard(match.group(1))
+            return False
+        return True
+
+
+_QUIET_FILTER = _QuietFailureFilter()
+
+
+def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None, started: float, max_runs: int) -> None:
+    """Start trials until the study holds ``config.trials`` counted trials (this worker's and others')."""
+    import warnings
+
+    import optuna
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.trials, initial=done, desc="trials", unit="trial", disable=remaining == 0)
+    config = ctx.config
+    logging.getLogger("optuna.study._optimize").addFilter(_QUIET_FILTER)
+    trials = study.get_trials(deepcopy=False)
+    done = sum(counted(t) for t in trials)
+    bar = tqdm(total=config.trials, initial=done, desc="trials", unit="trial", disable=done >= config.trials)
     runs = 0
-    while n_counted(study) < config.trials and len(study.get_trials(deepcopy=False)) < max_total:
-        if config.timeout_s is not None and time.perf_counter() - started > config.timeout_s:
-            log(f"timeout of {config.timeout_s:g} s reached")
-            break
-        if stop_after is not None and runs >= stop_after:
-            break
-        study.optimize(lambda t: run_trial(t, ctx), n_trials=1, catch=(), gc_after_trial=True)
-        runs += 1
-        bar.n = n_counted(study)
-        bar.refresh()
-    bar.close()
-    return summarize(study, config, stage_calls=ctx.stage_calls, seconds=time.perf_counter() - started)
+    waiting_logged = False
+    try:
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            bar.n = sum(counted(t) for t in trials)
+            bar.refresh()
+            if bar.n >= config.trials:
+                break
+            if config.timeout_s is not None and time.perf_counter() - started > config.timeout_s:
+                log(f"timeout of {config.timeout_s:g} s reached")
+                break
+            if (stop_after is not None and runs >= stop_after) or runs >= max_runs:
+                break
+            if taken_slots(trials) >= config.trials:
+                # Other workers run the last trials. Wait for them, and fail any whose worker died
+                # (heartbeat older than the grace period) so that its retry frees and takes the slot.
+                if not waiting_logged:
+                    log("the remaining trials all run on other workers; waiting for them to finish")
+                    waiting_logged = True
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+                time.sleep(min(config.heartbeat_s, 5))
+                continue
+            waiting_logged = False
+            study.optimize(lambda t: run_trial(t, ctx), n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
+            ctx.current = None
+            runs += 1
+    finally:
+        bar.close()
+
+
+def _interrupted_message(study: Any, ctx: TrialContext) -> str:
+    """Make sure the trial this worker ran is FAILED (not left RUNNING), and say so."""
+    from optuna.trial import TrialState
+
+    if ctx.current is None:
+        return "interrupted between trials; the storage is consistent; re-run the same command to resume"
+    number, trial_id = ctx.current
+    try:
+        if study._storage.get_trial(trial_id).state == TrialState.RUNNING:
+            study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except Exception:  # the storage went away too: the heartbeat check fails the trial later
+        return f"interrupted; trial {number} will be marked failed after the grace period; re-run the same command to resume"
+    return f"interrupted; trial {number} marked failed; re-run the same command to resume"
 
 
 def _base_shape(location: str, shape_cls: Any) -> Any:
@@ -205,7 +322,8 @@ def summarize(study: Any, config: StudyConfig, *, stage_calls: list[str] | None 
         "completed": sum(t.state == TrialState.COMPLETE and "rejected" not in t.user_attrs for t in trials),
         "rejected_by_budget": len(rejected),
         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "failed": sum(t.state == TrialState.FAIL and SURPLUS_ATTR not in t.user_attrs for t in trials),
+        "surplus": sum(SURPLUS_ATTR in t.user_attrs for t in trials),
         "pareto": [t.number for t in pareto_trials(study)],
         "stage_calls": list(stage_calls or []),
         "seconds": seconds,

@@ -1,0 +1,266 @@
+"""Many workers on one study: real `slmsearch optimize` processes against a real PostgreSQL server.
+
+The server is started by the ``postgres_server`` fixture (tests/postgres.py); the model is the tiny
+random LLaMA with a real tokenizer; evaluation is token perplexity on two short windows, so a trial
+takes about a second and the cost is mostly process start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from postgres import PASSWORD, postgres_server  # noqa: F401  (a fixture)
+from slmsearch.search.workers import SLOT_ATTR, SURPLUS_ATTR
+
+WORKER_STUDY = """
+name: {name}
+model: {model}
+data_dir: {data}
+budget_mb: 1000
+context_len: 128
+objectives:
+  - {{metric: wikitext_token_ppl, direction: minimize}}
+  - {{metric: decode_latency_s, direction: minimize}}
+space:
+  drop_layers: [0, 2]
+  wanda_patterns: [none, unstructured]
+  unstructured_sparsity: [0.1, 0.5]
+  lora_ranks: [0]
+  gptq_bits: [16]
+  eora_ranks: [0]
+  embedding_bits: [16, 8]
+calibration: {{n_samples: 2, seqlen: 32, seed: 0}}
+evaluation: {{token_seqlen: 64, token_windows: {windows}, batch_size: 2}}
+pruning: {{first_windows: 1, max_ppl_ratio: 1000.0}}
+sampler: random
+seed: 0
+trials: {trials}
+storage: {storage}
+heartbeat_s: 1
+grace_s: 4
+cache_gb: 1
+"""
+
+
+def write_worker_study(tmp_path: Path, tiny_checkpoint: Path, data_dir: Path, *, storage: str, trials: int,
+                       name: str = "many", windows: int = 2) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(WORKER_STUDY.format(name=name, model=tiny_checkpoint, data=data_dir, trials=trials,
+                                        storage=storage, windows=windows))
+    return path
+
+
+def start_worker(study_file: Path, cache: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """One `slmsearch optimize` process with its own stage cache (as on its own machine)."""
+    env = {**os.environ, "SLMSEARCH_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "slmsearch", "optimize", "--study", str(study_file), *extra]
+    handle = log.open("w")
+    return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> list[str]:
+    deadline = time.time() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail("workers did not finish:\n" + "\n".join(log.read_text()[-3000:] for log in logs))
+    return [log.read_text() for log in logs]
+
+
+def evaluated(trials: list) -> list:
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs]
+
+
+@pytest.mark.postgres
+def test_three_workers_run_one_study_to_the_exact_count(tmp_path, tiny_checkpoint, data_dir, postgres_server):
+    url = postgres_server.create_database()
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=url, trials=12)
+    logs = [tmp_path / f"worker{i}.log" for i in range(3)]
+    procs = [start_worker(study_file, tmp_path / f"cache{i}", logs[i]) for i in range(3)]
+    outputs = wait_all(procs, logs)
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        assert PASSWORD not in out  # the storage URL is printed redacted
+        assert "postgres:***@127.0.0.1" in out
+    trials = optuna.load_study(study_name="many", storage=url).trials
+    done = evaluated(trials)
+    assert len(done) == 12, [(t.number, t.state.name, t.user_attrs.get(SURPLUS_ATTR)) for t in trials]
+    assert sum(t.state == TrialState.COMPLETE for t in done) == 12  # generous pruning: none pruned
+    numbers = [t.number for t in trials]
+    assert len(set(numbers)) == len(numbers) and len({t.number for t in done}) == 12
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # Anything beyond the 12 is a surplus trial ended before any work: FAILED, no stage ran.
+    for t in trials:
+        if t not in done:
+            assert t.state == TrialState.FAIL and SURPLUS_ATTR in t.user_attrs and "stage_seconds" not in t.user_attrs
+    assert all(t.user_attrs[SLOT_ATTR] == t.number for t in done)
+    assert len({t.user_attrs["worker"] for t in done}) >= 2, "the work was shared"
+    assert sum(bool(t.user_attrs.get("baseline")) for t in trials) >= 1
+    # Each worker used its own stage cache.
+    assert all((tmp_path / f"cache{i}" / "stages").is_dir() for i in range(3))
+
+
+@pytest.mark.postgres
+def test_sigkilled_worker_trial_fails_and_is_retried(tmp_path, tiny_checkpoint, data_dir, postgres_server):
+    url = postgres_server.create_database()
+    # Longer evaluation (40 windows): a trial runs long enough to be killed in the middle.
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=url, trials=5, name="kill", windows=40)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    victim = start_worker(study_file, tmp_path / "cache0", logs[0])
+    survivor = start_worker(study_file, tmp_path / "cache1", logs[1])
+    victim_id = f":{victim.pid}"
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and killed is None:
+        time.sleep(0.2)
+        assert victim.poll() is None, logs[0].read_text()[-3000:]
+        try:
+            trials = optuna.load_study(study_name="kill", storage=url).trials
+        except Exception:  # the worker is still creating the study
+            continue
+        for t in trials:
+            # Mid-trial: it holds a slot (so compression or evaluation runs), after the baseline.
+            if (t.state == TrialState.RUNNING and t.number >= 1 and str(t.user_attrs.get("worker", "")).endswith(victim_id)
+                    and t.user_attrs.get(SLOT_ATTR) == t.number):
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                killed = t.number
+                break
+    assert killed is not None, "no trial was seen running"
+    assert optuna.load_study(study_name="kill", storage=url).trials[killed].state == TrialState.RUNNING
+    (out,) = wait_all([survivor], logs[1:])
+    assert survivor.returncode == 0, out[-3000:]
+    trials = optuna.load_study(study_name="kill", storage=url).trials
+    assert trials[killed].state == TrialState.FAIL  # failed by the heartbeat check after the grace period
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].params == trials[killed].params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert len(evaluated(trials)) == 5
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_sqlite_default_single_worker(tmp_path, tiny_checkpoint, data_dir, monkeypatch):
+    """No --storage: a SQLite file in the runs folder; the count is exact; nothing is surplus."""
+    from slmsearch.search.config import load_study_config
+    from slmsearch.search.study import optimize, storage_url
+
+    monkeypatch.setenv("SLMSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLMSEARCH_RUNS", str(tmp_path / "runs"))
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage="null", trials=3, name="solo")
+    config = load_study_config(study_file)
+    assert config.storage is None and storage_url(config) == f"sqlite:///{(tmp_path / 'runs' / 'solo.db').resolve()}"
+    summary = optimize(config, log=lambda m: None)
+    assert summary["completed"] + summary["pruned"] == 3 and summary["surplus"] == 0 and summary["failed"] == 0
+    trials = optuna.load_study(study_name="solo", storage=storage_url(config)).trials
+    assert len(evaluated(trials)) == 3 and all(t.user_attrs[SLOT_ATTR] == t.number for t in trials)
+    again = optimize(config, log=lambda m: None)  # resuming a finished study starts nothing
+    assert again["trials"] == len(trials)
+
+
+def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_checkpoint, data_dir):
+    storage = f"sqlite:///{tmp_path / 'stop.db'}"
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage, trials=4, name="stop", windows=40)
+    log = tmp_path / "worker.log"
+    proc = start_worker(study_file, tmp_path / "cache", log)
+    deadline = time.time() + 300
+    running = None
+    while time.time() < deadline and running is None:
+        time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            trials = optuna.load_study(study_name="stop", storage=storage).trials
+        except Exception:
+            continue
+        running = next((t.number for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get(SLOT_ATTR) == t.number), None)
+    assert running is not None
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    out = log.read_text()
+    assert proc.returncode == 130, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted; trial ") and "marked failed; re-run the same command to resume" in last
+    assert "Traceback" not in out
+    trials = optuna.load_study(study_name="stop", storage=storage).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    number = int(last.split("trial ")[1].split()[0])
+    assert trials[number].state == TrialState.FAIL
+
+
+def test_unreachable_storage_is_one_clear_error(tmp_path, tiny_checkpoint, data_dir):
+    """Nothing listens on port 1: one line, the password redacted, exit code 2."""
+    from click.testing import CliRunner
+
+    from slmsearch.cli import main
+
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage="null", trials=1, name="away")
+    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/slmsearch"
+    result = CliRunner().invoke(main, ["optimize", "--study", str(study_file), "--storage", url])
+    out = result.output.strip()
+    assert result.exit_code == 2, out
+    assert len(out.splitlines()) == 1 and out.startswith("error: cannot open storage"), out
+    assert "postgres:***@127.0.0.1:1" in out and PASSWORD not in out
+
+
+def test_redact_hides_every_form_of_password():
+    from slmsearch.search.study import redact, scrub
+
+    assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact("postgresql://u:p@ss/w@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://h/db?user=u&password=pw&sslmode=require") == "postgresql://h/db?user=u&password=***&sslmode=require"
+    assert redact("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+    assert "pw%21" not in scrub("auth failed for pw%21 and pw!", "postgresql://u:pw%21@h/db")
+    assert "pw!" not in scrub("auth failed for pw!", "postgresql://u:pw%21@h/db")
+
+
+def _running_trials(storage_url: str, name: str, n: int) -> list:
+    from slmsearch.search.study import open_storage
+
+    study = optuna.create_study(study_name=name, storage=open_storage(storage_url), load_if_exists=True)
+    return [study.ask() for _ in range(n)]
+
+
+def test_slots_free_up_when_a_slot_holder_fails(tmp_path):
+    from slmsearch.search.workers import claim_slot
+
+    trials = _running_trials(f"sqlite:///{tmp_path / 's.db'}", "slots", 4)
+    assert [claim_slot(t, 2) for t in trials[:3]] == [True, True, False]
+    study = trials[0].study
+    study.tell(trials[0], 1.0)  # counted: still takes its slot
+    assert not claim_slot(trials[3], 2)
+    study.tell(trials[1], state=TrialState.FAIL)  # a failed slot holder frees its slot
+    assert claim_slot(trials[3], 2)
+    study.tell(trials[2], state=TrialState.FAIL)
+    rejected = study.ask()
+    rejected.set_user_attr("rejected", "over budget")
+    study.tell(rejected, 1.0)  # a budget rejection never takes a slot
+    assert not claim_slot(study.ask(), 2)
+
+
+@pytest.mark.postgres
+def test_concurrent_claims_take_exactly_the_free_slots(postgres_server):
+    """Eight claims at once from eight connections (as from eight machines): exactly three win."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from slmsearch.search.workers import claim_slot
+
+    url = postgres_server.create_database()
+    optuna.create_study(study_name="race", storage=url)
+    trials = [_running_trials(url, "race", 1)[0] for _ in range(8)]  # one storage (connection pool) each
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda t: claim_slot(t, 3), trials))
+    assert sum(won) == 3
+    held = [t for t in optuna.load_study(study_name="race", storage=url).trials if t.user_attrs.get(SLOT_ATTR) == t.number]
+    assert len(held) == 3
