@@ -109,6 +109,59 @@ def resolve_model(spec: str | os.PathLike[str] | None, *, trust_remote_code: boo
     return text
 
 
+def _safetensors_names(folder: Path) -> set[str] | None:
+    """Tensor names in a folder's ``*.safetensors`` files, read from their JSON headers (no tensor
+    data, no pickle); None when the folder has no safetensors file."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    for file in files:
+        try:
+            with file.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                if not 0 < size <= 100_000_000:
+                    raise ValueError(f"header size {size}")
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError) as exc:
+            raise SlmsearchError(
+                f"checkpoint file {str(file)!r} is not a valid safetensors file ({exc}); re-create the checkpoint"
+            ) from None
+        names.update(k for k in header if k != "__metadata__")
+    return names
+
+
+def check_tensors(location: str, *, trust_remote_code: bool = False) -> None:
+    """A local, unquantized checkpoint must hold every tensor its config implies (transformers 5
+    would initialize a missing one at random, with only a warning). Checked from the safetensors
+    headers against a weightless (meta-device) model: nothing is loaded."""
+    path = Path(location)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        return
+    names = _safetensors_names(path)
+    raw = json.loads((path / "config.json").read_text())
+    if names is None or raw.get("quantization_config"):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    expected = {name for name, _ in skeleton.named_parameters()}  # a tied weight appears once
+    missing = sorted(expected - names)
+    if missing:
+        _missing_error(location, missing)
+
+
+def _missing_error(location: str, missing: list[str]) -> None:
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    raise SlmsearchError(
+        f"checkpoint {location!r} is missing tensor(s) {', '.join(map(repr, missing[:3]))}{more}; "
+        "it is incomplete: re-create it (or delete it from the cache to rebuild)"
+    )
+
+
 def load_model(
     spec: str | os.PathLike[str] | None = None,
     *,
@@ -121,9 +174,15 @@ def load_model(
 
     location = resolve_model(spec, trust_remote_code=trust_remote_code)
     torch_dtype = getattr(torch, dtype)
+    check_tensors(location, trust_remote_code=trust_remote_code)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line load report; a missing tensor is our one-line error
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            use_safetensors=True,  # never a pickled pytorch_model.bin
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -131,6 +190,11 @@ def load_model(
             f"checkpoint {location!r} could not be loaded ({first[:200]}); it may be corrupt or "
             "incomplete: re-create it (or delete it from the cache to rebuild)"
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # transformers 5 initializes a tensor missing from the checkpoint at random (with a warning): refuse.
+    if info.get("missing_keys"):
+        _missing_error(location, sorted(info["missing_keys"]))
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -156,15 +156,17 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
 
     from slmsearch.compress.calib import CalibSettings
     from slmsearch.compress.pipeline import StageCache
-    from slmsearch.data import resolve_data_dir
+    from slmsearch.data import data_hashes, resolve_data_dir
     from slmsearch.hwmodel import ModelShape, estimate, load_platform
-    from slmsearch.models import resolve_model
+    from slmsearch.models import check_tensors, resolve_model
 
     data_dir = resolve_data_dir(config.data_dir)
     if data_dir is None:
         raise SlmsearchError("optimize needs the offline data folder for calibration; pass --data-dir or set SLMSEARCH_DATA_DIR")
+    data_hashes(data_dir)  # every data file present and verified before anything is written
     platform = load_platform(config.platform, config.platform_overrides or None)
     location = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+    check_tensors(location, trust_remote_code=config.trust_remote_code)  # before anything is written
     # Deployed precision of unquantized weights is 16 bit, whatever the checkpoint stores.
     base_shape = _base_shape(location, ModelShape)
     smallest = min(
