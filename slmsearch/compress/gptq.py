@@ -211,3 +211,40 @@ def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor], bits: 
             save_file(tensors, str(tmp), metadata=metadata)
             os.replace(tmp, file)
     return changed
+
+
+@torch.no_grad()
+def quantized_zero_fraction(folder: Path) -> float:
+    """Fraction of the GPTQ weights of a saved checkpoint that dequantize to exactly 0 (integer
+    equal to its group's zero point), read from the packed tensors (no kernels needed)."""
+    from safetensors import safe_open
+
+    zero = total = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            keys = set(handle.keys())
+            for key in sorted(k for k in keys if k.endswith(".qweight")):
+                name = key[: -len(".qweight")]
+                bits = _bits_of(Path(folder))
+                codes = kernels.unpack_bits(handle.get_tensor(key), bits)
+                g_idx = handle.get_tensor(f"{name}.g_idx").long()
+                codes = codes[: g_idx.numel()]
+                zeros = kernels.unpack_bits(handle.get_tensor(f"{name}.qzeros").T.contiguous(), bits).T + 1
+                zero += int((codes == zeros[g_idx]).sum())
+                total += codes.numel()
+    return zero / max(total, 1)
+
+
+def _bits_of(folder: Path) -> int:
+    path = folder / "quantize_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else json.loads((folder / "config.json").read_text())["quantization_config"]
+    return int(config["bits"])
+
+
+def is_gptq_folder(folder: Path) -> bool:
+    """True when a checkpoint folder holds a GPTQ-quantized model."""
+    folder = Path(folder)
+    if (folder / "quantize_config.json").is_file():
+        return True
+    config = folder / "config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("quantization_config"))

@@ -63,12 +63,14 @@ def hw_bytes(folder: Path) -> int | None:
         return None
 
 
-def zero_fraction(model) -> float:
+def zero_fraction(model, folder: Path) -> float:
+    from slmsearch.compress.gptq import is_gptq_folder, quantized_zero_fraction
+
+    if is_gptq_folder(folder):
+        return quantized_zero_fraction(folder)
     zeros = total = 0
     for name, module in model.named_modules():
-        if hasattr(module, "qweight"):
-            w = module.dequantize_weight()
-        elif isinstance(module, torch.nn.Linear) and ".layers." in name:
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
             w = module.weight
         else:
             continue
@@ -96,7 +98,7 @@ def main(out_path: str, only: list[str]) -> None:
             "windows": f"{n}x{SEQLEN}",
             "safetensors_bytes": size_bytes(result.checkpoint_dir),
             "hwmodel_static_bytes": hw_bytes(result.checkpoint_dir),
-            "zero_fraction": round(zero_fraction(model), 4),
+            "zero_fraction": round(zero_fraction(model, result.checkpoint_dir), 4),
             "pipeline_s": round(wall, 1),
             "stage_s": {k: round(v, 1) for k, v in result.stage_seconds.items()},
             "cache_hits": result.cache_hits,

@@ -89,6 +89,10 @@ def test_sparsity_survives_quantization(quantized):
         if hasattr(module, "qweight"):
             w = module.dequantize_weight()  # [in, out]
             assert int((w == 0).sum(0).min()) >= w.shape[0] // 2, name  # every row keeps its zeros
+    from slmsearch.compress.gptq import quantized_zero_fraction
+
+    assert quantized_zero_fraction(folder) >= 0.5
+    assert quantized_zero_fraction(quantized["gptq"].checkpoint_dir) < 0.2
     report = quantized["sparse"].reports[-1]
     assert report.metrics["sparse_modules"] == 28
     meta = json.loads((folder / "slmsearch.json").read_text())
