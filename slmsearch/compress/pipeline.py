@@ -19,14 +19,14 @@ from typing import Any
 
 from slmsearch.compress.cache import StageCache, entry_key
 from slmsearch.compress.calib import CalibSettings, Calibration
-from slmsearch.compress.gptq import EORA_DIR, Eora, Gptq, gptqmodel_env, link_or_copy_tree
+from slmsearch.compress.gptq import EORA_DIR, Eora, Gptq, gptqmodel_env, is_gptq_folder
 from slmsearch.compress.lora import ADAPTER_ATTR, LoraRecovery
 from slmsearch.compress.plan import Plan
 from slmsearch.compress.stage import StageReport
 from slmsearch.compress.wanda import Wanda
 from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.errors import SlmsearchError
-from slmsearch.fsutil import atomic_dir, write_json_atomic
+from slmsearch.fsutil import atomic_dir
 
 META_FILE = "slmsearch.json"
 _CALIB_TOKENS: dict[tuple[Any, ...], Any] = {}  # one entry: the last base model's calibration windows
@@ -85,14 +85,6 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
         save_file({k: v.contiguous() for k, v in adapter["state"].items()}, str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
 
 
-def is_gptq_checkpoint(folder: Path) -> bool:
-    folder = Path(folder)
-    if (folder / "quantize_config.json").is_file():
-        return True
-    config = json.loads((folder / "config.json").read_text())
-    return bool(config.get("quantization_config"))
-
-
 def load_checkpoint(folder: str | os.PathLike[str], *, dtype: str = "float32") -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for any pipeline output: plain HF (with a kept LoRA
     adapter applied through peft) or GPTQ (through gptqmodel, with its EoRA adapter)."""
@@ -107,7 +99,7 @@ def load_checkpoint(folder: str | os.PathLike[str], *, dtype: str = "float32") -
         tokenizer.pad_token = tokenizer.eos_token
     adapter_dir = folder / ADAPTER_DIR
     has_adapter = (adapter_dir / "adapter_config.json").is_file()
-    if is_gptq_checkpoint(folder):
+    if is_gptq_folder(folder):
         gptqmodel_env()
         from gptqmodel import GPTQModel
         from gptqmodel.adapter.adapter import Lora
