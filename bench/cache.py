@@ -1,0 +1,137 @@
+"""Stage cache: a cold trial against trials that share a prefix of its plan with it.
+
+Four real default-study trials run in one process, in this order, through
+``slmsearch.search.study.optimize`` (one temporary SQLite study, trials enqueued), on an empty
+stage cache, with the default study's calibration and evaluation settings:
+
+  A  cold          drop 8, WANDA unstructured 0.3, LoRA r8 x 10, emb 4, GPTQ 3-bit g64, EoRA 8
+  B  shares depth + WANDA + LoRA with A        (embedding 8-bit, GPTQ 2-bit g64, EoRA 8)
+  C  shares everything up to GPTQ with A       (EoRA 16 instead of 8)
+  D  the same plan as A                        (every stage from the cache; evaluation only)
+
+Each trial's wall time is the study's own call that runs it (budget check, compression,
+evaluation, storage). Goal: A / B >= 3. A warm-up pays the per-process costs first (imports, the
+base fingerprint, lm-eval's tasks; see bench/trial_cost.py), so A is a steady-state cold trial.
+
+Run (real model; ~15 min on 2 cores):
+  flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/cache.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchlib import fresh_cache, machine, quiet_env  # noqa: E402
+from trial_cost import build_config, warm_up  # noqa: E402
+
+GOAL = 3.0
+BASE = {
+    "drop_layers": 8, "wanda_pattern": "unstructured", "sparsity": 0.3, "lora_rank": 8, "embedding_bits": 4,
+    "gptq_bits": 3, "group_size": 64, "act_order": False, "eora_rank": 8,
+}
+TRIALS = [
+    ("A", "cold", {}),
+    ("B", "shares depth + WANDA + LoRA", {"embedding_bits": 8, "gptq_bits": 2}),
+    ("C", "shares up to GPTQ (EoRA differs)", {"eora_rank": 16}),
+    ("D", "same plan (full hit)", {}),
+]
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    quiet_env()
+    cache = fresh_cache("cache", args.cache_root)
+    import optuna.study.study as optuna_study_mod
+
+    from slmsearch.search import study as study_mod
+    from slmsearch.search.space import plan_summary
+
+    storage_dir = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    args.study_name = "bench-cache"
+    config = build_config(args, storage_dir)
+    base = {**BASE, **(json.loads(args.params) if args.params else {})}
+    trials = [(name, what, {**base, **change}) for name, what, change in TRIALS]
+    warm_s = 0.0 if args.no_warmup else warm_up(config, cache)
+
+    storage = study_mod.open_storage(study_mod.storage_url(config))
+    study = study_mod.open_study(config, storage)
+    for _, _, params in trials:
+        study.enqueue_trial(params)
+    config = _with_trials(config, len(trials))
+
+    walls: list[float] = []
+    original = optuna_study_mod.Study.optimize
+
+    def wall_timed(self: Any, *a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *a, **k)
+        finally:
+            walls.append(time.perf_counter() - start)
+
+    optuna_study_mod.Study.optimize = wall_timed  # type: ignore[method-assign]
+    try:
+        study_mod.optimize(config, log=lambda s: print(f"[optimize] {s}", file=sys.stderr, flush=True))
+    finally:
+        optuna_study_mod.Study.optimize = original  # type: ignore[method-assign]
+
+    done = sorted((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("plan")), key=lambda t: t.number)
+    rows = []
+    for (name, what, params), trial, wall in zip(trials, done, walls):
+        attrs = trial.user_attrs
+        rows.append({
+            "trial": name, "what": what, "plan": plan_summary(attrs["plan"]), "state": trial.state.name,
+            "rejected": attrs.get("rejected"), "footprint_mb": attrs.get("footprint_mb"),
+            "wall_s": wall, "cache_hits": attrs.get("cache_hits"), "stage_seconds": attrs.get("stage_seconds"),
+            "eval_s": (attrs.get("eval_seconds") or {}).get("total"),
+        })
+    return {"machine": machine(), "cache": str(cache), "warmup_s": warm_s, "rows": rows,
+            "calibration": config.calibration, "evaluation": config.evaluation}
+
+
+def _with_trials(config: Any, n: int) -> Any:
+    from slmsearch.search.config import with_overrides
+
+    return with_overrides(config, trials=n)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--study")
+    ap.add_argument("--params", help="JSON: parameters overriding trial A's (and so every trial's)")
+    ap.add_argument("--evaluation")
+    ap.add_argument("--calibration")
+    ap.add_argument("--space")
+    ap.add_argument("--budget-mb", type=float)
+    ap.add_argument("--cache-root")
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    res = measure(args)
+    rows = res["rows"]
+    cold = rows[0]["wall_s"]
+    print(f"machine: {res['machine']}; warm-up {res['warmup_s']:.1f} s (not counted)")
+    print("| trial | shares with A | plan | cache hits | compress s | eval s | wall s | A / this |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        compress = sum((r["stage_seconds"] or {}).values())
+        hits = ", ".join(r["cache_hits"] or []) or "-"
+        state = r["state"] if not r["rejected"] else f"REJECTED ({r['rejected']})"
+        print(f"| {r['trial']} | {r['what']} | {r['plan']} ({r['footprint_mb']:.1f} MB, {state}) | {hits} | "
+              f"{compress:.1f} | {r['eval_s'] or 0:.1f} | {r['wall_s']:.1f} | {cold / r['wall_s']:.2f} |")
+    if len(rows) > 1:
+        print(f"A / B (shares depth + WANDA + LoRA): {cold / rows[1]['wall_s']:.2f}   (goal >= {GOAL})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The bench scripts' own logic (no timings asserted): profiler accounting, the tabular replay,
+and the test-text tokenization shared across tokenizer objects."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def test_profiler_rows_add_up_to_the_root_and_work_is_counted_once():
+    from _benchlib import Profiler
+
+    prof = Profiler()
+    inner = prof.timed(lambda: time.sleep(0.01), "inner", "work")
+    work = prof.timed(lambda: (inner(), time.sleep(0.01)), "work", "work")
+    phase = prof.timed(lambda: (work(), time.sleep(0.005)), "phase", "phase")
+    start = time.perf_counter()
+    with prof.span("root", "phase"):
+        phase()
+        phase()
+    wall = time.perf_counter() - start
+    rows = {label: seconds for label, _, seconds, _ in prof.rows()}
+    assert "inner [phase]" not in rows  # nested inside "work": timed by the outer one only
+    assert sum(rows.values()) == pytest.approx(wall, rel=0.05)
+    assert prof.unavoidable_s() == pytest.approx(rows["work [phase]"], rel=1e-6)
+    assert prof.calls["work [phase]"] == 2
+
+
+def _fake_table(path: Path) -> None:
+    import build_grid as bg
+
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=bg.COLUMNS)
+        writer.writeheader()
+        for point in bg.grid_points():
+            size = 30 - point["drop_layers"] + point["embedding_bits"] + 3 * point["gptq_bits"] + point["eora_rank"] / 4
+            row = {**point, "group_size": 64, "feasible": int(size <= 40), "footprint_mb": size,
+                   "decode_latency_s": size / 100}
+            if size <= 40:
+                row["wikitext_token_ppl"] = 10 * math.exp(point["drop_layers"] / 10 + 1 / point["gptq_bits"])
+                row["triviaqa_answer_logprob"] = -point["drop_layers"] / 4 + point["eora_rank"] / 16
+            writer.writerow(row)
+
+
+def test_replay_reaches_the_whole_grid_and_reports_every_sampler(tmp_path, capsys):
+    import search_efficiency as se
+
+    table_path = tmp_path / "grid.csv"
+    _fake_table(table_path)
+    results = se.main(["--table", str(table_path), "--seeds", "2", "--budget-mb", "40"])
+    assert set(results) == {"nsga2", "tpe", "random"}
+    for r in results.values():
+        assert all(0.0 <= v <= 1.0 + 1e-9 for v in r["curve_eval"])
+        assert r["curve_eval"] == sorted(r["curve_eval"])  # the found set only grows
+    table, axes = se.load_table(table_path)
+    feasible = [r for r in table.values() if r["footprint_mb"] <= 40]
+    norm = se.Normalizer(feasible)
+    grid_hv = se.hypervolume([norm(r) for r in feasible])
+    curve = se.replay("random", 0, table, axes, norm, grid_hv, 40, 400, len(feasible))
+    assert curve[-1][2] == pytest.approx(1.0)  # random search finds every feasible point eventually
+    assert "default sampler nsga2" in capsys.readouterr().out
+
+
+def test_test_text_is_tokenized_once_for_two_copies_of_a_tokenizer(tiny_checkpoint, data_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from slmsearch.evals import wikitext
+
+    first = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    second = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    assert wikitext.tokenizer_key(first) == wikitext.tokenizer_key(second)
+    monkeypatch.setattr(wikitext, "_TEST_IDS", wikitext.OrderedDict())
+    calls = []
+    real = wikitext.wikitext_test_text
+    monkeypatch.setattr(wikitext, "wikitext_test_text", lambda d: calls.append(d) or real(d))
+    a = wikitext.test_windows(first, data_dir, 64, 2)
+    b = wikitext.test_windows(second, data_dir, 64, 2)
+    assert len(calls) == 1
+    assert a.equal(b)
