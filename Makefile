@@ -12,7 +12,7 @@ export GPTQMODEL_CPU_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-PYTEST_ARGS ?= -m "not slow and not postgres"
+PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install demo optimize eval test test-all test-slow clean
 

@@ -149,7 +149,8 @@ def test_missing_data_file(sandbox, tiny_checkpoint, data_dir):
     shutil.copytree(data_dir, copy)
     (copy / "triviaqa" / "triviaqa_dev_2000.jsonl").unlink()
     path = study_file(sandbox, tiny_checkpoint, copy)
-    out = run_cli(sandbox, "optimize", "--study", str(path))
+    # --data-dir too: the flag reads $SLMSEARCH_DATA_DIR (set by make), which overrides the file's data_dir
+    out = run_cli(sandbox, "optimize", "--study", str(path), "--data-dir", str(copy))
     assert "triviaqa_dev_2000.jsonl" in out and "missing" in out
 
 
