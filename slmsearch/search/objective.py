@@ -83,7 +83,11 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     with warnings.catch_warnings():  # a retried trial inherits its (identical) constraint: optuna warns, keeps it
         warnings.filterwarnings("ignore", message="The constraint value is ignored")
         trial.set_constraint(CONSTRAINT_KEY, over)
-    if over > 0:
+    if over > 0 and trial.user_attrs.get("baseline"):
+        # The uncompressed reference is evaluated whatever its size (pruning compares every trial
+        # with it); the constraint keeps it out of the feasible Pareto set.
+        trial.set_user_attr("over_budget", f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB")
+    elif over > 0:
         reason = f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB"
         trial.set_user_attr("rejected", reason)
         trial.set_user_attr("seconds_total", time.perf_counter() - start)

@@ -93,24 +93,43 @@ def test_five_trials_end_to_end(tmp_path, tiny_checkpoint, data_dir, cache_env):
                 assert not (better_everywhere and b.values != a.values), (a.number, b.number)
 
 
-def test_over_budget_plan_runs_no_stage(tmp_path, tiny_checkpoint, data_dir, cache_env):
-    from slmsearch.hwmodel import ModelShape, estimate, load_platform
-    from slmsearch.compress.plan import Plan
+def midpoint_budget(tiny_checkpoint: Path) -> float:
+    """A budget the uncompressed model exceeds and an 8-bit-embedding, 4-bit plan meets."""
     import json
+
+    from slmsearch.compress.plan import Plan
+    from slmsearch.hwmodel import ModelShape, estimate, load_platform
 
     shape = ModelShape.from_hf_config(json.loads((tiny_checkpoint / "config.json").read_text()))
     base_mb = estimate(shape, load_platform("siracusa"), context_len=128).memory.total_bytes / 1e6
     emb8 = Plan.from_dict({"stages": [{"stage": "embedding", "bits": 8}, {"stage": "gptq", "bits": 4, "group_size": 32}]})
     small_mb = estimate(emb8.shape(shape), load_platform("siracusa"), context_len=128).memory.total_bytes / 1e6
-    budget = (base_mb + small_mb) / 2  # the baseline is over budget, compressed plans are not
-    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, budget=round(budget, 4), trials=1))
-    summary = optimize(config, log=lambda m: None, stop_after=1)  # just the enqueued baseline
+    return round((base_mb + small_mb) / 2, 4)
+
+
+def test_over_budget_plan_runs_no_stage(tmp_path, tiny_checkpoint, data_dir, cache_env):
+    budget = midpoint_budget(tiny_checkpoint)
+    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, budget=budget, trials=1))
+    study = optuna.create_study(study_name="tiny", storage=open_storage(config.storage), directions=config.directions)
+    study.enqueue_trial({"drop_layers": 0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16, "gptq_bits": 16})
+    summary = optimize(config, log=lambda m: None, stop_after=1)  # just the enqueued (uncompressed) plan
     study = optuna.load_study(study_name="tiny", storage=config.storage)
     (trial,) = study.trials
     assert "rejected" in trial.user_attrs and trial.user_attrs["footprint_mb"] > budget
     assert trial.constraints["footprint_over_budget_mb"] > 0
     assert summary["stage_calls"] == []  # nothing was compressed or evaluated
     assert "seconds_total" in trial.user_attrs and trial.user_attrs["seconds_total"] < 1.0
+
+
+def test_over_budget_baseline_is_still_the_reference(tmp_path, tiny_checkpoint, data_dir, cache_env):
+    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, budget=midpoint_budget(tiny_checkpoint), trials=1))
+    optimize(config, log=lambda m: None, stop_after=1)  # the enqueued baseline only
+    study = optuna.load_study(study_name="tiny", storage=config.storage)
+    (trial,) = study.trials
+    assert trial.user_attrs["baseline"] and "over_budget" in trial.user_attrs and "rejected" not in trial.user_attrs
+    assert trial.user_attrs["wikitext_token_ppl"] > 1  # evaluated: every later trial is judged against it
+    assert study.user_attrs["baseline_early_token_ppl"] == trial.user_attrs["early_token_ppl"]
+    assert trial.constraints["footprint_over_budget_mb"] > 0 and pareto_trials(study) == []
 
 
 def test_same_prefix_hits_cache_with_identical_metrics(tmp_path, tiny_checkpoint, data_dir, cache_env):
