@@ -38,6 +38,17 @@ def valid_group_sizes(space: SpaceConfig, dims: dict[str, int]) -> tuple[int, ..
     return groups
 
 
+def kv_group_choices(space: SpaceConfig, base_shape: Any, multiple: int) -> list[int]:
+    """KV-group removals within ``space.kv_groups`` that the model's shapes allow (see
+    :func:`slmsearch.compress.wanda.allowed_kv_group_removals`); 0 is always among them."""
+    from slmsearch.compress.wanda import allowed_kv_group_removals
+
+    layer = base_shape.layers[0]
+    allowed = allowed_kv_group_removals(base_shape.hidden, layer.n_heads, layer.n_kv_heads, layer.head_dim, multiple)
+    lo, hi = space.kv_groups
+    return [k for k in allowed if lo <= k <= hi] or [0]
+
+
 def structured_multiple(groups: tuple[int, ...], dims: dict[str, int]) -> int:
     """Channel counts after structured pruning stay multiples of this (the largest group in use)."""
     sized = [g for g in groups if g > 0]
@@ -96,9 +107,9 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any) -> Plan:
     params["wanda_pattern"] = pattern
     if pattern == "structured":
         params["structured_fraction"] = trial.suggest_float("structured_fraction", *space.structured_fraction, step=0.05)
-        kv_hi = min(space.kv_groups[1], max(0, base_shape.layers[0].n_kv_heads - 1))
-        params["kv_groups"] = trial.suggest_int("kv_groups", min(space.kv_groups[0], kv_hi), kv_hi)
         params["structured_multiple"] = structured_multiple(groups, dims)
+        choices = kv_group_choices(space, base_shape, params["structured_multiple"])
+        params["kv_groups"] = trial.suggest_categorical("kv_groups", choices) if len(choices) > 1 else choices[0]
     elif pattern == "unstructured":
         params["sparsity"] = trial.suggest_float("sparsity", *space.unstructured_sparsity, step=0.05)
     params["lora_rank"] = trial.suggest_categorical("lora_rank", list(space.lora_ranks))
@@ -123,7 +134,7 @@ def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = 
         "wanda_pattern": pattern,
         "sparsity": space.unstructured_sparsity[1],
         "structured_fraction": space.structured_fraction[1],
-        "kv_groups": min(space.kv_groups[1], max(0, base_shape.layers[0].n_kv_heads - 1)),
+        "kv_groups": max(kv_group_choices(space, base_shape, structured_multiple(groups, dims))),
         "structured_multiple": structured_multiple(groups, dims),
         "lora_rank": 0,
         "embedding_bits": min(space.embedding_bits),
