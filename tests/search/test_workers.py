@@ -172,7 +172,7 @@ def test_sqlite_default_single_worker(tmp_path, tiny_checkpoint, data_dir, monke
 
 def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_checkpoint, data_dir):
     storage = f"sqlite:///{tmp_path / 'stop.db'}"
-    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage, trials=4, name="stop", windows=40)
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage, trials=50, name="stop", windows=40)  # never finishes before the signal
     log = tmp_path / "worker.log"
     proc = start_worker(study_file, tmp_path / "cache", log)
     deadline = time.time() + 300
