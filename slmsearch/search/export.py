@@ -98,10 +98,11 @@ def _calib(config: dict[str, Any]) -> Any:
 
 
 def _checkpoint_format(folder: Path) -> str:
-    from slmsearch.compress.pipeline import ADAPTER_DIR, is_gptq_checkpoint
+    from slmsearch.compress.gptq import is_gptq_folder
+    from slmsearch.compress.pipeline import ADAPTER_DIR
 
     adapter = (folder / ADAPTER_DIR / "adapter_config.json").is_file()
-    if is_gptq_checkpoint(folder):
+    if is_gptq_folder(folder):
         return "gptq+eora" if adapter else "gptq"
     return "hf+lora-adapter" if adapter else "hf"
 

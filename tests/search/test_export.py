@@ -137,3 +137,10 @@ def test_export_reproduces_recorded_perplexity(tmp_path: Path, data_dir: Path, m
         assert math.isclose(ppl, recorded, rel_tol=1e-4), (ppl, recorded)
     again = export(located, tmp_path / "a", numbers=(1,), cache=warm, progress=False, log=lambda _: None)
     assert again[0].written is False  # complete folders are kept
+
+
+def test_checkpoint_format_of_a_plain_folder(tiny_checkpoint):
+    """The format probe every export runs (it once imported a renamed helper unnoticed)."""
+    from slmsearch.search.export import _checkpoint_format
+
+    assert _checkpoint_format(tiny_checkpoint) == "hf"
