@@ -10,8 +10,9 @@ stage cache, with the default study's calibration and evaluation settings:
   D  the same plan as A                        (every stage from the cache; evaluation only)
 
 Each trial's wall time is the study's own call that runs it (budget check, compression,
-evaluation, storage). Goal: A / B >= 3. A warm-up pays the per-process costs first (imports, the
-base fingerprint, lm-eval's tasks; see bench/trial_cost.py), so A is a steady-state cold trial.
+evaluation, storage). Goal: A / B >= 3. Trial A is the process's first trial, so it also pays the
+per-process costs (the base model's fingerprint, lm-eval's first task build: seconds, against a
+trial of minutes); ``--warmup`` pays them before it instead (see bench/trial_cost.py).
 
 Run (real model; ~15 min on 2 cores):
   flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/cache.py [--json out.json]
@@ -57,7 +58,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(args, storage_dir)
     base = {**BASE, **(json.loads(args.params) if args.params else {})}
     trials = [(name, what, {**base, **change}) for name, what, change in TRIALS]
-    warm_s = 0.0 if args.no_warmup else warm_up(config, cache)
+    warm_s = warm_up(config, cache) if args.warmup else 0.0
 
     storage = study_mod.open_storage(study_mod.storage_url(config))
     study = study_mod.open_study(config, storage)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--space")
     ap.add_argument("--budget-mb", type=float)
     ap.add_argument("--cache-root")
-    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--warmup", action="store_true", help="pay the per-process costs before trial A (adds ~7 min)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     res = measure(args)
