@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from slmsearch.fsutil import atomic_dir, cache_dir
+from slmsearch.fsutil import atomic_dir, cache_dir, write_text_atomic
 
 MANIFEST = "MANIFEST.json"
 LAST_USED = ".last_used"
@@ -53,7 +53,7 @@ def write_manifest(folder: Path) -> int:
     """Record size and sha256 of every file under ``folder``; return the total bytes."""
     files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(folder)}
     total = sum(f["size"] for f in files.values())
-    (folder / MANIFEST).write_text(json.dumps({"files": files, "bytes": total}, indent=1, sort_keys=True))
+    write_text_atomic(folder / MANIFEST, json.dumps({"files": files, "bytes": total}, indent=1, sort_keys=True))
     return total
 
 

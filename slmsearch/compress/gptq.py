@@ -49,19 +49,31 @@ def calibration_rows(calib: Calibration) -> list[dict[str, list[int]]]:
     return [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib.tokens]
 
 
+# Cache bookkeeping of the source folder: never carried into a new folder (see link_or_copy_tree).
+_NOT_COPIED = ("MANIFEST.json", ".last_used")
+
+
 def link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Copy a checkpoint folder into ``dst`` (created), hard-linking files when possible."""
+    """Copy a checkpoint folder into ``dst`` (created): ``*.safetensors`` are hard-linked when
+    possible (never rewritten in place: they are replaced whole), every other file is copied, so
+    that writing a small file of ``dst`` (records, manifest) cannot write into ``src``'s inode. The
+    source's cache manifest and LRU stamp are not copied."""
     dst.mkdir(parents=True, exist_ok=True)
     for path in src.rglob("*"):
         target = dst / path.relative_to(src)
         if path.is_dir():
             target.mkdir(parents=True, exist_ok=True)
             continue
+        if path.parent == src and path.name in _NOT_COPIED:
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
+        if path.suffix == ".safetensors":
+            try:
+                os.link(path, target)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(path, target)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

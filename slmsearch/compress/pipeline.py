@@ -26,7 +26,7 @@ from slmsearch.compress.stage import StageReport
 from slmsearch.compress.wanda import Wanda
 from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.errors import SlmsearchError
-from slmsearch.fsutil import atomic_dir
+from slmsearch.fsutil import atomic_dir, write_text_atomic
 
 META_FILE = "slmsearch.json"
 _CALIB_TOKENS: dict[tuple[Any, ...], Any] = {}  # one entry: the last base model's calibration windows
@@ -129,9 +129,9 @@ def _say(progress: bool, text: str) -> None:
 
 
 def _write_records(folder: Path, plan: Plan, reports: list[StageReport], meta: dict[str, Any]) -> None:
-    (folder / "plan.json").write_text(plan.to_json())
-    (folder / "reports.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1, default=str))
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    write_text_atomic(folder / "plan.json", plan.to_json())
+    write_text_atomic(folder / "reports.json", json.dumps([r.to_dict() for r in reports], indent=1, default=str))
+    write_text_atomic(folder / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _read_reports(folder: Path) -> list[StageReport]:

@@ -108,3 +108,19 @@ def test_group_size_must_divide(tiny_base, tmp_path):
         Gptq(bits=4, group_size=128).apply_dir(tiny_base, tmp_path / "out", calib)
     with pytest.raises(SlmsearchError, match="bits"):
         Gptq(bits=5)
+
+
+def test_eora_leaves_the_gptq_entry_it_starts_from_intact(quantized, tiny_base):
+    """EoRA builds its folder from the GPTQ entry's files; writing its own records and manifest must
+    not write into the GPTQ entry (hard links), so the next EoRA rank reuses the GPTQ entry."""
+    from slmsearch.compress.cache import MANIFEST
+
+    gptq_dir = quantized["gptq"].checkpoint_dir
+    cache = StageCache(gptq_dir.parent)  # a fresh object: verify checks every file's sha256
+    assert cache.verify(gptq_dir.name)
+    listed = json.loads((gptq_dir / MANIFEST).read_text())["files"]
+    assert not [name for name in listed if name.startswith("adapter")]
+    assert all((gptq_dir / name).stat().st_nlink == 1 for name in ("MANIFEST.json", "plan.json", "slmsearch.json"))
+    other_rank = Plan.from_yaml("[{stage: gptq, bits: 4, group_size: 32}, {stage: eora, rank: 8}]")
+    again = run(other_rank, str(tiny_base), DATA_DIR, CalibSettings(**TINY_CALIB), cache=cache)
+    assert again.cache_hits == 1 and list(again.stage_seconds) == ["eora"]
