@@ -79,6 +79,11 @@ class SpecEstimator:
         self._l2 = pf.l2_usable
         self._wtotal = pf.weight_total
 
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_layers"], d["_heads"] = {}, {}  # records: rebuilt on demand in the receiving process
+        return d
+
     def _layer_rec(self, spec: tuple) -> _Layers:
         shape = spec_shape(self.base, (0, None) + tuple(spec[2:]))
         lay = _Layers(_shape_rec(shape, self.platform))

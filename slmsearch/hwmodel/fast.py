@@ -259,7 +259,9 @@ class _Layer:
 
 # ---- head (final norm, lm_head, embedding lookup) ------------------------------------------------
 
-_HEADS: dict[tuple, tuple[float, tuple[_Group, ...], int]] = {}
+# key -> (record, platform): the platform is checked by identity, as a uid can come from another
+# process (an unpickled platform)
+_HEADS: dict[tuple, tuple[tuple[float, tuple[_Group, ...], int], Platform]] = {}
 
 
 def _head(shape: ModelShape, p: Platform, pf: _PF) -> tuple[float, tuple[_Group, ...], int]:
@@ -271,8 +273,8 @@ def _head(shape: ModelShape, p: Platform, pf: _PF) -> tuple[float, tuple[_Group,
     if not tied:
         key += (shape.head_format,)
     hit = _HEADS.get(key)
-    if hit is not None:
-        return hit
+    if hit is not None and hit[1] is p:
+        return hit[0]
     if len(_HEADS) >= 4096:
         _HEADS.clear()
     ops = head_ops(shape, p) + embedding_ops(shape, p, 1)
@@ -291,7 +293,7 @@ def _head(shape: ModelShape, p: Platform, pf: _PF) -> tuple[float, tuple[_Group,
             groups.append(_Group([op for op in ops if op.group == name and op.weight_bytes], size, p, pf))
             total += size
     out = (fixed, tuple(groups), total)
-    _HEADS[key] = out
+    _HEADS[key] = (out, p)
     return out
 
 

@@ -253,3 +253,25 @@ def test_weights_ending_exactly_at_a_group_boundary(where):
     got = (full.placement["layers.5.attn"], full.placement["layers.5.mlp"])
     assert full.placement["layers.4.mlp"].endswith("l2")  # on chip (the SRAM / L2 edge may split it)
     assert got == expected
+
+
+def test_records_follow_the_platform_object_not_its_uid():
+    """A platform with another's uid (dataclasses.replace, or unpickled from another process)
+    gets its own records; a pickled estimator answers the same."""
+    import dataclasses
+    import pickle
+
+    p = load_platform("siracusa")
+    slow = dataclasses.replace(load_platform("siracusa", {"memory.l3.read_bw_bytes_per_cycle": 0.2,
+                                                          "npu.enabled": 0}), uid=p.uid)
+    spec = ShapeSpec(drop=3, embedding=(4, None, 16, 0, 0), linear=(4, 128, 16, 4, 32))
+    shape = spec_shape(smollm2_135m(), spec)
+    assert estimate_fast(shape, p, 512) == SpecEstimator(smollm2_135m(), p)(spec, 512)
+    fresh = spec_shape(smollm2_135m(), spec)
+    full = estimate(fresh, slow, context_len=512)
+    fb, fs = estimate_fast(fresh, slow, 512)
+    assert fb == full.memory.total_bytes and fs == pytest.approx(full.decode.latency_s, rel=1e-9)
+    est = SpecEstimator(smollm2_135m(), slow)
+    assert est(spec, 512) == (fb, fs)
+    again = pickle.loads(pickle.dumps(est))
+    assert again._layers == {} and again(spec, 512) == (fb, fs)
