@@ -25,6 +25,7 @@ from slmsearch.compress.plan import Plan
 from slmsearch.compress.stage import StageReport
 from slmsearch.compress.wanda import Wanda
 from slmsearch.compress.embedding import EmbeddingQuant
+from slmsearch import interrupt
 from slmsearch.errors import SlmsearchError
 from slmsearch.fsutil import atomic_dir, write_text_atomic
 
@@ -217,8 +218,10 @@ def run(
             prefix = Plan(stages[: i + 1])
             meta = checkpoint_meta(prefix, base=location, fingerprint=fingerprint, calib=calib)
             _say(progress, f"stage {i + 1}/{len(stages)}: {stage.kind} {stage.to_dict()}")
+            interrupt.check()
             if not stage.works_on_dirs:
                 report = stage.apply(model, calibration)
+                interrupt.check()  # a Ctrl-C a library swallowed: never cache what it interrupted
                 result.reports.append(report)
                 next_is_dir = i + 1 < len(stages) and stages[i + 1].works_on_dirs
                 if cache is not None or next_is_dir:
@@ -235,6 +238,7 @@ def run(
 
                 def fill(tmp: Path, stage: Any = stage, src: Path = current_dir, prefix: Plan = prefix, meta: dict[str, Any] = meta) -> None:
                     holder["r"] = stage.apply_dir(src, tmp, calibration, dense_dir)
+                    interrupt.check()  # a Ctrl-C the library caught: do not commit its output
                     _write_records(tmp, prefix, result.reports + [holder["r"]], meta)
 
                 current_dir = cache.put(keys[i], fill) if cache is not None else _scratch_put(scratch, i, fill)

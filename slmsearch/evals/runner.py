@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slmsearch import interrupt
 from slmsearch.errors import SlmsearchError
 from slmsearch.evals.settings import EvalSettings
 
@@ -27,6 +28,7 @@ def evaluate(
     seconds: dict[str, float] = {}
 
     def timed(name: str, func: Any) -> dict[str, Any]:
+        interrupt.check()  # a Ctrl-C that a library swallowed stops here
         if log is not None:
             log(f"evaluating {name}")
         start = time.perf_counter()
@@ -91,4 +93,5 @@ def evaluate(
         )
         counts["triviaqa_logprob_questions"] = out.pop("triviaqa_logprob_questions")
         values.update(out)
+    interrupt.check()
     return {**values, "counts": counts, "seconds": seconds}

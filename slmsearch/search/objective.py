@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmsearch import interrupt
 from slmsearch.search.config import HW_OBJECTIVES, StudyConfig
 from slmsearch.search.space import plan_summary, suggest_plan
 from slmsearch.search.workers import SURPLUS_ATTR, SurplusTrial, claim_slot
@@ -133,6 +134,7 @@ def evaluate_staged(trial: Any, ctx: TrialContext, checkpoint_dir: Path) -> dict
     out: dict[str, Any] = {}
 
     def decide(windows_done: int, ppl: float) -> None:
+        interrupt.check()
         if "early_token_ppl" in out:
             return
         out["early_token_ppl"] = ppl

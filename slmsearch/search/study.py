@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slmsearch import interrupt
 from slmsearch.errors import SlmsearchError
 from slmsearch.search.config import StudyConfig
 from slmsearch.search.objective import CONSTRAINT_KEY, TrialContext, run_trial
@@ -200,7 +201,8 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
     )
     started = time.perf_counter()
     try:
-        _run_loop(study, ctx, log=log, stop_after=stop_after, started=started, max_runs=50 * max(1, remaining))
+        with interrupt.handling(on_force=lambda: _interrupted_message(study, ctx)):
+            _run_loop(study, ctx, log=log, stop_after=stop_after, started=started, max_runs=50 * max(1, remaining))
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(study, ctx)) from None
     return summarize(study, config, stage_calls=ctx.stage_calls, seconds=time.perf_counter() - started)
@@ -278,6 +280,7 @@ def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None
                 time.sleep(min(config.heartbeat_s, 5))
                 continue
             waiting_logged = False
+            interrupt.check()
             study.optimize(lambda t: run_trial(t, ctx), n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
             ctx.current = None
             runs += 1

@@ -199,6 +199,81 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_checkpoint,
     assert trials[number].state == TrialState.FAIL
 
 
+GPTQ_STUDY_CHANGES = {
+    "  gptq_bits: [16]": "  gptq_bits: [4, 16]\n  group_sizes: [32]",
+    "  drop_layers: [0, 2]": "  drop_layers: [0, 0]",
+    "  wanda_patterns: [none, unstructured]": "  wanda_patterns: [none]",
+    "  embedding_bits: [16, 8]": "  embedding_bits: [16]",
+    "calibration: {n_samples: 2, seqlen: 32, seed: 0}": "calibration: {n_samples: 256, seqlen: 256, seed: 0}",
+}
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory, tiny_checkpoint):
+    """A somewhat larger random LLaMA (6 layers, hidden 256): GPTQ on it takes a few seconds."""
+    import json
+    import shutil
+
+    from conftest import make_tiny_llama
+
+    folder = tmp_path_factory.mktemp("small-llama")
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    make_tiny_llama(
+        folder, layers=6, vocab_size=config["vocab_size"], hidden_size=256, intermediate_size=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=config["bos_token_id"], eos_token_id=config["eos_token_id"],
+    )
+    for path in tiny_checkpoint.iterdir():
+        if "token" in path.name or path.suffix == ".jinja":
+            shutil.copy2(path, folder / path.name)
+    return folder
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_gptq_stops_a_background_worker(tmp_path, small_checkpoint, data_dir, presses):
+    """A worker started in the background by a script inherits SIGINT *ignored* (what a
+    non-interactive shell does to `cmd &`); Python then never raises KeyboardInterrupt and the study
+    ran on through GPTQ and every later trial. The study installs its own handler: one SIGINT stops
+    it at the next safe point (the interrupted GPTQ output is not cached), a second at once; either
+    way exit 130, the trial FAILED, nothing left RUNNING."""
+    storage = f"sqlite:///{tmp_path / 'gptq.db'}"
+    study_file = write_worker_study(tmp_path, small_checkpoint, data_dir, storage=storage, trials=50, name="gptq")
+    text = study_file.read_text()
+    for old, new in GPTQ_STUDY_CHANGES.items():
+        assert old in text
+        text = text.replace(old, new)
+    study_file.write_text(text)
+    log = tmp_path / "worker.log"
+    cache = tmp_path / "cache"
+    env = {**os.environ, "SLMSEARCH_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with log.open("w") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "slmsearch", "optimize", "--study", str(study_file)], env=env,
+            stdout=handle, stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+    deadline = time.time() + 300
+    while "Quantizing layer" not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the worker ignored SIGINT")
+    out = log.read_text()
+    assert proc.returncode == 130, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted; trial ") and "marked failed" in last, out[-3000:]
+    assert "Traceback" not in out
+    trials = optuna.load_study(study_name="gptq", storage=storage).trials
+    assert trials[-1].state == TrialState.FAIL and trials[-1].params["gptq_bits"] == 4
+    assert all(t.state == TrialState.COMPLETE for t in trials[:-1])
+    assert not any((cache / "stages").glob("*/quantize_config.json"))  # the interrupted GPTQ was not cached
+
+
 def test_unreachable_storage_is_one_clear_error(tmp_path, tiny_checkpoint, data_dir):
     """Nothing listens on port 1: one line, the password redacted, exit code 2."""
     from click.testing import CliRunner
