@@ -118,6 +118,13 @@ def optimize_cmd(
     summary = optimize(config, log=lambda m: click.echo(m, err=True))
     summary.pop("stage_calls", None)
     click.echo(json.dumps(summary, indent=2))
+    from slmsearch.search.pareto import locate_study, pareto_table
+    from slmsearch.search.study import storage_url
+
+    located = locate_study(storage=storage_url(config), study_name=config.name)
+    click.echo(f"\nPareto set of {config.name!r} (feasible, non-dominated):", err=True)
+    click.echo(pareto_table(located, "md") if summary["pareto"] else "(empty: no feasible trial evaluated yet)")
+    click.echo("next: slmsearch report | slmsearch dashboard | slmsearch export --pareto  (same --study/--storage)", err=True)
 
 
 @main.command("hw")

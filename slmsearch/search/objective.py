@@ -17,7 +17,7 @@ from typing import Any
 from slmsearch import interrupt
 from slmsearch.search.config import HW_OBJECTIVES, StudyConfig
 from slmsearch.search.space import plan_summary, suggest_plan
-from slmsearch.search.workers import SURPLUS_ATTR, SurplusTrial, claim_slot
+from slmsearch.search.workers import REPEAT_ATTR, SLOT_ATTR, SURPLUS_ATTR, SurplusTrial, claim_slot
 
 # Objective values of a trial rejected by the budget: finite, and worse than any real result.
 # The constraint (footprint over budget) already marks it infeasible for the sampler; these only
@@ -97,6 +97,10 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
             hw[o.metric] if o.metric in HW_OBJECTIVES else REJECTED_VALUE[o.direction] for o in config.objectives
         )
 
+    twin = find_twin(trial.study, trial.user_attrs["plan"], trial.number)
+    if twin is not None:
+        return answer_from_twin(trial, twin, ctx, start)
+
     if not claim_slot(trial, config.trials):
         # Other workers already run or finished the last trials: end without work, not counted.
         trial.set_user_attr(SURPLUS_ATTR, f"all {config.trials} trials were taken when it started")
@@ -116,6 +120,38 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
         raise optuna.TrialPruned(metrics["pruned"])
     values = {**metrics, **hw}
     return tuple(float(values[o.metric]) for o in config.objectives)
+
+
+# What a repeat does not copy from its twin: what belongs to the run, not to the plan.
+_RUN_ATTRS = frozenset({"worker", "plan", SLOT_ATTR, "baseline", "seconds_total", "stage_seconds", "cache_hits", "stage_reports"})
+
+
+def find_twin(study: Any, plan: dict[str, Any], number: int) -> Any | None:
+    """An earlier evaluated trial (complete or pruned) of exactly this plan, if the study has one."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if (t.number != number and t.user_attrs.get("plan") == plan
+                and REPEAT_ATTR not in t.user_attrs and "rejected" not in t.user_attrs):
+            return t
+    return None
+
+
+def answer_from_twin(trial: Any, twin: Any, ctx: TrialContext, start: float) -> tuple[float, ...]:
+    """A plan sampled again: compression and evaluation are deterministic, so the earlier trial's
+    results are this trial's. Copied without work, marked ``repeat_of``, not counted (samplers
+    still learn from it)."""
+    import optuna
+
+    for key, value in twin.user_attrs.items():
+        if key not in _RUN_ATTRS and key not in trial.user_attrs:
+            trial.set_user_attr(key, value)
+    trial.set_user_attr(REPEAT_ATTR, twin.number)
+    trial.set_user_attr("seconds_total", time.perf_counter() - start)
+    ctx.log(f"trial {trial.number}: same plan as trial {twin.number}, answered from it")
+    if twin.values is None:  # the twin was pruned
+        raise optuna.TrialPruned(f"same plan as trial {twin.number} (pruned)")
+    return tuple(twin.values)
 
 
 def evaluate_staged(trial: Any, ctx: TrialContext, checkpoint_dir: Path) -> dict[str, Any]:

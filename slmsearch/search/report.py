@@ -70,6 +70,8 @@ def trials_frame(study: Any, objectives: list[str]) -> Any:
     front = {t.number for t in pareto_trials(study)}
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if "repeat_of" in t.user_attrs:
+            continue  # a plan sampled again, answered from its first trial: that trial is the row
         if t.state == TrialState.COMPLETE:
             status = "over budget" if "rejected" in t.user_attrs or any(c > 0 for c in t.constraints.values()) else "evaluated"
         elif t.state == TrialState.PRUNED:

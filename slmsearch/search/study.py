@@ -16,7 +16,7 @@ from slmsearch.errors import SlmsearchError
 from slmsearch.search.config import StudyConfig
 from slmsearch.search.objective import CONSTRAINT_KEY, TrialContext, run_trial
 from slmsearch.search.space import baseline_params, most_compressed_plan
-from slmsearch.search.workers import SURPLUS_ATTR, SurplusTrial, counted, taken_slots
+from slmsearch.search.workers import REPEAT_ATTR, SURPLUS_ATTR, SurplusTrial, counted, taken_slots
 
 ENV_RUNS = "SLMSEARCH_RUNS"
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
@@ -324,9 +324,10 @@ def summarize(study: Any, config: StudyConfig, *, stage_calls: list[str] | None 
     return {
         "study": config.name,
         "trials": len(trials),
-        "completed": sum(t.state == TrialState.COMPLETE and "rejected" not in t.user_attrs for t in trials),
+        "completed": sum(t.state == TrialState.COMPLETE and counted(t) for t in trials),
+        "repeats": sum(REPEAT_ATTR in t.user_attrs for t in trials),
         "rejected_by_budget": len(rejected),
-        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "pruned": sum(t.state == TrialState.PRUNED and counted(t) for t in trials),
         "failed": sum(t.state == TrialState.FAIL and SURPLUS_ATTR not in t.user_attrs for t in trials),
         "surplus": sum(SURPLUS_ATTR in t.user_attrs for t in trials),
         "pareto": [t.number for t in pareto_trials(study)],
@@ -342,8 +343,8 @@ def pareto_trials(study: Any) -> list[Any]:
 
     feasible = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "rejected" not in t.user_attrs and all(c <= 0 for c in t.constraints.values())
-        and t.values is not None and all(math.isfinite(v) for v in t.values)
+        if "rejected" not in t.user_attrs and REPEAT_ATTR not in t.user_attrs
+        and all(c <= 0 for c in t.constraints.values()) and t.values is not None and all(math.isfinite(v) for v in t.values)
     ]
     signs = [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in study.directions]
 

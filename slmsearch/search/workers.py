@@ -23,6 +23,8 @@ from typing import Any
 SLOT_ATTR = "slot"
 SURPLUS_ATTR = "surplus"
 REJECTED_ATTR = "rejected"
+REPEAT_ATTR = "repeat_of"  # a plan evaluated before: answered from that trial, no work (objective.py)
+NOT_COUNTED = (REJECTED_ATTR, REPEAT_ATTR)
 
 
 class SurplusTrial(Exception):
@@ -30,10 +32,11 @@ class SurplusTrial(Exception):
 
 
 def counted(trial: Any) -> bool:
-    """A trial that counts towards ``--trials``: evaluated (complete or pruned), not a budget rejection."""
+    """A trial that counts towards ``--trials``: evaluated (complete or pruned), neither a budget
+    rejection nor a repeat of an evaluated plan."""
     from optuna.trial import TrialState
 
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and REJECTED_ATTR not in trial.user_attrs
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not any(k in trial.user_attrs for k in NOT_COUNTED)
 
 
 def holds_slot(trial: Any) -> bool:
@@ -94,10 +97,10 @@ def _claim_locked(backend: Any, study_id: int, trial_id: int, target: int) -> bo
                           models.TrialUserAttributeModel.value_json)
             .join(models.TrialModel, models.TrialModel.trial_id == models.TrialUserAttributeModel.trial_id)
             .filter(models.TrialModel.study_id == study_id)
-            .filter(models.TrialUserAttributeModel.key.in_([SLOT_ATTR, REJECTED_ATTR]))
+            .filter(models.TrialUserAttributeModel.key.in_([SLOT_ATTR, *NOT_COUNTED]))
             .all()
         )
-        rejected = {tid for tid, key, _ in attrs if key == REJECTED_ATTR}
+        rejected = {tid for tid, key, _ in attrs if key in NOT_COUNTED}
         slot = {tid: json.loads(value) for tid, key, value in attrs if key == SLOT_ATTR}
         me = None
         taken = 0

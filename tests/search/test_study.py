@@ -183,3 +183,29 @@ def test_killed_study_resumes_without_losing_trials(tmp_path, tiny_checkpoint, d
     assert all(by_number[n].state == TrialState.FAIL for n in interrupted)
     evaluated = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs]
     assert len(evaluated) >= 4
+
+
+def test_repeated_plan_is_answered_from_its_first_trial(tmp_path, tiny_checkpoint, data_dir, cache_env):
+    """A plan sampled again is not compressed or evaluated again (both are deterministic): the trial
+    copies its twin's values and metrics, is marked ``repeat_of``, and does not count."""
+    from slmsearch.search.config import with_overrides
+
+    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, trials=2))
+    optimize(config, log=lambda m: None)
+    study = optuna.load_study(study_name="tiny", storage=config.storage)
+    first = study.trials[1]
+    assert first.state == TrialState.COMPLETE and "repeat_of" not in first.user_attrs
+    study.enqueue_trial(first.params)
+    summary = optimize(with_overrides(config, trials=3), log=lambda m: None)
+    trials = optuna.load_study(study_name="tiny", storage=config.storage).trials
+    again = trials[2]
+    assert again.params == first.params and again.user_attrs["repeat_of"] == 1
+    assert again.values == first.values
+    for key in ("wikitext_word_ppl", "triviaqa_exact_match", "footprint_mb", "decode_latency_s"):
+        assert again.user_attrs[key] == first.user_attrs[key], key
+    assert "stage_seconds" not in again.user_attrs and "slot" not in again.user_attrs  # no work, no slot
+    repeats = [t for t in trials if "repeat_of" in t.user_attrs]
+    assert summary["repeats"] == len(repeats) >= 1 and summary["completed"] + summary["pruned"] == 3
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 3 + len(repeats)
+    assert all(trials[t.user_attrs["repeat_of"]].user_attrs["plan"] == t.user_attrs["plan"] for t in repeats)
+    assert 2 not in [t.number for t in pareto_trials(optuna.load_study(study_name="tiny", storage=config.storage))]
