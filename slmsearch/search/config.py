@@ -142,6 +142,7 @@ class StudyConfig:
     pruning: PruningConfig = PruningConfig()
     sampler: str = "nsga2"
     population_size: int = 8  # NSGA-II generation size
+    anchors: bool = True  # enqueue feasible anchor plans after the baseline (search/anchors.py)
     seed: int = 0
     trials: int = 8  # evaluated trials (over-budget rejections are extra and cost < 1 s each)
     timeout_s: float | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -125,7 +126,8 @@ def test_over_budget_baseline_is_still_the_reference(tmp_path, tiny_checkpoint, 
     config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, budget=midpoint_budget(tiny_checkpoint), trials=1))
     optimize(config, log=lambda m: None, stop_after=1)  # the enqueued baseline only
     study = optuna.load_study(study_name="tiny", storage=config.storage)
-    (trial,) = study.trials
+    trial, *anchors = study.trials
+    assert all(t.state == TrialState.WAITING and t.user_attrs["anchor"] for t in anchors)
     assert trial.user_attrs["baseline"] and "over_budget" in trial.user_attrs and "rejected" not in trial.user_attrs
     assert trial.user_attrs["wikitext_token_ppl"] > 1  # evaluated: every later trial is judged against it
     assert study.user_attrs["baseline_early_token_ppl"] == trial.user_attrs["early_token_ppl"]
@@ -135,19 +137,24 @@ def test_over_budget_baseline_is_still_the_reference(tmp_path, tiny_checkpoint, 
 def test_same_prefix_hits_cache_with_identical_metrics(tmp_path, tiny_checkpoint, data_dir, cache_env):
     config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, trials=1))
     storage = open_storage(config.storage)
-    study = optuna.create_study(study_name="tiny", storage=storage, directions=config.directions)
     params = {"drop_layers": 1, "wanda_pattern": "unstructured", "sparsity": 0.5, "lora_rank": 4,
               "embedding_bits": 16, "gptq_bits": 16}
+    study = optuna.create_study(study_name="tiny", storage=storage, directions=config.directions)
     study.enqueue_trial(params)
-    study.enqueue_trial(params)
-    config = type(config)(**{**config.__dict__, "trials": 3})
-    optimize(config, log=lambda m: None, stop_after=2)
-    study = optuna.load_study(study_name="tiny", storage=config.storage)
-    a, b = study.trials[:2]
-    assert a.params == b.params
-    assert a.user_attrs["cache_hits"] == [] and set(b.user_attrs["cache_hits"]) >= {"depth", "wanda", "lora"}
-    assert a.values == b.values
-    assert a.user_attrs["wikitext_token_ppl"] == b.user_attrs["wikitext_token_ppl"]
+    study.enqueue_trial({**params, "embedding_bits": 8})  # shares depth + WANDA + LoRA
+    optimize(dataclasses.replace(config, trials=3), log=lambda m: None, stop_after=2)
+    a, b = optuna.load_study(study_name="tiny", storage=config.storage).trials[:2]
+    assert a.user_attrs["cache_hits"] == [] and b.user_attrs["cache_hits"] == ["depth", "wanda", "lora"]
+    assert list(b.user_attrs["stage_seconds"]) == ["embedding"]
+    # The same plan in another study on the same stage cache (within one study it would be a repeat,
+    # answered from storage): every stage from the cache, identical metrics.
+    other = optuna.create_study(study_name="tiny-again", storage=storage, directions=config.directions)
+    other.enqueue_trial(params)
+    optimize(dataclasses.replace(config, name="tiny-again", trials=3), log=lambda m: None, stop_after=1)
+    (c,) = [t for t in optuna.load_study(study_name="tiny-again", storage=config.storage).trials if t.params == params]
+    assert c.user_attrs["cache_hits"] == ["depth", "wanda", "lora"] and c.user_attrs["stage_seconds"] == {}
+    assert "repeat_of" not in c.user_attrs and c.values == a.values
+    assert c.user_attrs["wikitext_token_ppl"] == a.user_attrs["wikitext_token_ppl"]
 
 
 def test_killed_study_resumes_without_losing_trials(tmp_path, tiny_checkpoint, data_dir):
