@@ -20,6 +20,9 @@ counts evaluated trials; a rejection costs under a second and is not counted), a
 grid's feasible points; and *all* trials, rejections included, against the whole grid. A point
 sampled twice counts twice (a real study evaluates it again).
 
+What the study does is ``nsga2+anchors+dedup``: its anchor plans enqueued first
+(``slmsearch.search.anchors``) and a plan sampled again answered from storage, not counted.
+
 Goal: the default sampler (NSGA-II) reaches 95% of the grid's hypervolume within 25% of the
 grid's trials, and beats random search.
 
@@ -41,7 +44,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 AXES = ("drop_layers", "embedding_bits", "gptq_bits", "eora_rank")
 OBJECTIVES = (("wikitext_token_ppl", "minimize"), ("triviaqa_answer_logprob", "maximize"), ("decode_latency_s", "minimize"))
-SAMPLERS = ("nsga2", "tpe", "random")
+# The study's search = its sampler + anchors + repeats answered from storage ("nsga2+anchors+dedup").
+SAMPLERS = ("nsga2+anchors+dedup", "nsga2", "tpe+anchors+dedup", "random", "random+anchors+dedup")
 GOAL_HV, GOAL_SHARE = 0.95, 0.25
 REF = 1.1
 REPEATS: dict[str, list[int]] = defaultdict(list)  # per sampler: repeated points among the first n evaluations
@@ -103,11 +107,15 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
     from slmsearch.search.objective import CONSTRAINT_KEY, REJECTED_VALUE
     from slmsearch.search.study import make_sampler
 
-    dedup = name.endswith("+dedup")  # a repeated plan answered from the storage: not evaluated again
-    sampler, _, population = name.removesuffix("+dedup").partition(":")  # "nsga2:4": population 4
+    base, *flags = name.split("+")
+    dedup = "dedup" in flags  # a repeated plan answered from the storage: not evaluated again
+    sampler, _, population = base.partition(":")  # "nsga2:4": population 4
     extra = {"population_size": int(population)} if population else {}
     config = with_overrides(load_study_config(None), sampler=sampler, seed=seed, **extra)
     study = optuna.create_study(directions=[d for _, d in OBJECTIVES], sampler=make_sampler(config))
+    if "anchors" in flags:
+        for point in table_anchors(table, axes, budget):
+            study.enqueue_trial(dict(zip(AXES, point)))
     found: dict[tuple[int, ...], tuple[float, ...]] = {}
     curve: list[tuple[int, int, float]] = []
     evaluated = 0
@@ -142,6 +150,24 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
     return curve
 
 
+def table_anchors(table: dict[tuple[int, ...], dict[str, Any]], axes: dict[str, list[int]], budget: float) -> list[tuple[int, ...]]:
+    """The study's anchor rule (``slmsearch.search.anchors.anchor_params``) on the table's axes: per
+    GPTQ width >= 3 bits, widest first, the fewest dropped layers that fit the budget, with the
+    smallest embedding precision and no EoRA (the table has no WANDA or LoRA axis); at most 2."""
+    from slmsearch.search.anchors import MAX_ANCHORS, MIN_ANCHOR_BITS
+
+    out: list[tuple[int, ...]] = []
+    for bits in sorted((b for b in axes["gptq_bits"] if MIN_ANCHOR_BITS <= b < 16), reverse=True):
+        for drop in sorted(axes["drop_layers"]):
+            point = (drop, min(axes["embedding_bits"]), bits, 0)
+            if point in table and table[point]["footprint_mb"] <= budget:
+                out.append(point)
+                break
+        if len(out) >= MAX_ANCHORS:
+            break
+    return out
+
+
 def at(curve: list[tuple[int, int, float]], k: int, index: int) -> float:
     """HV fraction once ``k`` trials (index 0: all, 1: evaluated) were run (last value if never)."""
     best = 0.0
@@ -165,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--samplers", default=",".join(SAMPLERS),
                     help="comma list; nsga2:N = NSGA-II with population N instead of the study's; "
-                         "a '+dedup' suffix answers a repeated plan without counting it as evaluated")
+                         "'+dedup' answers a repeated plan without counting it as evaluated (as the study does); "
+                         "'+anchors' enqueues the study's anchor plans first (as the study does)")
     ap.add_argument("--budget-mb", type=float, default=None, help="default: the default study's (64)")
     ap.add_argument("--max-total", type=int, help="trials per replay at most (default 4 x grid size)")
     args = ap.parse_args(argv)
@@ -231,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("|---:|" + "---:|" * len(results))
     for k in range(1, n_feasible + 1):
         print(f"| {k} | " + " | ".join(f"{r['curve_eval'][k - 1]:.3f}" for r in results.values()) + " |")
-    default = config.sampler
+    default = f"{config.sampler}+anchors+dedup"
     if default in results and "random" in results:
         d, rnd = results[default], results["random"]
         d25, r25 = statistics.mean(d["hv_at_25pct_eval"]), statistics.mean(rnd["hv_at_25pct_eval"])
