@@ -112,13 +112,21 @@ class Objective:
 
 @dataclass(frozen=True)
 class PruningConfig:
+    """When a trial is stopped after its first token-perplexity windows: its early perplexity is
+    over ``max_ppl_ratio`` x the best early perplexity of the study's feasible evaluated trials so
+    far, or (always) over ``max_baseline_ratio`` x the uncompressed baseline's (a broken model).
+    Relative to the feasible trials, not the baseline alone: under a tight budget every feasible
+    plan is far worse than the baseline (SmolLM2 at 64 MB: ~9x), and would all be pruned."""
+
     first_windows: int = 2  # token-ppl windows scored before the pruning decision
-    max_ppl_ratio: float = 6.0  # prune when that early token ppl exceeds ratio x the baseline's
+    max_ppl_ratio: float = 6.0  # x the best early token ppl among feasible evaluated trials so far
+    max_baseline_ratio: float = 100.0  # x the baseline's early token ppl: pruned whatever the study holds
 
     def __post_init__(self) -> None:
-        if self.first_windows < 1 or self.max_ppl_ratio <= 1.0:
+        if self.first_windows < 1 or self.max_ppl_ratio <= 1.0 or self.max_baseline_ratio <= 1.0:
             raise SlmsearchError(
-                f"pruning needs first_windows >= 1 and max_ppl_ratio > 1, got {self.first_windows}, {self.max_ppl_ratio}"
+                "pruning needs first_windows >= 1, max_ppl_ratio > 1 and max_baseline_ratio > 1, got "
+                f"{self.first_windows}, {self.max_ppl_ratio}, {self.max_baseline_ratio}"
             )
 
 

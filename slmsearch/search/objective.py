@@ -6,6 +6,7 @@ placement, latency and energy, per-stage wall times and cache hits, and every qu
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -154,6 +155,34 @@ def answer_from_twin(trial: Any, twin: Any, ctx: TrialContext, start: float) -> 
     return tuple(twin.values)
 
 
+def best_feasible_early_ppl(study: Any, number: int) -> float | None:
+    """The lowest early token perplexity among the study's feasible, evaluated (complete) trials."""
+    from optuna.trial import TrialState
+
+    values = [
+        float(t.user_attrs["early_token_ppl"])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.number != number and "early_token_ppl" in t.user_attrs and "rejected" not in t.user_attrs
+        and REPEAT_ATTR not in t.user_attrs and all(c <= 0 for c in t.constraints.values())
+    ]
+    return min(values) if values else None
+
+
+def prune_reason(ppl: float, baseline: float | None, best_feasible: float | None, pruning: Any) -> str | None:
+    """Why a trial with this early token perplexity stops now, or None (see ``PruningConfig``)."""
+    if not math.isfinite(ppl):
+        return f"early token ppl is {ppl}"
+    limits = []
+    if baseline:
+        limits.append((pruning.max_baseline_ratio * baseline, f"{pruning.max_baseline_ratio:g} x baseline {baseline:.1f}"))
+    if best_feasible:
+        limits.append((pruning.max_ppl_ratio * best_feasible, f"{pruning.max_ppl_ratio:g} x best feasible so far {best_feasible:.1f}"))
+    if not limits:
+        return None
+    limit, what = min(limits)
+    return f"early token ppl {ppl:.1f} > {what}" if ppl > limit else None
+
+
 def evaluate_staged(trial: Any, ctx: TrialContext, checkpoint_dir: Path) -> dict[str, Any]:
     """Token perplexity on the first windows, a pruning decision, the remaining windows, then the
     other metrics. No window is scored twice."""
@@ -179,8 +208,9 @@ def evaluate_staged(trial: Any, ctx: TrialContext, checkpoint_dir: Path) -> dict
             ctx.baseline_first_ppl = ppl
             trial.study.set_user_attr("baseline_early_token_ppl", ppl)
         baseline = ctx.baseline_first_ppl or trial.study.user_attrs.get("baseline_early_token_ppl")
-        if baseline and ppl > pruning.max_ppl_ratio * baseline:
-            raise Pruned(f"early token ppl {ppl:.1f} > {pruning.max_ppl_ratio:g} x baseline {baseline:.1f}")
+        reason = prune_reason(ppl, baseline, best_feasible_early_ppl(trial.study, trial.number), pruning)
+        if reason:
+            raise Pruned(reason)
 
     try:
         ppl, windows = token_perplexity(
