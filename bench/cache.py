@@ -57,6 +57,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     storage_dir = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     args.study_name = "bench-cache"
     config = build_config(args, storage_dir)
+    # Every trial is evaluated in full: B (2-bit) would be pruned after 2 windows otherwise, and
+    # the comparison is about what the cache saves, not what pruning saves.
+    from slmsearch.search.config import with_overrides
+
+    config = with_overrides(config, pruning={"first_windows": 2, "max_ppl_ratio": 1e12, "max_baseline_ratio": 1e12})
     base = {**BASE, **(json.loads(args.params) if args.params else {})}
     trials = [(name, what, {**base, **change}) for name, what, change in TRIALS]
     _check_budget(config, trials)
