@@ -81,7 +81,9 @@ def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 6
 
 
 def evaluated(trials: list) -> list:
-    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "rejected" not in t.user_attrs]
+    """The trials that count: evaluated, neither a budget rejection nor a repeat of an earlier plan."""
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and "rejected" not in t.user_attrs and "repeat_of" not in t.user_attrs]
 
 
 @pytest.mark.postgres
@@ -102,10 +104,12 @@ def test_three_workers_run_one_study_to_the_exact_count(tmp_path, tiny_checkpoin
     numbers = [t.number for t in trials]
     assert len(set(numbers)) == len(numbers) and len({t.number for t in done}) == 12
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    # Anything beyond the 12 is a surplus trial ended before any work: FAILED, no stage ran.
+    # Anything beyond the 12 did no work: a surplus trial (FAILED) or a plan sampled again (answered
+    # from its first trial); no stage ran for either.
     for t in trials:
         if t not in done:
-            assert t.state == TrialState.FAIL and SURPLUS_ATTR in t.user_attrs and "stage_seconds" not in t.user_attrs
+            assert "stage_seconds" not in t.user_attrs
+            assert (t.state == TrialState.FAIL and SURPLUS_ATTR in t.user_attrs) or "repeat_of" in t.user_attrs
     assert all(t.user_attrs[SLOT_ATTR] == t.number for t in done)
     assert len({t.user_attrs["worker"] for t in done}) >= 2, "the work was shared"
     assert sum(bool(t.user_attrs.get("baseline")) for t in trials) >= 1
@@ -214,15 +218,17 @@ def small_checkpoint(tmp_path_factory, tiny_checkpoint):
     import json
     import shutil
 
-    from conftest import make_tiny_llama
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("small-llama")
     config = json.loads((tiny_checkpoint / "config.json").read_text())
-    make_tiny_llama(
-        folder, layers=6, vocab_size=config["vocab_size"], hidden_size=256, intermediate_size=512,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=6, vocab_size=config["vocab_size"], hidden_size=256, intermediate_size=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=config["bos_token_id"], eos_token_id=config["eos_token_id"],
-    )
+    )).save_pretrained(folder)
     for path in tiny_checkpoint.iterdir():
         if "token" in path.name or path.suffix == ".jinja":
             shutil.copy2(path, folder / path.name)
