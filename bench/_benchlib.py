@@ -125,6 +125,27 @@ class Profiler:
             tls.work_depth = 0
         return tls
 
+    def _push(self, tls: Any, label: str, kind: str) -> list[Any]:
+        """Open a timer frame ``[label, start, time in child timers, kind]`` on this thread."""
+        frame = [label, time.perf_counter(), 0.0, kind]
+        tls.stack.append(frame)
+        self._mark(tls.stack, frame[1])
+        return frame
+
+    def _pop(self, tls: Any, frame: list[Any]) -> float:
+        """Close ``frame``: its exclusive time to its label, its whole time to its parent; the end time."""
+        end = time.perf_counter()
+        tls.stack.pop()
+        self._mark(tls.stack, end)
+        elapsed = end - frame[1]
+        with self._lock:
+            self.exclusive[frame[0]] += elapsed - frame[2]
+            self.calls[frame[0]] += 1
+            self.kind_of[frame[0]] = frame[3]
+        if tls.stack:
+            tls.stack[-1][2] += elapsed
+        return end
+
     def timed(self, fn: Callable[..., Any], name: str, kind: str) -> Callable[..., Any]:
         prof = self
 
@@ -142,29 +163,18 @@ class Profiler:
                     phase = prof.main_phase
                 label = f"{name} [{phase}]"
                 tls.work_depth += 1
-            frame = [label, time.perf_counter(), 0.0, kind]
-            tls.stack.append(frame)
-            prof._mark(tls.stack, frame[1])
+            frame = prof._push(tls, label, kind)
             try:
                 return fn(*args, **kwargs)
             finally:
-                end = time.perf_counter()
-                tls.stack.pop()
-                prof._mark(tls.stack, end)
-                elapsed = end - frame[1]
-                with prof._lock:
-                    prof.exclusive[label] += elapsed - frame[2]
-                    prof.calls[label] += 1
-                    prof.kind_of[label] = kind
-                    if kind == "work":
+                end = prof._pop(tls, frame)
+                if kind == "work":
+                    with prof._lock:
                         prof.work_intervals.append((frame[1], end))
                         prof.work_threads["main" if main else "other"] += 1
                         if not main:
                             prof.other_work.append((frame[1], end, label))
-                if kind == "work":
                     tls.work_depth -= 1
-                if tls.stack:
-                    tls.stack[-1][2] += elapsed
 
         wrapper.__bench_original__ = fn  # type: ignore[attr-defined]
         return wrapper
@@ -173,22 +183,11 @@ class Profiler:
     def span(self, name: str, kind: str = "phase") -> Iterator[None]:
         """Time the body of a ``with`` block as one timer (e.g. the root: the whole trial)."""
         tls = self._state()
-        frame = [name, time.perf_counter(), 0.0, kind]
-        tls.stack.append(frame)
-        self._mark(tls.stack, frame[1])
+        frame = self._push(tls, name, kind)
         try:
             yield
         finally:
-            end = time.perf_counter()
-            tls.stack.pop()
-            self._mark(tls.stack, end)
-            elapsed = end - frame[1]
-            with self._lock:
-                self.exclusive[name] += elapsed - frame[2]
-                self.calls[name] += 1
-                self.kind_of[name] = kind
-            if tls.stack:
-                tls.stack[-1][2] += elapsed
+            self._pop(tls, frame)
 
     # patching --------------------------------------------------------------------------------
     def patch_attr(self, owner: Any, attr: str, name: str, kind: str) -> bool:
