@@ -82,6 +82,30 @@ def machine() -> str:
             f"threads={torch.get_num_threads()}, load avg {load}")
 
 
+@contextlib.contextmanager
+def optimize_walls() -> Iterator[list[float]]:
+    """Inside the block, every ``optuna.Study.optimize`` call (one per trial in slmsearch's loop)
+    appends its wall time to the yielded list; whatever ``Study.optimize`` was before (e.g. a
+    profiled wrapper) is what runs, and is restored afterwards."""
+    import optuna.study.study as optuna_study_mod
+
+    walls: list[float] = []
+    original = optuna_study_mod.Study.optimize
+
+    def wall_timed(self: Any, *a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *a, **k)
+        finally:
+            walls.append(time.perf_counter() - start)
+
+    optuna_study_mod.Study.optimize = wall_timed  # type: ignore[method-assign]
+    try:
+        yield walls
+    finally:
+        optuna_study_mod.Study.optimize = original  # type: ignore[method-assign]
+
+
 def union_seconds(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):

@@ -26,12 +26,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import fresh_cache, machine, quiet_env  # noqa: E402
+from _benchlib import fresh_cache, machine, optimize_walls, quiet_env  # noqa: E402
 from trial_cost import build_config, warm_up  # noqa: E402
 
 GOAL = 3.0
@@ -50,8 +49,6 @@ TRIALS = [
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     quiet_env()
     cache = fresh_cache("cache", args.cache_root)
-    import optuna.study.study as optuna_study_mod
-
     from slmsearch.search import study as study_mod
     from slmsearch.search.space import plan_summary
 
@@ -68,20 +65,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     _check_budget(config, trials)
     warm_s = warm_up(config, cache) if args.warmup else 0.0
 
-    walls: list[float] = []
-    original = optuna_study_mod.Study.optimize
-
-    def wall_timed(self: Any, *a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(self, *a, **k)
-        finally:
-            walls.append(time.perf_counter() - start)
-
     # A, B and C run in one study; D (A's plan again) in a second study on the same stage cache:
     # inside one study a plan sampled again is answered from storage (a "repeat", no work at all),
     # which is not what a cache measures.
     done: list[Any] = []
+    walls: list[float] = []
     for suffix, group in (("", trials[:3]), ("-d", trials[3:])):
         sub = with_overrides(config, name=config.name + suffix)
         storage = study_mod.open_storage(study_mod.storage_url(sub))
@@ -89,11 +77,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for _, _, params in group:
             study.enqueue_trial(params)
         sub = _with_trials(sub, len(group))
-        optuna_study_mod.Study.optimize = wall_timed  # type: ignore[method-assign]
-        try:
+        with optimize_walls() as group_walls:
             study_mod.optimize(sub, log=lambda s: print(f"[optimize] {s}", file=sys.stderr, flush=True))
-        finally:
-            optuna_study_mod.Study.optimize = original  # type: ignore[method-assign]
+        walls += group_walls
         done += sorted((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("plan")), key=lambda t: t.number)
     rows = []
     for (name, what, params), trial, wall in zip(trials, done, walls):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import Profiler, format_profile, fresh_cache, instrument_trial, machine, quiet_env  # noqa: E402
+from _benchlib import Profiler, format_profile, fresh_cache, instrument_trial, machine, optimize_walls, quiet_env  # noqa: E402
 
 GOAL = 1.3
 # examples/plan-64mb.yaml as the default space's parameters (the space fills in lora_steps=10).
@@ -117,22 +117,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import optuna.study.study as optuna_study_mod
 
     prof.patch_attr(optuna_study_mod.Study, "optimize", "trial (optuna loop, storage, Python)", "phase")
-    walls: list[float] = []
-    profiled = optuna_study_mod.Study.optimize
-
-    def wall_timed(self: Any, *a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return profiled(self, *a, **k)
-        finally:
-            walls.append(time.perf_counter() - start)
-
-    optuna_study_mod.Study.optimize = wall_timed  # type: ignore[method-assign]
     print(f"[trial_cost] trial {params} ...", file=sys.stderr, flush=True)
     t1 = time.perf_counter()
-    summary = study_mod.optimize(config, log=lambda s: print(f"[optimize] {s}", file=sys.stderr, flush=True))
+    with optimize_walls() as walls:
+        summary = study_mod.optimize(config, log=lambda s: print(f"[optimize] {s}", file=sys.stderr, flush=True))
     optimize_s = time.perf_counter() - t1
-    optuna_study_mod.Study.optimize = profiled  # type: ignore[method-assign]
     prof.unpatch()
     trial_s = sum(walls)
     unavoidable = prof.unavoidable_s()
