@@ -25,11 +25,6 @@ EXIT_CODE = 130
 _requested = threading.Event()
 
 
-def requested() -> bool:
-    """True once Ctrl-C was pressed inside :func:`handling`."""
-    return _requested.is_set()
-
-
 def check() -> None:
     """Raise ``KeyboardInterrupt`` when Ctrl-C was pressed (a no-op otherwise: call it freely)."""
     if _requested.is_set():
