@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from slmsearch.compress.plan import Plan
 from slmsearch.search.config import SpaceConfig
 from slmsearch.search.space import base_dims, plan_from_params, valid_group_sizes
 
@@ -24,14 +25,15 @@ MAX_ANCHORS = 2
 def anchor_params(
     space: SpaceConfig, base_shape: Any, footprint_mb: Any, budget_mb: float, *, max_anchors: int = MAX_ANCHORS
 ) -> list[dict[str, Any]]:
-    """Parameter sets (for ``study.enqueue_trial``) of up to ``max_anchors`` feasible anchor plans.
+    """Parameter sets (as ``study.enqueue_trial`` takes them) of up to ``max_anchors`` feasible anchor plans.
 
     ``footprint_mb(shape) -> float`` prices a shape (the study passes the hardware model).
     """
+    if "none" not in space.wanda_patterns or 0 not in space.eora_ranks:
+        return []  # the space cannot express an anchor (no WANDA, no EoRA)
     dims = base_dims(base_shape)
     n_layers = len(base_shape.layers)
-    groups = [g for g in valid_group_sizes(space, dims) if g > 0] or [-1]
-    group = max(groups)
+    group = max([g for g in valid_group_sizes(space, dims) if g > 0] or [-1])
     lo, hi = space.drop_layers
     hi = min(hi, n_layers - 1)
     lora = 8 if 8 in space.lora_ranks else max(space.lora_ranks)
@@ -40,22 +42,17 @@ def anchor_params(
         for drop in range(min(lo, hi), hi + 1):
             params: dict[str, Any] = {
                 "drop_layers": drop, "wanda_pattern": "none", "lora_rank": lora if drop or 0 not in space.lora_ranks else 0,
-                "lora_steps": space.lora_steps, "embedding_bits": min(space.embedding_bits), "gptq_bits": bits,
+                "embedding_bits": min(space.embedding_bits), "gptq_bits": bits,
                 "group_size": group, "act_order": space.act_order[0], "eora_rank": 0,
             }
-            if "none" not in space.wanda_patterns or params["eora_rank"] not in space.eora_ranks:
-                return out  # the space cannot express an anchor
-            plan = plan_from_params(params, space, dims, n_layers)
-            if footprint_mb(plan.shape(base_shape)) <= budget_mb:
-                if params not in out:
-                    out.append(params)
+            if footprint_mb(anchor_plan(params, space, base_shape).shape(base_shape)) <= budget_mb:
+                out.append(params)
                 break
         if len(out) >= max_anchors:
             break
     return out
 
 
-def enqueue_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Only the keys :func:`slmsearch.search.space.suggest_plan` asks the trial for (fixed
-    settings such as ``lora_steps`` come from the space)."""
-    return {k: v for k, v in params.items() if k != "lora_steps"}
+def anchor_plan(params: dict[str, Any], space: SpaceConfig, base_shape: Any) -> Plan:
+    """The plan an anchor's parameters stand for (fixed settings such as LoRA steps from the space)."""
+    return plan_from_params({**params, "lora_steps": space.lora_steps}, space, base_dims(base_shape), len(base_shape.layers))

@@ -18,7 +18,9 @@ from typing import Any
 from slmsearch import interrupt
 from slmsearch.search.config import HW_OBJECTIVES, StudyConfig
 from slmsearch.search.space import plan_summary, suggest_plan
-from slmsearch.search.workers import REPEAT_ATTR, SLOT_ATTR, SURPLUS_ATTR, SurplusTrial, claim_slot
+from slmsearch.search.workers import (
+    REPEAT_ATTR, SLOT_ATTR, SURPLUS_ATTR, SurplusTrial, claim_slot, counted, feasible_evaluated,
+)
 
 # Objective values of a trial rejected by the budget: finite, and worse than any real result.
 # The constraint (footprint over budget) already marks it infeasible for the sampler; these only
@@ -132,8 +134,7 @@ def find_twin(study: Any, plan: dict[str, Any], number: int) -> Any | None:
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if (t.number != number and t.user_attrs.get("plan") == plan
-                and REPEAT_ATTR not in t.user_attrs and "rejected" not in t.user_attrs):
+        if t.number != number and t.user_attrs.get("plan") == plan and counted(t):
             return t
     return None
 
@@ -162,8 +163,7 @@ def best_feasible_early_ppl(study: Any, number: int) -> float | None:
     values = [
         float(t.user_attrs["early_token_ppl"])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.number != number and "early_token_ppl" in t.user_attrs and "rejected" not in t.user_attrs
-        and REPEAT_ATTR not in t.user_attrs and all(c <= 0 for c in t.constraints.values())
+        if t.number != number and "early_token_ppl" in t.user_attrs and feasible_evaluated(t)
     ]
     return min(values) if values else None
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from slmsearch.errors import SlmsearchError
 from slmsearch.search.pareto import LocatedStudy, format_rows, label, pareto_rows
+from slmsearch.search.workers import REPEAT_ATTR, feasible_evaluated
 
 MIN_IMPORTANCE_TRIALS = 6  # PED-ANOVA wants a few trials in the top quantile; fewer says "not enough"
 STATUS_ORDER = ("evaluated", "over budget", "pruned", "failed")
@@ -70,7 +71,7 @@ def trials_frame(study: Any, objectives: list[str]) -> Any:
     front = {t.number for t in pareto_trials(study)}
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if "repeat_of" in t.user_attrs:
+        if REPEAT_ATTR in t.user_attrs:
             continue  # a plan sampled again, answered from its first trial: that trial is the row
         if t.state == TrialState.COMPLETE:
             status = "over budget" if "rejected" in t.user_attrs or any(c > 0 for c in t.constraints.values()) else "evaluated"
@@ -137,8 +138,7 @@ def importances(study: Any, objectives: list[str]) -> tuple[dict[str, dict[str, 
 
     trials = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "rejected" not in t.user_attrs and all(c <= 0 for c in t.constraints.values())
-        and t.values is not None and all(math.isfinite(v) for v in t.values) and t.params
+        if feasible_evaluated(t) and t.values is not None and all(math.isfinite(v) for v in t.values) and t.params
     ]
     if len(trials) < MIN_IMPORTANCE_TRIALS:
         return {}, f"not enough trials: {len(trials)} feasible evaluated, importances need at least {MIN_IMPORTANCE_TRIALS}"

@@ -15,8 +15,8 @@ from slmsearch import interrupt
 from slmsearch.errors import SlmsearchError
 from slmsearch.search.config import StudyConfig
 from slmsearch.search.objective import CONSTRAINT_KEY, TrialContext, run_trial
-from slmsearch.search.space import base_dims, baseline_params, most_compressed_plan
-from slmsearch.search.workers import REPEAT_ATTR, SURPLUS_ATTR, SurplusTrial, counted, taken_slots
+from slmsearch.search.space import baseline_params, most_compressed_plan
+from slmsearch.search.workers import REPEAT_ATTR, SURPLUS_ATTR, SurplusTrial, counted, feasible_evaluated, taken_slots
 
 ENV_RUNS = "SLMSEARCH_RUNS"
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
@@ -188,16 +188,15 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
         # skip_if_exists: workers started together enqueue the baseline once (as far as timing allows).
         study.enqueue_trial(baseline_params(config.space), user_attrs={"baseline": True}, skip_if_exists=True)
         if config.anchors:
-            from slmsearch.search.anchors import anchor_params, enqueue_params
-            from slmsearch.search.space import plan_from_params, plan_summary
+            from slmsearch.search.anchors import anchor_params, anchor_plan
+            from slmsearch.search.space import plan_summary
 
             def footprint_mb(shape: Any) -> float:
                 return estimate(shape, platform, context_len=config.context_len).memory.total_bytes / 1e6
 
             for params in anchor_params(config.space, base_shape, footprint_mb, config.budget_mb):
-                study.enqueue_trial(enqueue_params(params), user_attrs={"anchor": True}, skip_if_exists=True)
-                plan = plan_from_params(params, config.space, base_dims(base_shape), len(base_shape.layers))
-                log(f"anchor plan enqueued: {plan_summary(plan.to_dict())}")
+                study.enqueue_trial(params, user_attrs={"anchor": True}, skip_if_exists=True)
+                log(f"anchor plan enqueued: {plan_summary(anchor_plan(params, config.space, base_shape).to_dict())}")
     per_trial = estimate_trial_seconds(config)
     remaining = max(0, config.trials - done)
     log(
@@ -354,8 +353,7 @@ def pareto_trials(study: Any) -> list[Any]:
 
     feasible = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "rejected" not in t.user_attrs and REPEAT_ATTR not in t.user_attrs
-        and all(c <= 0 for c in t.constraints.values()) and t.values is not None and all(math.isfinite(v) for v in t.values)
+        if feasible_evaluated(t) and t.values is not None and all(math.isfinite(v) for v in t.values)
     ]
     signs = [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in study.directions]
 

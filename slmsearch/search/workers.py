@@ -39,6 +39,14 @@ def counted(trial: Any) -> bool:
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not any(k in trial.user_attrs for k in NOT_COUNTED)
 
 
+def feasible_evaluated(trial: Any) -> bool:
+    """A counted, COMPLETE trial that meets every constraint: what the Pareto set and the pruning
+    rule compare (not the over-budget baseline, rejections, repeats, pruned or failed trials)."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.COMPLETE and counted(trial) and all(c <= 0 for c in trial.constraints.values())
+
+
 def holds_slot(trial: Any) -> bool:
     from optuna.trial import TrialState
 
@@ -100,7 +108,7 @@ def _claim_locked(backend: Any, study_id: int, trial_id: int, target: int) -> bo
             .filter(models.TrialUserAttributeModel.key.in_([SLOT_ATTR, *NOT_COUNTED]))
             .all()
         )
-        rejected = {tid for tid, key, _ in attrs if key in NOT_COUNTED}
+        not_counted = {tid for tid, key, _ in attrs if key in NOT_COUNTED}
         slot = {tid: json.loads(value) for tid, key, value in attrs if key == SLOT_ATTR}
         me = None
         taken = 0
@@ -111,7 +119,7 @@ def _claim_locked(backend: Any, study_id: int, trial_id: int, target: int) -> bo
             if state == TrialState.RUNNING:
                 taken += slot.get(tid) == number
             else:
-                taken += tid not in rejected
+                taken += tid not in not_counted
         if me is None:  # no longer running (failed by a heartbeat check meanwhile)
             return False
         if taken >= target:
