@@ -9,7 +9,10 @@ scored cheaply: WikiText token perplexity on 2 windows x 512 tokens and the Triv
 log-probability on 50 questions (5-shot), with calibration of 8 samples x 128 tokens.
 
 The CSV is written row by row and a re-run skips the points it holds (``--resume``, default), so
-an interrupted build continues. ``bench/search_efficiency.py`` replays samplers on the table.
+an interrupted build continues. The uncompressed model is scored the same way into
+``<out>.baseline.json`` (the replay needs its token perplexity: a study prunes any trial whose
+early perplexity is over ``max_baseline_ratio`` x the baseline's). ``bench/search_efficiency.py``
+replays samplers on the table.
 
 Run (real model; ~20-30 min on 2 cores):
   flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/build_grid.py [--out bench/grid_default.csv]
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-root")
     ap.add_argument("--fresh", action="store_true", help="start the CSV over instead of resuming it")
     ap.add_argument("--dry-run", action="store_true", help="print the grid with footprints; compress nothing")
+    ap.add_argument("--baseline-only", action="store_true", help="only (re)score the uncompressed model into <out>.baseline.json")
     ap.add_argument("--limit", type=int, help="stop after this many evaluated points (tests)")
     ap.add_argument("--eval", help="JSON overriding the evaluation settings (tests)")
     args = ap.parse_args(argv)
@@ -126,6 +130,11 @@ def main(argv: list[str] | None = None) -> None:
 
     eval_cfg = {**EVAL, **(json.loads(args.eval) if args.eval else {})}
     data_dir = resolve_data_dir(config.data_dir)
+    baseline_file = baseline_path(out)
+    if args.baseline_only or not baseline_file.is_file():
+        score_baseline(location, data_dir, eval_cfg, baseline_file)
+        if args.baseline_only:
+            return
     calib = CalibSettings(**CALIB)
     cache = StageCache(max_bytes=40 * 10**9)
     new_file = args.fresh or not out.is_file()
@@ -170,6 +179,31 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         handle.close()
     print(f"wrote {out} ({evaluated} points evaluated in this run, {time.perf_counter() - started:.0f} s)")
+
+
+def baseline_path(table: Path) -> Path:
+    return Path(table).with_suffix(".baseline.json")
+
+
+def score_baseline(location: str, data_dir: Path, eval_cfg: dict[str, Any], path: Path) -> None:
+    """The uncompressed model, scored exactly as the grid's points are."""
+    from slmsearch.compress.pipeline import load_checkpoint
+    from slmsearch.evals.triviaqa import answer_logprob
+    from slmsearch.evals.wikitext import token_perplexity
+    from slmsearch.fsutil import write_json_atomic
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_checkpoint(Path(location))
+    ppl, _ = token_perplexity(model, tokenizer, data_dir, seqlen=eval_cfg["token_seqlen"],
+                              n_windows=eval_cfg["token_windows"], batch_size=eval_cfg["batch_size"])
+    logprob = answer_logprob(model, tokenizer, data_dir, limit=eval_cfg["logprob_limit"],
+                             shots=eval_cfg["triviaqa_shots"], batch_size=eval_cfg["batch_size"])
+    record = {"wikitext_token_ppl": ppl, "triviaqa_answer_logprob": logprob["triviaqa_answer_logprob"],
+              "eval": eval_cfg, "model": Path(location).name, "seconds": round(time.perf_counter() - t0, 2),
+              "measured": time.strftime("%Y-%m-%d %H:%M %Z")}
+    write_json_atomic(path, record)
+    print(f"baseline (uncompressed): token ppl {ppl:.2f}, answer log-prob {record['triviaqa_answer_logprob']:.3f} -> {path}",
+          flush=True)
 
 
 def _fmt(value: Any) -> Any:

@@ -23,6 +23,16 @@ sampled twice counts twice (a real study evaluates it again).
 What the study does is ``nsga2+anchors+dedup``: its anchor plans enqueued first
 (``slmsearch.search.anchors``) and a plan sampled again answered from storage, not counted.
 
+Pruning (on unless ``--no-pruning``): the study stops a trial after its first token-perplexity
+windows when that perplexity is over ``max_ppl_ratio`` x the best of its feasible completed trials
+so far, or over ``max_baseline_ratio`` x the uncompressed baseline's (``PruningConfig``,
+``objective.prune_reason``). The table's token perplexity is measured on exactly those first
+windows (2 x 512 tokens) and the baseline's on the same windows (``<table>.baseline.json``, written
+by ``build_grid.py``), so the replay applies the study's own rule: a pruned trial counts as
+evaluated (it was compressed) but has no values and never joins the front. The grid's hypervolume
+is then that of the feasible points no order of trials can prune (perplexity within
+``max_baseline_ratio`` x the baseline): a broken model is never a result of the study.
+
 Goal: the default sampler (NSGA-II) reaches 95% of the grid's hypervolume within 25% of the
 grid's trials, and beats random search.
 
@@ -99,12 +109,14 @@ def hypervolume(points: list[tuple[float, ...]]) -> float:
 
 
 def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], axes: dict[str, list[int]],
-           norm: Normalizer, grid_hv: float, budget: float, max_total: int, n_feasible: int) -> list[tuple[int, int, float]]:
-    """[(all trials so far, evaluated trials so far, HV fraction)] after every trial."""
+           norm: Normalizer, grid_hv: float, budget: float, max_total: int, n_feasible: int,
+           baseline_ppl: float | None = None) -> list[tuple[int, int, float]]:
+    """[(all trials so far, evaluated trials so far, HV fraction)] after every trial. With a
+    ``baseline_ppl`` the study's pruning rule is applied (see the module's docstring)."""
     import optuna
 
     from slmsearch.search.config import load_study_config, with_overrides
-    from slmsearch.search.objective import CONSTRAINT_KEY, REJECTED_VALUE
+    from slmsearch.search.objective import CONSTRAINT_KEY, REJECTED_VALUE, prune_reason
     from slmsearch.search.study import make_sampler
 
     base, *flags = name.split("+")
@@ -117,6 +129,8 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
         for point in table_anchors(table, axes, budget):
             study.enqueue_trial(dict(zip(AXES, point)))
     found: dict[tuple[int, ...], tuple[float, ...]] = {}
+    pruned: set[tuple[int, ...]] = set()
+    best_ppl: list[float] = []  # the best early token ppl among completed feasible trials so far
     curve: list[tuple[int, int, float]] = []
     evaluated = 0
     repeats: list[int] = []
@@ -129,11 +143,18 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
         trial.set_constraint(CONSTRAINT_KEY, over)
         if over > 0:
             return tuple(row[m] if m == "decode_latency_s" else REJECTED_VALUE[d] for m, d in OBJECTIVES)
-        if point in found:
+        if point in found or point in pruned:
             repeats.append(evaluated)
-            if dedup:
+            if dedup:  # answered from its first trial: values, or pruned again
+                if point in pruned:
+                    raise optuna.TrialPruned()
                 return tuple(row[m] for m, _ in OBJECTIVES)
         evaluated += 1
+        if baseline_ppl is not None and prune_reason(row["wikitext_token_ppl"], baseline_ppl,
+                                                     min(best_ppl, default=None), config.pruning):
+            pruned.add(point)
+            raise optuna.TrialPruned()
+        best_ppl.append(row["wikitext_token_ppl"])
         found[point] = norm(row)
         return tuple(row[m] for m, _ in OBJECTIVES)
 
@@ -168,6 +189,17 @@ def table_anchors(table: dict[tuple[int, ...], dict[str, Any]], axes: dict[str, 
     return out
 
 
+def load_baseline_ppl(table: Path) -> float:
+    """The uncompressed model's token perplexity on the table's windows (``build_grid.py`` writes it)."""
+    import json
+
+    path = table.with_suffix(".baseline.json")
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: score the baseline with "
+                         f"`bench/build_grid.py --out {table} --baseline-only`, or replay with --no-pruning")
+    return float(json.loads(path.read_text())["wikitext_token_ppl"])
+
+
 def at(curve: list[tuple[int, int, float]], k: int, index: int) -> float:
     """HV fraction once ``k`` trials (index 0: all, 1: evaluated) were run (last value if never)."""
     best = 0.0
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "'+dedup' answers a repeated plan without counting it as evaluated (as the study does); "
                          "'+anchors' enqueues the study's anchor plans first (as the study does)")
     ap.add_argument("--budget-mb", type=float, default=None, help="default: the default study's (64)")
+    ap.add_argument("--no-pruning", action="store_true",
+                    help="do not model the study's pruning (every feasible point counts, broken models included)")
     ap.add_argument("--max-total", type=int, help="trials per replay at most (default 4 x grid size)")
     args = ap.parse_args(argv)
 
@@ -211,16 +245,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     feasible_rows = [r for r in table.values() if r["footprint_mb"] <= budget]
     if not feasible_rows:
         raise SystemExit("no grid point fits the budget")
-    norm = Normalizer(feasible_rows)
-    grid_hv = hypervolume([norm(r) for r in feasible_rows])
+    baseline_ppl = None if args.no_pruning else load_baseline_ppl(Path(args.table))
+    # The points that can be results: with pruning, those no order of trials prunes.
+    kept_rows = feasible_rows if baseline_ppl is None else [
+        r for r in feasible_rows if r["wikitext_token_ppl"] <= config.pruning.max_baseline_ratio * baseline_ppl]
+    if not kept_rows:
+        raise SystemExit("every feasible grid point is over the pruning limit: nothing to compare")
+    norm = Normalizer(kept_rows)
+    grid_hv = hypervolume([norm(r) for r in kept_rows])
     n_all, n_feasible = len(table), len(feasible_rows)
     max_total = args.max_total or 4 * n_all
     k_eval = math.ceil(GOAL_SHARE * n_feasible)
     k_all = math.ceil(GOAL_SHARE * n_all)
-    front = _front([norm(r) for r in feasible_rows])
+    front = _front([norm(r) for r in kept_rows])
     print(f"table {args.table}: {n_all} points ({', '.join(f'{a} {v}' for a, v in axes.items())}), "
           f"{n_feasible} within {budget:g} MB, {len(front)} on the Pareto front; {args.seeds} seeds; "
           f"optuna {optuna.__version__}")
+    if baseline_ppl is None:
+        print("pruning not modelled (--no-pruning): every feasible point can be a result")
+    else:
+        print(f"pruning modelled: baseline token ppl {baseline_ppl:.2f}; {len(kept_rows)} of {n_feasible} feasible points "
+              f"are within {config.pruning.max_baseline_ratio:g} x baseline (the grid's hypervolume is theirs); "
+              f"a trial also stops over {config.pruning.max_ppl_ratio:g} x the best feasible so far")
     print(f"25% of the grid = {k_eval} evaluated trials (of {n_feasible} feasible) = {k_all} trials in all (of {n_all})")
     oracle = [best_subset_hv(front, k) / grid_hv for k in range(1, len(front) + 1)]
     print("oracle (the best k points of the front, chosen knowing the table): HV fraction "
@@ -229,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     for name in args.samplers.split(","):
         t0 = time.perf_counter()
-        curves = [replay(name, seed, table, axes, norm, grid_hv, budget, max_total, n_feasible) for seed in range(args.seeds)]
+        curves = [replay(name, seed, table, axes, norm, grid_hv, budget, max_total, n_feasible, baseline_ppl)
+                  for seed in range(args.seeds)]
         results[name] = {
             "hv_at_25pct_eval": [at(c, k_eval, 1) for c in curves],
             "hv_at_50pct_eval": [at(c, math.ceil(0.5 * n_feasible), 1) for c in curves],

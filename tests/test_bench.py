@@ -34,8 +34,13 @@ def test_profiler_rows_add_up_to_the_root_and_work_is_counted_once():
     assert prof.calls["work [phase]"] == 2
 
 
-def _fake_table(path: Path) -> None:
+def _fake_table(path: Path, baseline_ppl: float | None = None) -> None:
+    import json
+
     import build_grid as bg
+
+    if baseline_ppl is not None:
+        bg.baseline_path(path).write_text(json.dumps({"wikitext_token_ppl": baseline_ppl}))
 
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=bg.COLUMNS)
@@ -55,7 +60,7 @@ def test_replay_reaches_the_whole_grid_and_reports_every_sampler(tmp_path, capsy
 
     table_path = tmp_path / "grid.csv"
     _fake_table(table_path)
-    results = se.main(["--table", str(table_path), "--seeds", "2", "--budget-mb", "40"])
+    results = se.main(["--table", str(table_path), "--seeds", "2", "--budget-mb", "40", "--no-pruning"])
     assert set(results) == set(se.SAMPLERS)
     assert "nsga2+anchors+dedup" in results  # what the study runs
     for r in results.values():
@@ -68,6 +73,30 @@ def test_replay_reaches_the_whole_grid_and_reports_every_sampler(tmp_path, capsy
     curve = se.replay("random", 0, table, axes, norm, grid_hv, 40, 400, len(feasible))
     assert curve[-1][2] == pytest.approx(1.0)  # random search finds every feasible point eventually
     assert "default sampler nsga2" in capsys.readouterr().out
+
+
+def test_replay_prunes_broken_points_as_the_study_does(tmp_path, capsys):
+    import search_efficiency as se
+
+    table_path = tmp_path / "grid.csv"
+    _fake_table(table_path)
+    with pytest.raises(SystemExit, match="baseline-only"):  # pruning needs the baseline's perplexity
+        se.main(["--table", str(table_path), "--seeds", "1", "--budget-mb", "40"])
+    _fake_table(table_path, baseline_ppl=0.4)  # 100 x baseline = 40: the deep 2- and 3-bit points are broken
+    table, axes = se.load_table(table_path)
+    feasible = [r for r in table.values() if r["footprint_mb"] <= 40]
+    kept = [r for r in feasible if r["wikitext_token_ppl"] <= 40]
+    assert 0 < len(kept) < len(feasible)
+    norm = se.Normalizer(kept)
+    grid_hv = se.hypervolume([norm(r) for r in kept])
+    curve = se.replay("random", 0, table, axes, norm, grid_hv, 40, 400, len(feasible), baseline_ppl=0.4)
+    assert curve[-1][2] == pytest.approx(1.0)  # the volume is the kept points' only
+    assert all(hv <= 1.0 + 1e-9 for _, _, hv in curve)
+    # a pruned trial was compressed: it counts as evaluated although it never joins the front
+    assert curve[-1][1] >= len(feasible)
+    results = se.main(["--table", str(table_path), "--seeds", "2", "--budget-mb", "40", "--samplers", "random"])
+    assert "pruning modelled: baseline token ppl 0.40" in capsys.readouterr().out
+    assert max(results["random"]["curve_eval"]) <= 1.0 + 1e-9
 
 
 def test_test_text_is_tokenized_once_for_two_copies_of_a_tokenizer(tiny_checkpoint, data_dir, monkeypatch):
