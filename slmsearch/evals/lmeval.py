@@ -28,8 +28,9 @@ def local_task_dir(data_dir: Path, *, word_pages: int | None, triviaqa_limit: in
     derived here, keyed by the data hashes and the limits.
     """
     pages_src = data_path(data_dir, "wikitext_test_pages")
-    key_src = json.dumps(
-        [str(pages_src), word_pages, triviaqa_limit, sorted(p.name for p in TASK_TEMPLATES.iterdir())]
+    templates = sorted(p for p in TASK_TEMPLATES.iterdir() if p.is_file())
+    key_src = json.dumps(  # the templates' contents too: an edited task file must not reuse an old folder
+        [str(pages_src), word_pages, triviaqa_limit, [(p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in templates]]
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     folder = cache_dir("evals") / f"tasks-{key}"
@@ -73,16 +74,22 @@ def run_lm_eval(
     batch_size: int = 8,
     seed: int = 1234,
     log_samples: bool = False,
+    prefix_cache: bool = True,
 ) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on an in-memory model; ``tasks`` are 'wikitext'/'triviaqa'.
 
     With a data dir the local mirrors run offline; without one, lm-eval's hub tasks run.
-    Returns lm-eval's result dict (``results[task][metric,filter]``, ``samples`` when logged).
+    Generation reuses the KV cache of the prompt every request shares (``prefix_cache``; see
+    :mod:`slmsearch.evals.prefix_lm`); ``False`` runs lm-eval's own ``HFLM`` (batched, padded).
+    Returns lm-eval's result dict (``results[task][metric,filter]``, ``samples`` when logged),
+    plus ``prefix_cache``: the shared-prefix counts of the cached path.
     """
     _offline_env() if data_dir is not None else None
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from slmsearch.evals.prefix_lm import PrefixCachedHFLM
 
     if data_dir is not None:
         folder = local_task_dir(data_dir, word_pages=word_pages, triviaqa_limit=limit)
@@ -94,7 +101,8 @@ def run_lm_eval(
         names = list(tasks)
         task_limit = limit
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
+    lm_class = PrefixCachedHFLM if prefix_cache else HFLM
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
     results = simple_evaluate(
         model=lm,
         tasks=names,
@@ -110,4 +118,6 @@ def run_lm_eval(
         verbosity="ERROR",
     )
     assert results is not None  # only None on non-zero ranks of a distributed run
-    return dict(results)
+    out = dict(results)
+    out["prefix_cache"] = dict(getattr(lm, "prefix_stats", {}))
+    return out

@@ -75,7 +75,7 @@ def evaluate(
             "triviaqa_exact_match",
             lambda: exact_match(
                 model, tokenizer, data_dir, limit=settings.triviaqa_limit, shots=settings.triviaqa_shots,
-                batch_size=settings.batch_size, seed=settings.seed,
+                batch_size=settings.generation_batch_size, seed=settings.seed,
             ),
         )
         counts["triviaqa_questions"] = out.pop("triviaqa_questions")

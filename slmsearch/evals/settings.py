@@ -25,14 +25,15 @@ class EvalSettings:
     triviaqa_limit: int | None = 100  # first N scored questions; None = all 1,900
     triviaqa_shots: int = 5  # few-shot examples, drawn from the never-scored pool
     logprob_limit: int | None = 200  # questions for triviaqa_answer_logprob; None = all
-    batch_size: int = 8  # sequences per forward pass
-    seed: int = 1234  # few-shot sampling seed (lm-eval's default)
+    batch_size: int = 8  # sequences per forward pass (perplexities, answer log-prob)
+    generation_batch_size: int = 32  # TriviaQA questions generated together after the shared shots
+    seed: int = 1234  # lm-eval's random seeds (TriviaQA's shots are fixed: the pool's first N)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise SlmsearchError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
-        for name in ("token_seqlen", "batch_size"):
+        for name in ("token_seqlen", "batch_size", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise SlmsearchError(f"eval setting {name} must be >= 1, got {getattr(self, name)}")
         if self.triviaqa_shots < 0:
