@@ -86,9 +86,14 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
         save_file({k: v.contiguous() for k, v in adapter["state"].items()}, str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
 
 
-def load_checkpoint(folder: str | os.PathLike[str], *, dtype: str = "float32") -> tuple[Any, Any]:
+def load_checkpoint(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool = False) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for any pipeline output: plain HF (with a kept LoRA
-    adapter applied through peft) or GPTQ (through gptqmodel, with its EoRA adapter)."""
+    adapter applied through peft) or GPTQ (through gptqmodel, with its EoRA adapter).
+
+    ``dtype`` is a plain model's; a GPTQ model computes in gptqmodel's dtype (bf16 on a CPU).
+    ``dense``: a GPTQ model's quantized Linears become plain Linears in that dtype holding the
+    dequantized weights, EoRA merged (:func:`slmsearch.compress.gptq.dequantize_to_dense`): the
+    kernel model's function without its per-call dequantization. Evaluation uses it."""
     import torch
     from transformers import AutoTokenizer
 
@@ -112,6 +117,10 @@ def load_checkpoint(folder: str | os.PathLike[str], *, dtype: str = "float32") -
             kwargs["adapter"] = Lora(path=str(adapter_dir), rank=rank)
         wrapped = GPTQModel.load(str(folder), device=compute_device(), **kwargs)
         model = wrapped.model
+        if dense:
+            from slmsearch.compress.gptq import dequantize_to_dense
+
+            dequantize_to_dense(model, model.dtype)  # the kernel's compute dtype (bf16 on a CPU)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -124,3 +124,28 @@ def test_eora_leaves_the_gptq_entry_it_starts_from_intact(quantized, tiny_base):
     other_rank = Plan.from_yaml("[{stage: gptq, bits: 4, group_size: 32}, {stage: eora, rank: 8}]")
     again = run(other_rank, str(tiny_base), DATA_DIR, CalibSettings(**TINY_CALIB), cache=cache)
     assert again.cache_hits == 1 and list(again.stage_seconds) == ["eora"]
+
+
+@pytest.mark.parametrize("name", ["eora", "sparse"])
+def test_dense_evaluation_model_computes_the_quantized_model(quantized, name):
+    """``load_checkpoint(dense=True)``: plain Linears in the kernel's dtype with gptqmodel's
+    dequantized weights and the EoRA adapter merged give the kernel model's logits."""
+    folder = quantized[name].checkpoint_dir
+    kernel, _ = load_checkpoint(folder)
+    dense, _ = load_checkpoint(folder, dense=True)
+    assert not any(hasattr(m, "qweight") for m in dense.modules())
+    module = dict(dense.named_modules())[LAYER]
+    assert isinstance(module, torch.nn.Linear) and module.weight.dtype == kernel.dtype
+    kernel_module = dict(kernel.named_modules())[LAYER]
+    expected = kernel_module.dequantize_weight().float()
+    if name == "eora":
+        plain = expected.to(kernel.dtype)
+        expected = expected + kernel_module.adapter.lora_A.float() @ kernel_module.adapter.lora_B.float()
+        assert not torch.equal(module.weight.T, plain)  # the adapter is in
+    assert torch.equal(module.weight.T, expected.to(kernel.dtype))
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 64, 11]])
+    with torch.no_grad():
+        ref = kernel(ids).logits.float()
+        got = dense(ids).logits.float()
+    assert torch.allclose(got, ref, atol=0.02 * ref.abs().max().item())
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
