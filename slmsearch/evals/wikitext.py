@@ -69,11 +69,16 @@ def window_nlls(model: Any, windows: Any, *, batch_size: int = 8, progress: bool
     with torch.inference_mode():
         for start in tqdm(starts, desc="token ppl", unit="batch", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)
-            logits = model(batch, use_cache=False).logits[:, :-1].float()
+            logits = model(batch, use_cache=False).logits.float()  # a no-op for fp32 models
+            # Targets shifted in place of the logits: slicing the logits to [:, :-1] would copy
+            # them (49k x tokens floats), which cost as much as the loss itself; the last
+            # position has no target and is ignored (its loss is 0, then dropped).
+            targets = batch.roll(-1, dims=1)
+            targets[:, -1] = -100
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+                logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="none", ignore_index=-100
             )
-            out.append(nll.view(batch.shape[0], -1).double().mean(dim=1).cpu())
+            out.append(nll.view(batch.shape[0], -1)[:, :-1].double().mean(dim=1).cpu())
     return torch.cat(out)
 
 
