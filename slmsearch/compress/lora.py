@@ -101,7 +101,9 @@ class LoraRecovery(Stage):
             curve.append(float(loss.detach()))
         peft_model.eval()
         del optimizer
-        loss_after_adapter = mean_loss(peft_model, held)
+        # One held-out loss after training, on the model that goes on: merged (below) or with the
+        # adapter kept. (Scoring both the adapter and its merge was a third pass that changes nothing.)
+        loss_after_adapter = None if self.merge else mean_loss(peft_model, held)
         zeros_before = 0
         if self.merge:
             zeros_before = _merge_masked(peft_model)
@@ -115,13 +117,13 @@ class LoraRecovery(Stage):
         metrics: dict[str, Any] = {
             "loss_curve": curve,
             "heldout_loss_before": loss_before,
-            "heldout_loss_after": loss_after_adapter,
             "trainable_params": sum(p.numel() for p in params),
         }
         if self.merge:
             metrics["heldout_loss_after_merge"] = mean_loss(model, held)
             metrics["zeros_kept"] = zeros_before
         else:
+            metrics["heldout_loss_after"] = loss_after_adapter
             setattr(model, ADAPTER_ATTR, {"config": config, "state": adapter_state})
         return metrics
 

@@ -46,3 +46,18 @@ def test_token_windows_are_bounded(default_model, data_dir):
     assert test_windows(tok, data_dir, 512, 3).shape == (3, 512)
     with pytest.raises(SlmsearchError, match="between 1 and"):
         test_windows(tok, data_dir, 512, 10**6)
+
+
+def test_window_nlls_are_each_windows_mean_next_token_loss(default_model, data_dir):
+    import torch
+
+    from slmsearch.evals.wikitext import test_windows, window_nlls
+
+    model, tok = default_model
+    windows = test_windows(tok, data_dir, 64, 3)
+    got = window_nlls(model, windows, batch_size=2)
+    with torch.no_grad():
+        expected = [
+            torch.nn.functional.cross_entropy(model(w[None]).logits[0, :-1].double(), w[1:]).item() for w in windows
+        ]
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
