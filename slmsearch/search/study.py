@@ -147,7 +147,8 @@ def estimate_trial_seconds(config: StudyConfig) -> float:
     eora_share = gptq_share * sum(r > 0 for r in space.eora_ranks) / len(space.eora_ranks)
     lora_share = sum(r > 0 for r in space.lora_ranks) / len(space.lora_ranks) * 0.75
     settings = config.eval_settings()
-    eval_s = 1.5 * (settings.token_windows or 580) + 8 * (settings.word_pages or 62) + 0.5 * (settings.triviaqa_limit or 1900)
+    # per window / page / question, measured in bench/trial_cost.py (docs/benchmarks.md §1)
+    eval_s = 0.6 * (settings.token_windows or 580) + 4 * (settings.word_pages or 62) + 0.2 * (settings.triviaqa_limit or 1900)
     return 15 + gptq_share * 60 + eora_share * 110 + lora_share * 2.5 * space.lora_steps + eval_s
 
 
