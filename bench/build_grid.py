@@ -123,10 +123,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from slmsearch.compress.cache import StageCache
     from slmsearch.compress.calib import CalibSettings
-    from slmsearch.compress.pipeline import load_checkpoint, run
+    from slmsearch.compress.pipeline import run
     from slmsearch.data import resolve_data_dir
-    from slmsearch.evals.triviaqa import answer_logprob
-    from slmsearch.evals.wikitext import token_perplexity
 
     eval_cfg = {**EVAL, **(json.loads(args.eval) if args.eval else {})}
     data_dir = resolve_data_dir(config.data_dir)
@@ -157,22 +155,17 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 result = run(plan, location, data_dir, calib, cache=cache)
                 t1 = time.perf_counter()
-                model, tokenizer = load_checkpoint(result.checkpoint_dir)
-                ppl, _ = token_perplexity(model, tokenizer, data_dir, seqlen=eval_cfg["token_seqlen"],
-                                          n_windows=eval_cfg["token_windows"], batch_size=eval_cfg["batch_size"])
-                logprob = answer_logprob(model, tokenizer, data_dir, limit=eval_cfg["logprob_limit"],
-                                         shots=eval_cfg["triviaqa_shots"], batch_size=eval_cfg["batch_size"])
+                ppl, logprob = score(result.checkpoint_dir, data_dir, eval_cfg)
                 t2 = time.perf_counter()
-                del model
                 kinds = [s.kind for s in plan.effective().stages]
                 row.update({
-                    "wikitext_token_ppl": ppl, "triviaqa_answer_logprob": logprob["triviaqa_answer_logprob"],
+                    "wikitext_token_ppl": ppl, "triviaqa_answer_logprob": logprob,
                     "compress_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), "seconds": round(t2 - t0, 2),
                     "cache_hits": "+".join(kinds[: result.cache_hits]),
                 })
                 evaluated += 1
                 print(f"[{time.perf_counter() - started:7.0f} s] {row['plan']:<24} {row['footprint_mb']:5.1f} MB "
-                      f"ppl {ppl:9.2f} logprob {row['triviaqa_answer_logprob']:7.3f}  compress {t1 - t0:5.1f} s "
+                      f"ppl {ppl:9.2f} logprob {logprob:7.3f}  compress {t1 - t0:5.1f} s "
                       f"eval {t2 - t1:5.1f} s  hits {row['cache_hits'] or '-'}", flush=True)
             writer.writerow({c: _fmt(row.get(c)) for c in COLUMNS})
             handle.flush()
@@ -185,24 +178,31 @@ def baseline_path(table: Path) -> Path:
     return Path(table).with_suffix(".baseline.json")
 
 
-def score_baseline(location: str, data_dir: Path, eval_cfg: dict[str, Any], path: Path) -> None:
-    """The uncompressed model, scored exactly as the grid's points are."""
+def score(folder: Path, data_dir: Path, eval_cfg: dict[str, Any]) -> tuple[float, float]:
+    """(token perplexity, TriviaQA answer log-prob) of a checkpoint folder, as the grid scores it."""
     from slmsearch.compress.pipeline import load_checkpoint
     from slmsearch.evals.triviaqa import answer_logprob
     from slmsearch.evals.wikitext import token_perplexity
-    from slmsearch.fsutil import write_json_atomic
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_checkpoint(Path(location))
+    model, tokenizer = load_checkpoint(folder)
     ppl, _ = token_perplexity(model, tokenizer, data_dir, seqlen=eval_cfg["token_seqlen"],
                               n_windows=eval_cfg["token_windows"], batch_size=eval_cfg["batch_size"])
     logprob = answer_logprob(model, tokenizer, data_dir, limit=eval_cfg["logprob_limit"],
                              shots=eval_cfg["triviaqa_shots"], batch_size=eval_cfg["batch_size"])
-    record = {"wikitext_token_ppl": ppl, "triviaqa_answer_logprob": logprob["triviaqa_answer_logprob"],
+    return ppl, logprob["triviaqa_answer_logprob"]
+
+
+def score_baseline(location: str, data_dir: Path, eval_cfg: dict[str, Any], path: Path) -> None:
+    """The uncompressed model, scored exactly as the grid's points are."""
+    from slmsearch.fsutil import write_json_atomic
+
+    t0 = time.perf_counter()
+    ppl, logprob = score(Path(location), data_dir, eval_cfg)
+    record = {"wikitext_token_ppl": ppl, "triviaqa_answer_logprob": logprob,
               "eval": eval_cfg, "model": Path(location).name, "seconds": round(time.perf_counter() - t0, 2),
               "measured": time.strftime("%Y-%m-%d %H:%M %Z")}
     write_json_atomic(path, record)
-    print(f"baseline (uncompressed): token ppl {ppl:.2f}, answer log-prob {record['triviaqa_answer_logprob']:.3f} -> {path}",
+    print(f"baseline (uncompressed): token ppl {ppl:.2f}, answer log-prob {logprob:.3f} -> {path}",
           flush=True)
 
 

@@ -49,7 +49,7 @@ class ForwardCounter:
     """Counts ``LlamaForCausalLM.forward`` calls and the tokens they take, while entered."""
 
     def __init__(self) -> None:
-        self.counts = {"calls": 0, "forward_tokens": 0}
+        self.reset()
 
     def reset(self) -> None:
         self.counts = {"calls": 0, "forward_tokens": 0}
@@ -137,23 +137,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"| bare model(input_ids) | {mb:.2f} | {tokens / mb:,.0f} |")
     print(f"token_perplexity / bare = {mo / mb:.3f}   (goal <= {GOAL})")
 
+    counter = ForwardCounter()
+    gen_batch = settings.generation_batch_size
+
+    def tqa(cached: bool, bs: int, on: Any = None) -> tuple[float, dict[str, Any]]:
+        """One TriviaQA run (``on`` a model other than the default): seconds, answers, counts."""
+        counter.reset()
+        t = time.perf_counter()
+        with counter:
+            r = run_lm_eval(on or model, tokenizer, ["triviaqa"], data_dir=data_dir, num_fewshot=shots,
+                            limit=args.questions, batch_size=bs, log_samples=True, prefix_cache=cached)
+        seconds = time.perf_counter() - t
+        (name,) = r["results"]
+        samples = sorted(r["samples"][name], key=lambda x: x["doc_id"])
+        return seconds, {"answers": [x["filtered_resps"] for x in samples], "counts": dict(counter.counts),
+                         "em": r["results"][name]["exact_match,remove_whitespace"], "prefix": r["prefix_cache"]}
+
     # (2) TriviaQA generation: the study's path vs lm-eval's HFLM --------------------------------
     if not args.skip_generation:
-        counter = ForwardCounter()
-        gen_batch = settings.generation_batch_size
-
-        def tqa(cached: bool, bs: int, on: Any = None) -> tuple[float, dict[str, Any]]:
-            counter.reset()
-            t = time.perf_counter()
-            with counter:
-                r = run_lm_eval(on or model, tokenizer, ["triviaqa"], data_dir=data_dir, num_fewshot=shots,
-                                limit=args.questions, batch_size=bs, log_samples=True, prefix_cache=cached)
-            seconds = time.perf_counter() - t
-            (name,) = r["results"]
-            samples = sorted(r["samples"][name], key=lambda x: x["doc_id"])
-            return seconds, {"answers": [x["filtered_resps"] for x in samples], "counts": dict(counter.counts),
-                             "em": r["results"][name]["exact_match,remove_whitespace"], "prefix": r["prefix_cache"]}
-
         sides = {f"study path (shared prefix, batch {gen_batch})": (True, gen_batch),
                  f"lm-eval HFLM (batch {batch})": (False, batch)}
         tqa(*next(iter(sides.values())))  # warm-up: lm-eval imports, task files, datasets
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       "prefix": info["prefix"]}
             print(f"| {label} | {secs:.1f} | {args.questions / secs:.2f} | {info['counts']['forward_tokens']:,} | "
                   f"{info['counts']['calls']} | {info['em']:.3f} |")
-        (study_label, study_runs), (hflm_label, hflm_runs) = runs.items()
+        study_runs, hflm_runs = runs.values()
         same = sum(a == b for a, b in zip(study_runs[0][1]["answers"], hflm_runs[0][1]["answers"]))
         speedup = statistics.median(x for x, _ in hflm_runs) / statistics.median(x for x, _ in study_runs)
         res["triviaqa"]["speedup"] = speedup
@@ -183,13 +184,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # (3) a quantized trial model: gptqmodel's kernel vs the dense evaluation model -------------
     if args.plan:
+        from slmsearch.compress.cache import StageCache
         from slmsearch.compress.pipeline import load_checkpoint, run
         from slmsearch.compress.plan import Plan
         from slmsearch.models import resolve_model
 
         plan = Plan.from_yaml(Path(args.plan).read_text())
         t = time.perf_counter()
-        result = run(plan, resolve_model(args.model), data_dir, config.calib_settings())
+        result = run(plan, resolve_model(args.model), data_dir, config.calib_settings(), cache=StageCache())
         print(f"\n(3) quantized model {args.plan}: compressed (or found in the stage cache) in "
               f"{time.perf_counter() - t:.0f} s: {result.checkpoint_dir}")
         loaded = {}
@@ -208,14 +210,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows: dict[str, dict[str, Any]] = {}
         for label, (m, load_s) in loaded.items():
             ppl_runs = [ppl_on(m) for _ in range(args.repeats)]
-            secs, info = tqa(True, settings.generation_batch_size, on=m)
+            secs, info = tqa(True, gen_batch, on=m)
             rows[label] = {"load_s": load_s, "ppl_s": statistics.median(x for x, _ in ppl_runs), "ppl": ppl_runs[0][1],
                            "tqa_s": secs, "em": info["em"], "answers": info["answers"]}
         print(f"| model | load s | token ppl ({q_windows} x {args.seqlen}) s | token ppl | TriviaQA ({args.questions} q) s | exact match |")
         print("|---|---:|---:|---:|---:|---:|")
         for label, r in rows.items():
             print(f"| {label} | {r['load_s']:.1f} | {r['ppl_s']:.2f} | {r['ppl']:.2f} | {r['tqa_s']:.1f} | {r['em']:.3f} |")
-        (k_label, k), (d_label, d) = rows.items()
+        k, d = rows.values()
         same = sum(a == b for a, b in zip(k["answers"], d["answers"]))
         res["quantized"] = {label: {k2: v for k2, v in r.items() if k2 != "answers"} for label, r in rows.items()}
         res["quantized"]["same_answers"] = same

@@ -130,13 +130,13 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
             study.enqueue_trial(dict(zip(AXES, point)))
     found: dict[tuple[int, ...], tuple[float, ...]] = {}
     pruned: set[tuple[int, ...]] = set()
-    best_ppl: list[float] = []  # the best early token ppl among completed feasible trials so far
+    best_ppl: float | None = None  # the best early token ppl among completed feasible trials so far
     curve: list[tuple[int, int, float]] = []
     evaluated = 0
     repeats: list[int] = []
 
     def objective(trial: Any) -> tuple[float, ...]:
-        nonlocal evaluated
+        nonlocal evaluated, best_ppl
         point = tuple(trial.suggest_categorical(a, axes[a]) for a in AXES)
         row = table[point]
         over = row["footprint_mb"] - budget
@@ -150,11 +150,11 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
                     raise optuna.TrialPruned()
                 return tuple(row[m] for m, _ in OBJECTIVES)
         evaluated += 1
-        if baseline_ppl is not None and prune_reason(row["wikitext_token_ppl"], baseline_ppl,
-                                                     min(best_ppl, default=None), config.pruning):
+        ppl = row["wikitext_token_ppl"]
+        if baseline_ppl is not None and prune_reason(ppl, baseline_ppl, best_ppl, config.pruning):
             pruned.add(point)
             raise optuna.TrialPruned()
-        best_ppl.append(row["wikitext_token_ppl"])
+        best_ppl = ppl if best_ppl is None else min(best_ppl, ppl)
         found[point] = norm(row)
         return tuple(row[m] for m, _ in OBJECTIVES)
 
@@ -193,7 +193,9 @@ def load_baseline_ppl(table: Path) -> float:
     """The uncompressed model's token perplexity on the table's windows (``build_grid.py`` writes it)."""
     import json
 
-    path = table.with_suffix(".baseline.json")
+    from build_grid import baseline_path  # bench/ is the script's folder
+
+    path = baseline_path(table)
     if not path.is_file():
         raise SystemExit(f"{path} is missing: score the baseline with "
                          f"`bench/build_grid.py --out {table} --baseline-only`, or replay with --no-pruning")

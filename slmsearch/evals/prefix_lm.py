@@ -63,7 +63,7 @@ class PrefixCachedHFLM(HFLM):
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
         mask = generation_kwargs.get("attention_mask")
-        rows = [row[m.bool()] if mask is not None else row for row, m in zip(context, mask if mask is not None else context)]
+        rows = list(context) if mask is None else [row[m.bool()] for row, m in zip(context, mask)]  # unpadded
         n_prefix = 0 if self._prefix is None else self._prefix.numel()
         shared = n_prefix > 0 and all(r.numel() > n_prefix and torch.equal(r[:n_prefix], self._prefix) for r in rows)
         if not shared or generation_kwargs.get("do_sample"):  # lm-eval's own path (e.g. a truncated prompt)

@@ -17,16 +17,15 @@ def exact_match(
     shots: int,
     batch_size: int = 8,
     seed: int = 1234,
-    prefix_cache: bool = True,
 ) -> dict[str, float]:
     """``triviaqa_exact_match`` through lm-eval (greedy, any alias counts) on the first ``limit``
     scored questions, the pool's first ``shots`` examples (never scored) before each; the shared
-    shots are run through the model once (``prefix_cache``, see ``run_lm_eval``)."""
+    shots are run through the model once (see ``run_lm_eval``)."""
     from slmsearch.evals.lmeval import run_lm_eval
 
     out = run_lm_eval(
         model, tokenizer, ["triviaqa"], data_dir=data_dir, num_fewshot=shots, limit=limit,
-        batch_size=batch_size, seed=seed, prefix_cache=prefix_cache,
+        batch_size=batch_size, seed=seed,
     )
     (name,) = out["results"]
     return {

@@ -195,7 +195,7 @@ def evaluate_staged(trial: Any, ctx: TrialContext, checkpoint_dir: Path) -> dict
     settings = ctx.eval_settings
     pruning = ctx.config.pruning
     start = time.perf_counter()
-    model, tokenizer = load_checkpoint(checkpoint_dir, dense=True)  # GPTQ: dequantized fp32, same function
+    model, tokenizer = load_checkpoint(checkpoint_dir, dense=True)  # GPTQ: a dense copy in the kernel's dtype
     out: dict[str, Any] = {}
 
     def decide(windows_done: int, ppl: float) -> None:
