@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,49 @@ def gptqmodel_env() -> None:
     """Environment gptqmodel needs on small CPU machines; call before importing it."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+
+
+_LIMITED_POOLS: set[int] = set()  # id() of the gptqmodel thread pools whose workers were limited
+
+
+def limit_worker_threads() -> int:
+    """Give each of gptqmodel's CPU worker threads ``cores // workers`` torch threads; returns that.
+
+    gptqmodel solves modules (GPTQ's column loop, EoRA's eigendecomposition and SVD) on its own
+    worker threads, ``GPTQMODEL_CPU_WORKERS`` of them, and each starts with torch's default thread
+    count (all cores): 2 workers x 2 threads on 2 cores oversubscribe them, and LAPACK's SVD runs
+    ~6x slower (EoRA stage 86 s -> 62 s when limited; docs/benchmarks.md section 1). torch's thread
+    count is per thread, so it is set on each worker, by a task run on it; the caller's own count
+    (calibration forwards run on it) is left as it was. Once per pool; call after importing gptqmodel.
+    """
+    import gptqmodel
+
+    pool = gptqmodel.get_device_thread_pool()
+    workers = len(getattr(pool, "_worker_groups", {}).get("cpu", ())) or int(os.environ.get("GPTQMODEL_CPU_WORKERS", "1"))
+    own = torch.get_num_threads()
+    per_worker = max(1, own // workers)
+    if id(pool) in _LIMITED_POOLS:
+        return per_worker
+    barrier = threading.Barrier(workers)
+
+    def limit() -> int:
+        # Runs on a worker: it must not raise (a failed task makes gptqmodel end the process).
+        try:
+            barrier.wait(timeout=30)  # hold each worker until all have one task: one task per worker
+        except threading.BrokenBarrierError:
+            pass
+        torch.ones(1 << 16).add_(1)  # torch fixes a thread's count at its first parallel op: do it first
+        torch.set_num_threads(per_worker)
+        return torch.get_num_threads()
+
+    try:
+        futures = [pool.submit(torch.device("cpu"), limit) for _ in range(workers)]
+        for future in futures:
+            future.result(timeout=60)
+    finally:
+        torch.set_num_threads(own)  # set_num_threads also moves torch's default for new threads
+    _LIMITED_POOLS.add(id(pool))
+    return per_worker
 
 
 def compute_device() -> str:
@@ -104,6 +148,7 @@ class Gptq(Stage):
         gptqmodel_env()
         from gptqmodel import GPTQModel, QuantizeConfig
 
+        limit_worker_threads()
         _check_group_divides(Path(src_dir), self.group_size)
         with Timer() as t:
             zero_masks = _zero_masks(Path(src_dir)) if self.keep_sparsity else {}
@@ -142,6 +187,7 @@ class Eora(Stage):
                 from gptqmodel import GPTQModel
                 from gptqmodel.adapter.adapter import Lora
 
+                limit_worker_threads()
                 GPTQModel.adapter.generate(
                     adapter=Lora(path=str(Path(out_dir) / EORA_DIR), rank=self.rank),
                     model_id_or_path=str(base_dir),

@@ -149,3 +149,28 @@ def test_dense_evaluation_model_computes_the_quantized_model(quantized, name):
         got = dense(ids).logits.float()
     assert torch.allclose(got, ref, atol=0.02 * ref.abs().max().item())
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+def test_gptqmodel_workers_share_the_cores_instead_of_each_taking_all(quantized):
+    """The GPTQ stages above ran on gptqmodel's CPU workers: each must hold cores // workers torch
+    threads (not all cores each, which oversubscribes them), and this thread keeps its own count."""
+    import threading
+
+    import gptqmodel
+
+    pool = gptqmodel.get_device_thread_pool()
+    workers = len(pool._worker_groups["cpu"])
+    barrier = threading.Barrier(workers)
+
+    def probe():
+        try:
+            barrier.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            return None
+        return threading.current_thread().name, torch.get_num_threads()
+
+    own = torch.get_num_threads()
+    seen = dict(f.result(timeout=60) for f in [pool.submit(torch.device("cpu"), probe) for _ in range(workers)])
+    assert len(seen) == workers
+    assert set(seen.values()) == {max(1, own // workers)}, seen
+    assert torch.get_num_threads() == own
