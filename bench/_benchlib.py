@@ -398,8 +398,7 @@ def instrument_trial(prof: Profiler) -> list[str]:
     need(prof.patch_attr(cache_mod.StageCache, "verify", "cache verify (sha256 on lookup)", "overhead"), "verify")
     need(prof.patch_attr(cache_mod.StageCache, "evict", "cache evict scan", "overhead"), "evict")
     need(prof.patch_attr(calib_mod.Calibration, "from_data", "calibration tokens", "overhead"), "Calibration.from_data")
-    need(prof.patch_function(data_mod, "_valid_ids", "tokenize wiki.valid (lru)", "overhead"), "_valid_ids")
-    need(prof.patch_function(wiki_mod, "_test_ids", "tokenize wiki.test (lru)", "overhead"), "_test_ids")
+    need(prof.patch_function(data_mod, "wikitext_ids", "tokenize wiki.test / wiki.valid (cached)", "overhead"), "wikitext_ids")
     need(prof.patch_function(lmeval_mod, "local_task_dir", "lm-eval task files", "overhead"), "local_task_dir")
     try:
         import lm_eval.evaluator as ev_mod

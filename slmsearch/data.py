@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -137,12 +138,35 @@ def triviaqa_split(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str,
     return rows[:-TRIVIAQA_FEWSHOT_POOL], rows[-TRIVIAQA_FEWSHOT_POOL:]
 
 
-@lru_cache(maxsize=4)
-def _valid_ids(data_dir: Path, tokenizer_key: str, tokenizer: Any) -> Any:
+def tokenizer_key(tokenizer: Any) -> str:
+    """A content key of a tokenizer: the same tokenizer files loaded twice (every trial loads its
+    checkpoint's copy) give the same key, so a text is tokenized once per process."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: per object (the cache entry keeps it alive)
+        return f"object:{id(tokenizer)}"
+    digest = hashlib.sha256(backend.to_str().encode())
+    digest.update(repr(sorted(getattr(tokenizer, "special_tokens_map", {}).items())).encode())
+    return digest.hexdigest()
+
+
+_SPLIT_TEXT = {"test": wikitext_test_text, "valid": wikitext_valid_text}
+_TOKEN_IDS: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()  # at most 4, LRU
+
+
+def wikitext_ids(split: str, data_dir: Path, tokenizer: Any) -> Any:
+    """The token ids (LongTensor [n]) of a WikiText split, ``"test"`` or ``"valid"``, tokenized
+    once per process for each tokenizer content (``tokenizer_key``), not per tokenizer object."""
     import torch
 
-    ids = tokenizer(wikitext_valid_text(data_dir), return_tensors="pt").input_ids[0]
-    return ids.to(torch.long)
+    key = (split, str(data_dir), tokenizer_key(tokenizer))
+    if key in _TOKEN_IDS:
+        _TOKEN_IDS.move_to_end(key)
+        return _TOKEN_IDS[key][0]
+    ids = tokenizer(_SPLIT_TEXT[split](data_dir), return_tensors="pt").input_ids[0].to(torch.long)
+    _TOKEN_IDS[key] = (ids, tokenizer)  # the tokenizer is kept alive: an "object:" key stays unique
+    while len(_TOKEN_IDS) > 4:
+        _TOKEN_IDS.popitem(last=False)
+    return ids
 
 
 def calibration_tokens(
@@ -166,7 +190,7 @@ def calibration_tokens(
         raise SlmsearchError(
             f"calibration needs n_samples >= 1 and seqlen >= 2, got {n_samples} and {seqlen}"
         )
-    ids = _valid_ids(data_dir, str(getattr(tokenizer, "name_or_path", id(tokenizer))), tokenizer)
+    ids = wikitext_ids("valid", data_dir, tokenizer)
     cut = int(ids.numel() * 0.9)
     if part == "train":
         span = ids[:cut]

@@ -99,19 +99,24 @@ def test_replay_prunes_broken_points_as_the_study_does(tmp_path, capsys):
     assert max(results["random"]["curve_eval"]) <= 1.0 + 1e-9
 
 
-def test_test_text_is_tokenized_once_for_two_copies_of_a_tokenizer(tiny_checkpoint, data_dir, monkeypatch):
+def test_wikitext_is_tokenized_once_for_two_copies_of_a_tokenizer(tiny_checkpoint, data_dir, monkeypatch):
+    """Every trial loads its checkpoint's copy of the tokenizer: the test text (evaluation) and the
+    validation text (calibration, LoRA) must be tokenized once per process, not once per copy."""
     from transformers import AutoTokenizer
 
+    from slmsearch import data
     from slmsearch.evals import wikitext
 
     first = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
     second = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
-    assert wikitext.tokenizer_key(first) == wikitext.tokenizer_key(second)
-    monkeypatch.setattr(wikitext, "_TEST_IDS", wikitext.OrderedDict())
+    assert first is not second and data.tokenizer_key(first) == data.tokenizer_key(second)
+    monkeypatch.setattr(data, "_TOKEN_IDS", data.OrderedDict())
     calls = []
-    real = wikitext.wikitext_test_text
-    monkeypatch.setattr(wikitext, "wikitext_test_text", lambda d: calls.append(d) or real(d))
+    texts = {split: fn for split, fn in data._SPLIT_TEXT.items()}
+    monkeypatch.setattr(data, "_SPLIT_TEXT", {s: (lambda d, s=s: calls.append(s) or texts[s](d)) for s in texts})
     a = wikitext.test_windows(first, data_dir, 64, 2)
     b = wikitext.test_windows(second, data_dir, 64, 2)
-    assert len(calls) == 1
-    assert a.equal(b)
+    assert calls == ["test"] and a.equal(b)
+    c = data.calibration_tokens(first, data_dir, n_samples=2, seqlen=32, seed=0)
+    d = data.calibration_tokens(second, data_dir, n_samples=2, seqlen=32, seed=0)
+    assert calls == ["test", "valid"] and c.equal(d)

@@ -9,46 +9,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slmsearch.data import wikitext_test_text
+from slmsearch.data import wikitext_ids
 from slmsearch.errors import SlmsearchError
-
-
-_TEST_IDS: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (data dir, tokenizer key) -> ids, at most 4
-
-
-def tokenizer_key(tokenizer: Any) -> str:
-    """A content key of a tokenizer: the same tokenizer files loaded twice (every trial loads its
-    checkpoint's copy) give the same key, so the test text is tokenized once per process."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # a slow tokenizer: per object (the cache entry keeps it alive)
-        return f"object:{id(tokenizer)}"
-    digest = hashlib.sha256(backend.to_str().encode())
-    digest.update(repr(sorted(getattr(tokenizer, "special_tokens_map", {}).items())).encode())
-    return digest.hexdigest()
-
-
-def _test_ids(data_dir: Path, tokenizer: Any) -> Any:
-    key = (str(data_dir), tokenizer_key(tokenizer))
-    if key in _TEST_IDS:
-        _TEST_IDS.move_to_end(key)
-        return _TEST_IDS[key][0]
-    ids = tokenizer(wikitext_test_text(data_dir), return_tensors="pt").input_ids[0]
-    _TEST_IDS[key] = (ids, tokenizer)
-    while len(_TEST_IDS) > 4:
-        _TEST_IDS.popitem(last=False)
-    return ids
 
 
 def test_windows(tokenizer: Any, data_dir: Path, seqlen: int, n_windows: int | None) -> Any:
     """The first ``n_windows`` non-overlapping windows (LongTensor [n, seqlen]) of the test text."""
-    ids = _test_ids(data_dir, tokenizer)
+    ids = wikitext_ids("test", data_dir, tokenizer)
     available = ids.numel() // seqlen
     count = available if n_windows is None else n_windows
     if not 1 <= count <= available:
