@@ -16,8 +16,10 @@ evaluation, storage). Goal: A / B >= 3. Trial A is the process's first trial, so
 per-process costs (the base model's fingerprint, lm-eval's first task build: seconds, against a
 trial of minutes); ``--warmup`` pays them before it instead (see bench/trial_cost.py).
 
-Run (real model; ~15 min on 2 cores):
+Run (real model; ~10 min on 2 cores):
   flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/cache.py [--json out.json]
+The ratio is decided by how much of A the shared stages are: with the thesis study's LoRA length
+(``--space '{"lora_steps": 200}'``, ~16 min) A's LoRA is 400 s instead of 30 s and B costs the same.
 """
 
 from __future__ import annotations
