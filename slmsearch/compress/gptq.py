@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,32 @@ def gptqmodel_env() -> None:
     """Environment gptqmodel needs on small CPU machines; call before importing it."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+    no_progress_bars_off_a_terminal()
+
+
+def no_progress_bars_off_a_terminal() -> None:
+    """Let gptqmodel's progress bars (drawn by logbar) render only when stdout is a terminal.
+
+    logbar stops redrawing in CI or agent environments but not when stdout is a file or a pipe:
+    there a GPTQ + EoRA stage pair wrote 1.3 MB of redrawn bars and took ~7 s longer on 2 cores
+    (110 s -> 103 s, docs/benchmarks.md section 1). logbar has no switch for it, so its
+    environment check is wrapped to also answer "headless" off a terminal; nothing else of
+    logbar's output changes. Idempotent; does nothing if logbar is absent or has changed.
+    """
+    try:
+        from logbar import terminal
+    except ImportError:
+        return
+    check = getattr(terminal, "_is_headless_environment", None)
+    if check is None or getattr(check, "slmsearch_wrapped", False):
+        return
+
+    def headless(*, notebook: bool = False) -> bool:
+        isatty = getattr(sys.stdout, "isatty", None)
+        return check(notebook=notebook) or not (callable(isatty) and isatty())
+
+    headless.slmsearch_wrapped = True  # type: ignore[attr-defined]
+    terminal._is_headless_environment = headless
 
 
 _LIMITED_POOLS: set[int] = set()  # id() of the gptqmodel thread pools whose workers were limited

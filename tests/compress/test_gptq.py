@@ -174,3 +174,18 @@ def test_gptqmodel_workers_share_the_cores_instead_of_each_taking_all(quantized)
     assert len(seen) == workers
     assert set(seen.values()) == {max(1, own // workers)}, seen
     assert torch.get_num_threads() == own
+
+
+def test_gptqmodel_progress_bars_are_not_redrawn_into_a_file(monkeypatch):
+    """Off a terminal logbar must see a headless backend, so gptqmodel's bars are not redrawn
+    into logs (logbar alone says otherwise: under pytest, and off CI, it always draws)."""
+    import io
+    import sys
+
+    from logbar import terminal
+
+    from slmsearch.compress.gptq import gptqmodel_env
+
+    gptqmodel_env()
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert terminal.render_backend_state(stream=sys.stdout).headless
