@@ -19,7 +19,8 @@ from typing import Any
 
 from slmsearch.compress.cache import StageCache, entry_key
 from slmsearch.compress.calib import CalibSettings, Calibration
-from slmsearch.compress.gptq import EORA_DIR, Eora, Gptq, gptqmodel_env, is_gptq_folder
+from slmsearch.compress.gptq import EORA_DIR, Eora, Gptq, is_gptq_folder
+from slmsearch.compress.gptqmodel_runtime import compute_device, gptqmodel_env
 from slmsearch.compress.lora import ADAPTER_ATTR, LoraRecovery
 from slmsearch.compress.plan import Plan
 from slmsearch.compress.stage import StageReport
@@ -109,7 +110,6 @@ def load_checkpoint(folder: str | os.PathLike[str], *, dtype: str = "float32", d
         gptqmodel_env()
         from gptqmodel import GPTQModel
         from gptqmodel.adapter.adapter import Lora
-        from slmsearch.compress.gptq import compute_device
 
         kwargs: dict[str, Any] = {}
         if has_adapter:

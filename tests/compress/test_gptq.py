@@ -184,7 +184,7 @@ def test_gptqmodel_progress_bars_are_not_redrawn_into_a_file(monkeypatch):
 
     from logbar import terminal
 
-    from slmsearch.compress.gptq import gptqmodel_env
+    from slmsearch.compress.gptqmodel_runtime import gptqmodel_env
 
     gptqmodel_env()
     monkeypatch.setattr(sys, "stdout", io.StringIO())
