@@ -149,7 +149,8 @@ def estimate_trial_seconds(config: StudyConfig) -> float:
     settings = config.eval_settings()
     # per window / page / question, measured in bench/trial_cost.py (docs/benchmarks.md §1)
     eval_s = 0.6 * (settings.token_windows or 580) + 4 * (settings.word_pages or 62) + 0.2 * (settings.triviaqa_limit or 1900)
-    return 15 + gptq_share * 60 + eora_share * 110 + lora_share * 2.5 * space.lora_steps + eval_s
+    # GPTQ ~50 s and EoRA ~60 s per trial since gptqmodel's workers stopped oversubscribing the cores
+    return 15 + gptq_share * 50 + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s
 
 
 def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = None) -> dict[str, Any]:
