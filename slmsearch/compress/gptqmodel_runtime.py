@@ -82,6 +82,8 @@ def limit_worker_threads() -> int:
         futures = [pool.submit(torch.device("cpu"), limit) for _ in range(workers)]
         for future in futures:
             future.result(timeout=60)
+    except Exception:  # a speed-up only: a pool without CPU workers (or a stuck one) must not fail a stage
+        return per_worker
     finally:
         torch.set_num_threads(own)  # set_num_threads also moves torch's default for new threads
     _LIMITED_POOLS.add(id(pool))
