@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def gptqmodel_env() -> None:
@@ -45,6 +49,43 @@ def no_progress_bars_off_a_terminal() -> None:
     terminal._is_headless_environment = headless
 
 
+def _cpu_workers(pool: Any) -> int:
+    """How many CPU worker threads gptqmodel's pool runs (its own count, else the setting)."""
+    return len(getattr(pool, "_worker_groups", {}).get("cpu", ())) or int(os.environ.get("GPTQMODEL_CPU_WORKERS", "1"))
+
+
+def on_each_cpu_worker(fn: Callable[[], T], *, timeout_s: float = 60.0) -> list[T]:
+    """Run ``fn`` once on each of gptqmodel's CPU worker threads; returns the results in no order.
+
+    gptqmodel hands tasks to its workers itself, so each task first waits at a barrier until every
+    worker holds one: no worker gets two. A task that raises makes gptqmodel end the process, so
+    an exception of ``fn`` is carried back and raised here instead. Call after importing gptqmodel.
+    """
+    import gptqmodel
+
+    pool = gptqmodel.get_device_thread_pool()
+    workers = _cpu_workers(pool)
+    barrier = threading.Barrier(workers)
+
+    def task() -> tuple[bool, Any]:
+        try:
+            barrier.wait(timeout=timeout_s / 2)
+        except threading.BrokenBarrierError:
+            pass  # a worker that never came: run here all the same
+        try:
+            return True, fn()
+        except BaseException as exc:  # noqa: BLE001 - carried to the caller, never raised on a worker
+            return False, exc
+
+    results = []
+    for future in [pool.submit(torch.device("cpu"), task) for _ in range(workers)]:
+        ok, value = future.result(timeout=timeout_s)
+        if not ok:
+            raise value
+        results.append(value)
+    return results
+
+
 _LIMITED_POOLS: set[int] = set()  # id() of the gptqmodel thread pools whose workers were limited
 
 
@@ -61,27 +102,18 @@ def limit_worker_threads() -> int:
     import gptqmodel
 
     pool = gptqmodel.get_device_thread_pool()
-    workers = len(getattr(pool, "_worker_groups", {}).get("cpu", ())) or int(os.environ.get("GPTQMODEL_CPU_WORKERS", "1"))
     own = torch.get_num_threads()
-    per_worker = max(1, own // workers)
+    per_worker = max(1, own // _cpu_workers(pool))
     if id(pool) in _LIMITED_POOLS:
         return per_worker
-    barrier = threading.Barrier(workers)
 
     def limit() -> int:
-        # Runs on a worker: it must not raise (a failed task makes gptqmodel end the process).
-        try:
-            barrier.wait(timeout=30)  # hold each worker until all have one task: one task per worker
-        except threading.BrokenBarrierError:
-            pass
         torch.ones(1 << 16).add_(1)  # torch fixes a thread's count at its first parallel op: do it first
         torch.set_num_threads(per_worker)
         return torch.get_num_threads()
 
     try:
-        futures = [pool.submit(torch.device("cpu"), limit) for _ in range(workers)]
-        for future in futures:
-            future.result(timeout=60)
+        on_each_cpu_worker(limit)
     except Exception:  # a speed-up only: a pool without CPU workers (or a stuck one) must not fail a stage
         return per_worker
     finally:

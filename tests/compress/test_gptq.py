@@ -158,22 +158,26 @@ def test_gptqmodel_workers_share_the_cores_instead_of_each_taking_all(quantized)
 
     import gptqmodel
 
-    pool = gptqmodel.get_device_thread_pool()
-    workers = len(pool._worker_groups["cpu"])
-    barrier = threading.Barrier(workers)
+    from slmsearch.compress.gptqmodel_runtime import on_each_cpu_worker
 
-    def probe():
-        try:
-            barrier.wait(timeout=30)
-        except threading.BrokenBarrierError:
-            return None
-        return threading.current_thread().name, torch.get_num_threads()
-
+    workers = len(gptqmodel.get_device_thread_pool()._worker_groups["cpu"])
     own = torch.get_num_threads()
-    seen = dict(f.result(timeout=60) for f in [pool.submit(torch.device("cpu"), probe) for _ in range(workers)])
-    assert len(seen) == workers
+    seen = dict(on_each_cpu_worker(lambda: (threading.current_thread().name, torch.get_num_threads())))
+    assert len(seen) == workers  # one probe on each worker
     assert set(seen.values()) == {max(1, own // workers)}, seen
     assert torch.get_num_threads() == own
+
+
+def test_a_failing_worker_task_is_raised_in_the_caller_not_on_the_worker(quantized):
+    """gptqmodel ends the process when a worker task raises: the error must come back here."""
+    from slmsearch.compress.gptqmodel_runtime import on_each_cpu_worker
+
+    def fail():
+        raise ValueError("probe failed")
+
+    with pytest.raises(ValueError, match="probe failed"):
+        on_each_cpu_worker(fail)
+    assert len(on_each_cpu_worker(lambda: 1)) >= 1  # the workers are still there
 
 
 def test_gptqmodel_progress_bars_are_not_redrawn_into_a_file(monkeypatch):
