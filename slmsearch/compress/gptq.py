@@ -25,7 +25,12 @@ import torch
 
 from slmsearch.compress import kernels
 from slmsearch.compress.calib import Calibration
-from slmsearch.compress.gptqmodel_runtime import compute_device, gptqmodel_env, limit_worker_threads
+from slmsearch.compress.gptqmodel_runtime import (
+    compute_device,
+    gptqmodel_env,
+    limit_worker_threads,
+    module_logs_out_of_the_working_directory,
+)
 from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range
 from slmsearch.errors import SlmsearchError
 
@@ -97,7 +102,7 @@ class Gptq(Stage):
 
         limit_worker_threads()
         _check_group_divides(Path(src_dir), self.group_size)
-        with Timer() as t:
+        with Timer() as t, module_logs_out_of_the_working_directory():
             zero_masks = _zero_masks(Path(src_dir)) if self.keep_sparsity else {}
             qcfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=True, device=compute_device())
             model = GPTQModel.load(str(src_dir), quantize_config=qcfg, dtype=torch.bfloat16)
@@ -135,16 +140,17 @@ class Eora(Stage):
                 from gptqmodel.adapter.adapter import Lora
 
                 limit_worker_threads()
-                GPTQModel.adapter.generate(
-                    adapter=Lora(path=str(Path(out_dir) / EORA_DIR), rank=self.rank),
-                    model_id_or_path=str(base_dir),
-                    quantized_model_id_or_path=str(src_dir),
-                    calibration_dataset=calibration_rows(calib),
-                    batch_size=calib.settings.batch,
-                    tokenizer=calib.tokenizer,
-                    dtype=torch.bfloat16,
-                    device=compute_device(),
-                )
+                with module_logs_out_of_the_working_directory():
+                    GPTQModel.adapter.generate(
+                        adapter=Lora(path=str(Path(out_dir) / EORA_DIR), rank=self.rank),
+                        model_id_or_path=str(base_dir),
+                        quantized_model_id_or_path=str(src_dir),
+                        calibration_dataset=calibration_rows(calib),
+                        batch_size=calib.settings.batch,
+                        tokenizer=calib.tokenizer,
+                        dtype=torch.bfloat16,
+                        device=compute_device(),
+                    )
                 if not (Path(out_dir) / EORA_DIR / "adapter_config.json").is_file():
                     raise SlmsearchError(f"gptqmodel wrote no EoRA adapter under {Path(out_dir) / EORA_DIR}")
         return StageReport(self.kind, self.to_dict(), t.seconds, {"rank": self.rank})

@@ -7,9 +7,13 @@ gptqmodel and logbar are imported inside the functions that need them (heavy imp
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -47,6 +51,37 @@ def no_progress_bars_off_a_terminal() -> None:
 
     headless.slmsearch_wrapped = True  # type: ignore[attr-defined]
     terminal._is_headless_environment = headless
+
+
+@contextmanager
+def module_logs_out_of_the_working_directory() -> Iterator[Path | None]:
+    """Send the per-module logs gptqmodel writes during a quantize or EoRA run to a temporary
+    folder, removed afterwards, instead of ``./logs`` of whatever directory slmsearch was started in.
+
+    gptqmodel appends one JSON record per module (loss, time, samples) to
+    ``logs/<processor>_log_<random>_time_<date>.log`` relative to the working directory, two new
+    files per trial, and has no setting for it; a study left hundreds of them in the user's folder.
+    The GPTQ loss per module is also in the checkpoint's ``quant_log.csv``, so nothing is lost.
+    The records are written by one of gptqmodel's worker threads after the module is done, so the
+    folder is removed only once that pool has drained; after a failure it is left in the
+    temporary directory rather than pulled from under a write still queued. Yields the folder
+    (None, and changes nothing, if gptqmodel has moved the setting). Call after gptqmodel_env.
+    """
+    import gptqmodel
+    from gptqmodel.looper import loop_processor
+
+    previous = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    if not isinstance(previous, Path):
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="slmsearch-gptqmodel-logs-"))
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield folder
+        gptqmodel.get_device_thread_pool().wait("cpu")  # the queued log writes land before removal
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        loop_processor._PROJECT_LOG_DIR = previous
 
 
 def _cpu_workers(pool: Any) -> int:

@@ -22,15 +22,21 @@ LAYER = "model.layers.1.mlp.up_proj"
 
 @pytest.fixture(scope="module")
 def quantized(tiny_base, tmp_path_factory):
+    """The three plans, quantized from an empty working directory; ``plans["cwd_after"]`` lists
+    what the runs left in it."""
     cache = StageCache(tmp_path_factory.mktemp("cache") / "stages")
     settings = CalibSettings(**TINY_CALIB)
+    workdir = tmp_path_factory.mktemp("workdir")
     plans = {}
-    for name, text in {
-        "gptq": "[{stage: gptq, bits: 4, group_size: 32}]",
-        "eora": "[{stage: gptq, bits: 4, group_size: 32}, {stage: eora, rank: 16}]",
-        "sparse": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32}]",
-    }.items():
-        plans[name] = run(Plan.from_yaml(text), str(tiny_base), DATA_DIR, settings, cache=cache)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        for name, text in {
+            "gptq": "[{stage: gptq, bits: 4, group_size: 32}]",
+            "eora": "[{stage: gptq, bits: 4, group_size: 32}, {stage: eora, rank: 16}]",
+            "sparse": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32}]",
+        }.items():
+            plans[name] = run(Plan.from_yaml(text), str(tiny_base), DATA_DIR, settings, cache=cache)
+    plans["cwd_after"] = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     return plans
 
 
@@ -178,6 +184,29 @@ def test_a_failing_worker_task_is_raised_in_the_caller_not_on_the_worker(quantiz
     with pytest.raises(ValueError, match="probe failed"):
         on_each_cpu_worker(fail)
     assert len(on_each_cpu_worker(lambda: 1)) >= 1  # the workers are still there
+
+
+def test_quantizing_leaves_nothing_in_the_working_directory(quantized):
+    # gptqmodel writes a log file per quantize / EoRA run into ./logs unless redirected
+    assert quantized["cwd_after"] == []
+
+
+def test_module_logs_go_to_a_temporary_folder_removed_afterwards(tmp_path, monkeypatch):
+    from slmsearch.compress.gptqmodel_runtime import gptqmodel_env, module_logs_out_of_the_working_directory
+
+    gptqmodel_env()
+    from gptqmodel.looper import loop_processor
+
+    monkeypatch.chdir(tmp_path)
+    before = loop_processor._PROJECT_LOG_DIR
+    with module_logs_out_of_the_working_directory() as folder:
+        assert folder is not None and folder.is_dir() and tmp_path not in folder.parents
+        path = loop_processor.LoopProcessor._build_log_file_path("gptq", "now")
+        assert path.parent == folder
+        path.write_text("{}")
+    assert not folder.exists()
+    assert loop_processor._PROJECT_LOG_DIR == before
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gptqmodel_progress_bars_are_not_redrawn_into_a_file(monkeypatch):
