@@ -119,6 +119,28 @@ def _with_trials(config: Any, n: int) -> Any:
     return with_overrides(config, trials=n)
 
 
+B_SHARES = ("depth", "wanda", "lora", "embedding")  # the stages B's plan has in common with A's
+
+
+def shared_work_line(a: dict[str, Any], b: dict[str, Any], shares: tuple[str, ...] = B_SHARES) -> str:
+    """What the cache can do for B at these stage costs, against what it did.
+
+    A cache of the stages B shares with A can at best take their time off B; if B's own stages
+    cost what A's do, B >= A - shared, so A / B <= A / (A - shared) whatever the cache does. The
+    line gives that bound, the shared stages B still ran (none, if the cache works) and B's time
+    beyond A - shared (B's own stages costing more or less than A's: a 2-bit GPTQ is not a 3-bit
+    one; A also pays the process's first-trial costs).
+    """
+    a_stages, b_stages = a["stage_seconds"] or {}, b["stage_seconds"] or {}
+    shared = [k for k in a_stages if k in shares]
+    shared_s = sum(a_stages[k] for k in shared)
+    rerun = [k for k in b_stages if k in shared]
+    bound = a["wall_s"] / max(a["wall_s"] - shared_s, 1e-9)
+    return (f"shared stages ({', '.join(shared) or 'none'}) cost A {shared_s:.1f} s of {a['wall_s']:.1f} s; "
+            f"B re-ran {', '.join(rerun) or 'none of them'}; best A / B any cache of them allows: "
+            f"{bound:.2f}; B - (A - shared) = {b['wall_s'] - (a['wall_s'] - shared_s):+.1f} s")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -146,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{compress:.1f} | {r['eval_s'] or 0:.1f} | {r['wall_s']:.1f} | {cold / r['wall_s']:.2f} |")
     if len(rows) > 1:
         print(f"A / B (shares depth + WANDA + LoRA): {cold / rows[1]['wall_s']:.2f}   (goal >= {GOAL})")
+        print(shared_work_line(rows[0], rows[1]))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     return res

@@ -120,3 +120,17 @@ def test_wikitext_is_tokenized_once_for_two_copies_of_a_tokenizer(tiny_checkpoin
     c = data.calibration_tokens(first, data_dir, n_samples=2, seqlen=32, seed=0)
     d = data.calibration_tokens(second, data_dir, n_samples=2, seqlen=32, seed=0)
     assert calls == ["test", "valid"] and c.equal(d)
+
+
+def test_cache_bench_states_the_bound_a_cache_of_the_shared_stages_allows():
+    from cache import shared_work_line
+
+    a = {"wall_s": 200.0, "cache_hits": [], "stage_seconds": {"depth": 10.0, "lora": 40.0, "gptq": 60.0, "eora": 60.0}}
+    b = {"wall_s": 155.0, "cache_hits": ["depth", "lora"], "stage_seconds": {"gptq": 65.0, "eora": 60.0}}
+    line = shared_work_line(a, b, shares=("depth", "lora"))
+    assert "cost A 50.0 s of 200.0 s" in line
+    assert "B re-ran none of them" in line
+    assert "allows: 1.33" in line  # 200 / (200 - 50)
+    assert "B - (A - shared) = +5.0 s" in line
+    b_missed = {**b, "cache_hits": ["depth"], "stage_seconds": {"lora": 40.0, **b["stage_seconds"]}}
+    assert "B re-ran lora" in shared_work_line(a, b_missed, shares=("depth", "lora"))
