@@ -6,6 +6,7 @@ gptqmodel and logbar are imported inside the functions that need them (heavy imp
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -18,7 +19,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from slmsearch.errors import SlmsearchError
+
 T = TypeVar("T")
+
+
+LOG_LEVEL_ENV = "SLMSEARCH_GPTQMODEL_LOG"  # gptqmodel's log level: WARNING by default, INFO for its tables
 
 
 def gptqmodel_env() -> None:
@@ -26,6 +32,34 @@ def gptqmodel_env() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
     no_progress_bars_off_a_terminal()
+    gptqmodel_log_level()
+
+
+def gptqmodel_log_level() -> str:
+    """Show gptqmodel's warnings and errors only, unless ``$SLMSEARCH_GPTQMODEL_LOG`` names another
+    level (e.g. INFO); returns the level set.
+
+    At INFO gptqmodel prints a banner, its load reports and a table row per quantized module,
+    each followed by a blank line: ~22,000 of the ~24,800 lines `make demo` printed, around the
+    study's own few dozen. It logs through logbar's one shared logger, which logbar creates at
+    INFO; this sets that logger's level (creating it first, so gptqmodel's import finds it set),
+    and the level of tokenicer, gptqmodel's tokenizer helper, which logs through the standard
+    ``logging`` at INFO (its import calls ``logging.basicConfig(level=INFO)``). Does nothing to
+    logbar if it is absent.
+    """
+    level = os.environ.get(LOG_LEVEL_ENV, "WARNING").strip().upper() or "WARNING"
+    try:
+        logging.getLogger("tokenicer").setLevel(level)
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(level)
+    except ImportError:
+        return level
+    except (ValueError, TypeError):
+        raise SlmsearchError(
+            f"{LOG_LEVEL_ENV}={os.environ.get(LOG_LEVEL_ENV)!r} is not a log level; use DEBUG, INFO, WARNING or ERROR"
+        ) from None
+    return level
 
 
 def no_progress_bars_off_a_terminal() -> None:

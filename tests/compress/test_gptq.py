@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -207,6 +208,36 @@ def test_module_logs_go_to_a_temporary_folder_removed_afterwards(tmp_path, monke
     assert not folder.exists()
     assert loop_processor._PROJECT_LOG_DIR == before
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gptqmodel_logs_warnings_only_unless_asked_for_more(monkeypatch, capfd):
+    from slmsearch.compress.gptqmodel_runtime import LOG_LEVEL_ENV, gptqmodel_env
+
+    monkeypatch.delenv(LOG_LEVEL_ENV, raising=False)
+    gptqmodel_env()
+    from gptqmodel.utils.logger import setup_logger
+
+    log = setup_logger()  # the logger gptqmodel's modules log through
+    try:
+        capfd.readouterr()
+        log.info("module table row 1")
+        log.warn("a gptqmodel warning 1")
+        shown = "".join(capfd.readouterr())
+        assert "module table row 1" not in shown and "a gptqmodel warning 1" in shown
+        # tokenicer (gptqmodel's tokenizer helper) logs through stdlib logging and configures the
+        # root logger at INFO on import; its own logger is set instead
+        assert logging.getLogger("tokenicer").getEffectiveLevel() == logging.WARNING
+        monkeypatch.setenv(LOG_LEVEL_ENV, "info")
+        gptqmodel_env()
+        log.info("module table row 2")
+        assert "module table row 2" in "".join(capfd.readouterr())
+        assert logging.getLogger("tokenicer").getEffectiveLevel() == logging.INFO
+        monkeypatch.setenv(LOG_LEVEL_ENV, "loud")
+        with pytest.raises(SlmsearchError, match=f"{LOG_LEVEL_ENV}='loud' is not a log level"):
+            gptqmodel_env()
+    finally:
+        monkeypatch.delenv(LOG_LEVEL_ENV)
+        gptqmodel_env()
 
 
 def test_gptqmodel_progress_bars_are_not_redrawn_into_a_file(monkeypatch):
