@@ -251,7 +251,9 @@ def test_ctrl_c_during_gptq_stops_a_background_worker(tmp_path, small_checkpoint
     study_file.write_text(text)
     log = tmp_path / "worker.log"
     cache = tmp_path / "cache"
-    env = {**os.environ, "SLMSEARCH_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # gptqmodel's INFO log ("Quantizing layer ...") tells the test that GPTQ is running
+    env = {**os.environ, "SLMSEARCH_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "SLMSEARCH_GPTQMODEL_LOG": "INFO"}
     with log.open("w") as handle:
         proc = subprocess.Popen(
             [sys.executable, "-m", "slmsearch", "optimize", "--study", str(study_file)], env=env,
