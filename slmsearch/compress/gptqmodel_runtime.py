@@ -39,9 +39,9 @@ def gptqmodel_log_level() -> str:
     """Show gptqmodel's warnings and errors only, unless ``$SLMSEARCH_GPTQMODEL_LOG`` names another
     level (e.g. INFO); returns the level set.
 
-    At INFO gptqmodel prints a banner, its load reports and a table row per quantized module,
-    each followed by a blank line: ~22,000 of the ~24,800 lines `make demo` printed, around the
-    study's own few dozen. It logs through logbar's one shared logger, which logbar creates at
+    At INFO gptqmodel prints a banner, its load reports and a table row per quantized module:
+    11,109 of the 13,400 lines `make demo` printed (1,474 lines in all with this; the study's own
+    progress is a few dozen of them). It logs through logbar's one shared logger, which logbar creates at
     INFO; this sets that logger's level (creating it first, so gptqmodel's import finds it set),
     and the level of tokenicer, gptqmodel's tokenizer helper, which logs through the standard
     ``logging`` at INFO (its import calls ``logging.basicConfig(level=INFO)``). Does nothing to
