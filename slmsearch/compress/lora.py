@@ -50,7 +50,7 @@ class LoraRecovery(Stage):
     batch: int = 2  # windows per step
     seqlen: int = 256  # tokens per window
     alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
-    heldout: int = 8  # held-out windows for the before/after loss
+    heldout: int = 8  # held-out windows for the before/after loss report; 0 = no report (a study's default)
 
     def __post_init__(self) -> None:
         check_range("lora", "rank", self.rank, 0, 4096, integer=True)
@@ -59,7 +59,7 @@ class LoraRecovery(Stage):
         check_range("lora", "batch", self.batch, 1, 4096, integer=True)
         check_range("lora", "seqlen", self.seqlen, 8, 1 << 20, integer=True)
         check_range("lora", "alpha", self.alpha, 1e-6, 1e6)
-        check_range("lora", "heldout", self.heldout, 1, 4096, integer=True)
+        check_range("lora", "heldout", self.heldout, 0, 4096, integer=True)
         if not isinstance(self.merge, bool):
             raise SlmsearchError(f"lora.merge must be true or false, got {self.merge!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -80,9 +80,9 @@ class LoraRecovery(Stage):
 
         seed = calib.settings.seed
         train = calib.samples(self.steps * self.batch, seqlen=self.seqlen, seed=seed + TRAIN_SEED_OFFSET)
-        held = calib.samples(self.heldout, part="heldout", seqlen=self.seqlen, seed=seed + HELDOUT_SEED_OFFSET)
+        held = calib.samples(self.heldout, part="heldout", seqlen=self.seqlen, seed=seed + HELDOUT_SEED_OFFSET) if self.heldout else None
         model.eval()
-        loss_before = mean_loss(model, held)
+        loss_before = mean_loss(model, held) if held is not None else None
         config = LoraConfig(
             r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=list(self.targets), bias="none"
         )
@@ -103,7 +103,7 @@ class LoraRecovery(Stage):
         del optimizer
         # One held-out loss after training, on the model that goes on: merged (below) or with the
         # adapter kept. (Scoring both the adapter and its merge was a third pass that changes nothing.)
-        loss_after_adapter = None if self.merge else mean_loss(peft_model, held)
+        loss_after_adapter = None if self.merge or held is None else mean_loss(peft_model, held)
         zeros_before = 0
         if self.merge:
             zeros_before = _merge_masked(peft_model)
@@ -114,16 +114,16 @@ class LoraRecovery(Stage):
             raise SlmsearchError("peft returned a different model object after unload")
         for p in model.parameters():
             p.requires_grad_(False)
-        metrics: dict[str, Any] = {
-            "loss_curve": curve,
-            "heldout_loss_before": loss_before,
-            "trainable_params": sum(p.numel() for p in params),
-        }
+        metrics: dict[str, Any] = {"loss_curve": curve, "trainable_params": sum(p.numel() for p in params)}
+        if held is not None:
+            metrics["heldout_loss_before"] = loss_before
         if self.merge:
-            metrics["heldout_loss_after_merge"] = mean_loss(model, held)
+            if held is not None:
+                metrics["heldout_loss_after_merge"] = mean_loss(model, held)
             metrics["zeros_kept"] = zeros_before
         else:
-            metrics["heldout_loss_after"] = loss_after_adapter
+            if held is not None:
+                metrics["heldout_loss_after"] = loss_after_adapter
             setattr(model, ADAPTER_ATTR, {"config": config, "state": adapter_state})
         return metrics
 

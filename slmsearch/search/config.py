@@ -69,6 +69,9 @@ class SpaceConfig:
     unstructured_sparsity: tuple[float, float] = (0.1, 0.5)  # WANDA unstructured sparsity
     lora_ranks: tuple[int, ...] = (0, 4, 8, 16)  # LoRA recovery rank, 0 = none
     lora_steps: int = 10  # optimizer steps per recovery (about 2.5 s each on 2 cores)
+    # held-out windows for LoRA's before/after loss report; 0 = none: the trial's evaluation measures
+    # quality, and 8 windows were ~7 s (4%) of a default trial on 2 cores (docs/benchmarks.md section 1)
+    lora_heldout: int = 0
     gptq_bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # 16 = no GPTQ
     group_sizes: tuple[int, ...] = (32, 64, 128)  # filtered to those dividing the model's dims
     act_order: tuple[bool, ...] = (False,)
@@ -87,6 +90,8 @@ class SpaceConfig:
         object.__setattr__(self, "lora_ranks", _choices(s, "lora_ranks", self.lora_ranks, tuple(range(0, 1025))))
         if not 1 <= self.lora_steps <= 100_000:
             raise SlmsearchError(f"space.lora_steps must be >= 1, got {self.lora_steps}")
+        if not 0 <= self.lora_heldout <= 4096:
+            raise SlmsearchError(f"space.lora_heldout must be 0 (no report) to 4096 windows, got {self.lora_heldout}")
         object.__setattr__(self, "gptq_bits", _choices(s, "gptq_bits", self.gptq_bits, GPTQ_BITS))
         object.__setattr__(self, "group_sizes", _choices(s, "group_sizes", self.group_sizes, GROUP_SIZES))
         object.__setattr__(self, "act_order", _choices(s, "act_order", self.act_order, (False, True)))

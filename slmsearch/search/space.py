@@ -79,7 +79,7 @@ def plan_from_params(params: dict[str, Any], space: SpaceConfig, dims: dict[str,
         stages.append({"stage": "wanda", "pattern": "unstructured", "sparsity": float(params["sparsity"])})
     rank = int(params.get("lora_rank", 0))
     if rank and stages:  # recovery only after something was removed
-        stages.append({"stage": "lora", "rank": rank, "steps": int(params.get("lora_steps", 10))})
+        stages.append({"stage": "lora", "rank": rank, "steps": int(params.get("lora_steps", 10)), "heldout": space.lora_heldout})
     emb = int(params.get("embedding_bits", 16))
     if emb != 16:
         stages.append({"stage": "embedding", "bits": emb})

@@ -56,3 +56,11 @@ def test_embedding_16_is_noop(model):
     before = model.get_input_embeddings().weight.clone()
     EmbeddingQuant(bits=16).apply(model)
     assert torch.equal(model.get_input_embeddings().weight, before)
+
+
+def test_heldout_zero_trains_without_the_loss_report(model, calib):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = LoraRecovery(rank=2, steps=2, seqlen=32, heldout=0).apply(model, calib)
+    assert len(report.metrics["loss_curve"]) == 2
+    assert not [k for k in report.metrics if k.startswith("heldout")]
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -10,6 +10,19 @@ def test_default_and_thesis_study_files_load():
     assert [o.metric for o in default.objectives] == ["wikitext_word_ppl", "triviaqa_exact_match", "decode_latency_s"]
     thesis = load_study_config(STUDIES_DIR / "llama-3.2-1b-siracusa.yaml")
     assert thesis.model == "meta-llama/Llama-3.2-1B"
+    assert (default.space.lora_heldout, thesis.space.lora_heldout) == (0, 8)
+
+
+def test_the_space_passes_lora_heldout_to_the_lora_stage():
+    from slmsearch.search.config import SpaceConfig
+    from slmsearch.search.space import plan_from_params
+
+    dims = {"hidden": 576, "attn_out": 576, "intermediate": 1536}
+    params = {"drop_layers": 2, "wanda_pattern": "none", "lora_rank": 8, "lora_steps": 3, "embedding_bits": 16, "gptq_bits": 16}
+    for heldout in (0, 8):
+        plan = plan_from_params(params, SpaceConfig(lora_heldout=heldout), dims, 30).to_dict()
+        lora = [stage for stage in plan["stages"] if stage["stage"] == "lora"]
+        assert len(lora) == 1 and lora[0]["heldout"] == heldout and lora[0]["steps"] == 3
 
 
 def _write(tmp_path, text):
@@ -31,6 +44,7 @@ def _write(tmp_path, text):
         ("calibration: {samples: 3}\n", "'samples'"),
         ("objectives: [{metric: accuracy, direction: maximize}]\n", "'accuracy'"),
         ("sampler: cmaes\n", "'cmaes'"),
+        ("space: {lora_heldout: -1}\n", "space.lora_heldout must be 0 (no report) to 4096 windows, got -1"),
     ],
 )
 def test_bad_study_files_name_the_value(tmp_path, text, needle):
