@@ -1,10 +1,11 @@
 """Command line: each command parses its flags, calls one library function, prints the result.
 
-A :class:`~slmsearch.errors.SlmsearchError` becomes one line on stderr and exit code 2.
+A :class:`~slmsearch.errors.SlmsearchError`, or a full disk, becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(func: F) -> F:
-    """Turn a SlmsearchError into ``error: <message>`` and exit code 2."""
+    """Turn a SlmsearchError, or a full disk, into ``error: <message>`` and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -27,8 +28,35 @@ def user_errors(func: F) -> F:
         except SlmsearchError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(getattr(exc, "exit_code", 2))  # 2; 130 for an interrupted study
+        except Exception as exc:
+            detail = out_of_space(exc)
+            if detail is None:
+                raise
+            click.echo(
+                f"error: no space left on device ({detail}); free space, or point SLMSEARCH_CACHE (stage "
+                "cache) and SLMSEARCH_RUNS (studies) at a larger disk, then re-run the same command to resume",
+                err=True,
+            )
+            sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def out_of_space(exc: BaseException) -> str | None:
+    """The first line of ``exc`` (or of an exception it was raised from) if it reports a full disk
+    or quota: an OSError with ENOSPC/EDQUOT, or a library's own error that says so in its text
+    (safetensors raises ``SafetensorError: ... No space left on device (os error 28)``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = (str(current).strip().splitlines() or [type(current).__name__])[0]
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return text[:200]
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return text[:200]
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @click.group()

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 from click.testing import CliRunner
 
 from slmsearch.cli import main
@@ -51,3 +52,45 @@ def test_eval_writes_json(tmp_path, data_dir, default_model):
     assert record["metrics"]["wikitext_token_ppl"] > 1
     assert record["counts"]["wikitext_token_windows"] == 1
     assert set(record["data_sha256"]) == {"wikitext_test_raw", "wikitext_test_pages", "wikitext_valid_tokens", "triviaqa_dev"}
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(28, "No space left on device", "/cache/stages/x/model.safetensors"),
+        # safetensors' own error type carries the OS error only in its text
+        type("SafetensorError", (Exception,), {})("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+)
+def test_a_full_disk_is_one_error_line_that_says_how_to_resume(exc):
+    import click
+
+    from slmsearch.cli import user_errors
+
+    @click.command()
+    @user_errors
+    def writes() -> None:
+        try:
+            raise exc
+        except Exception as inner:
+            raise RuntimeError("stage cache fill failed") from inner
+
+    result = CliRunner().invoke(writes, [])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on device (")
+    assert "No space left on device" in lines[0] and "SLMSEARCH_CACHE" in lines[0] and "resume" in lines[0]
+
+
+def test_other_unexpected_errors_keep_their_traceback():
+    import click
+
+    from slmsearch.cli import user_errors
+
+    @click.command()
+    @user_errors
+    def broken() -> None:
+        raise ValueError("a bug")
+
+    result = CliRunner().invoke(broken, [])
+    assert isinstance(result.exception, ValueError) and result.exit_code == 1
