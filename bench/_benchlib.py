@@ -327,6 +327,7 @@ def instrument_trial(prof: Profiler) -> list[str]:
     import torch
     from transformers.models.llama import modeling_llama as ml
 
+    import slmsearch.checkpoint as checkpoint_mod
     import slmsearch.compress.cache as cache_mod
     import slmsearch.compress.calib as calib_mod
     import slmsearch.compress.lora as lora_mod
@@ -392,8 +393,8 @@ def instrument_trial(prof: Profiler) -> list[str]:
     # overheads
     need(prof.patch_function(models_mod, "load_model", "load model (from_pretrained)", "overhead"), "load_model")
     need(prof.patch_function(models_mod, "model_fingerprint", "base fingerprint (sha256)", "overhead"), "model_fingerprint")
-    need(prof.patch_function(pipeline_mod, "save_checkpoint", "save checkpoint (save_pretrained)", "overhead"), "save_checkpoint")
-    need(prof.patch_function(pipeline_mod, "load_checkpoint", "load checkpoint for eval", "overhead"), "load_checkpoint")
+    need(prof.patch_function(checkpoint_mod, "save", "save checkpoint (save_pretrained)", "overhead"), "checkpoint.save")
+    need(prof.patch_function(checkpoint_mod, "load", "load checkpoint for eval", "overhead"), "checkpoint.load")
     need(prof.patch_function(cache_mod, "write_manifest", "cache manifest (sha256 of new entry)", "overhead"), "write_manifest")
     need(prof.patch_attr(cache_mod.StageCache, "verify", "cache verify (sha256 on lookup)", "overhead"), "verify")
     need(prof.patch_attr(cache_mod.StageCache, "evict", "cache evict scan", "overhead"), "evict")

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from slmsearch.hwmodel import estimate, load_platform
     from slmsearch.search.config import load_study_config
     from slmsearch.search.objective import hardware_attrs
-    from slmsearch.search.space import base_dims, plan_from_params, plan_summary
+    from slmsearch.search.space import base_dims, plan_from_params
 
     config = load_study_config(None)
     budget = args.budget_mb or config.budget_mb
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = plan_from_params(params, config.space, dims, n_layers)
         hw = hardware_attrs(estimate(plan.shape(base_shape), platform, context_len=config.context_len))
         row: dict[str, Any] = {**point, "group_size": FIXED["group_size"], "feasible": int(hw["footprint_mb"] <= budget),
-                               "plan": plan_summary(plan.to_dict())}
+                               "plan": plan.label()}
         row.update({k: hw[k] for k in ("footprint_mb", "decode_latency_s", "tokens_per_s", "energy_per_token_j")})
         rows.append(row)
     feasible = [r for r in rows if r["feasible"]]
@@ -180,11 +180,11 @@ def baseline_path(table: Path) -> Path:
 
 def score(folder: Path, data_dir: Path, eval_cfg: dict[str, Any]) -> tuple[float, float]:
     """(token perplexity, TriviaQA answer log-prob) of a checkpoint folder, as the grid scores it."""
-    from slmsearch.compress.pipeline import load_checkpoint
+    from slmsearch import checkpoint
     from slmsearch.evals.triviaqa import answer_logprob
     from slmsearch.evals.wikitext import token_perplexity
 
-    model, tokenizer = load_checkpoint(folder)
+    model, tokenizer = checkpoint.load(folder)
     ppl, _ = token_perplexity(model, tokenizer, data_dir, seqlen=eval_cfg["token_seqlen"],
                               n_windows=eval_cfg["token_windows"], batch_size=eval_cfg["batch_size"])
     logprob = answer_logprob(model, tokenizer, data_dir, limit=eval_cfg["logprob_limit"],
@@ -215,10 +215,9 @@ def _fmt(value: Any) -> Any:
 
 
 def _shape(location: str) -> Any:
-    from slmsearch.hwmodel import ModelShape
-    from slmsearch.search.study import _base_shape
+    from slmsearch.search.hardware import base_shape
 
-    return _base_shape(location, ModelShape)
+    return base_shape(location)
 
 
 if __name__ == "__main__":

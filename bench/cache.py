@@ -51,8 +51,9 @@ TRIALS = [
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     quiet_env()
     cache = fresh_cache("cache", args.cache_root)
+    from slmsearch.compress.plan import Plan
+    from slmsearch.search import storage as storage_mod
     from slmsearch.search import study as study_mod
-    from slmsearch.search.space import plan_summary
 
     storage_dir = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     args.study_name = "bench-cache"
@@ -74,7 +75,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     walls: list[float] = []
     for suffix, group in (("", trials[:3]), ("-d", trials[3:])):
         sub = with_overrides(config, name=config.name + suffix)
-        storage = study_mod.open_storage(study_mod.storage_url(sub))
+        storage = storage_mod.open_storage(storage_mod.storage_url(sub))
         study = study_mod.open_study(sub, storage)
         for _, _, params in group:
             study.enqueue_trial(params)
@@ -87,24 +88,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for (name, what, params), trial, wall in zip(trials, done, walls):
         attrs = trial.user_attrs
         rows.append({
-            "trial": name, "what": what, "plan": plan_summary(attrs["plan"]), "state": trial.state.name,
+            "trial": name, "what": what, "plan": Plan.from_dict(attrs["plan"]).label(), "state": trial.state.name,
             "rejected": attrs.get("rejected"), "footprint_mb": attrs.get("footprint_mb"),
             "wall_s": wall, "cache_hits": attrs.get("cache_hits"), "stage_seconds": attrs.get("stage_seconds"),
             "eval_s": (attrs.get("eval_seconds") or {}).get("total"),
         })
     return {"machine": machine(), "cache": str(cache), "warmup_s": warm_s, "rows": rows,
-            "calibration": config.calibration, "evaluation": config.evaluation}
+            "calibration": config.calibration.to_dict(), "evaluation": config.evaluation.to_dict()}
 
 
 def _check_budget(config: Any, trials: list[tuple[str, str, dict[str, Any]]]) -> None:
     """Every trial must fit the budget (a rejected one is not counted, and the study would sample
     others in its place)."""
-    from slmsearch.hwmodel import ModelShape, estimate, load_platform
+    from slmsearch.hwmodel import estimate, load_platform
     from slmsearch.models import resolve_model
+    from slmsearch.search.hardware import base_shape
     from slmsearch.search.space import base_dims, plan_from_params
-    from slmsearch.search.study import _base_shape
 
-    shape = _base_shape(resolve_model(config.model), ModelShape)
+    shape = base_shape(resolve_model(config.model))
     platform = load_platform(config.platform, config.platform_overrides or None)
     for name, _, params in trials:
         plan = plan_from_params({**params, "lora_steps": config.space.lora_steps}, config.space, base_dims(shape), len(shape.layers))

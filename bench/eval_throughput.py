@@ -10,7 +10,7 @@
     forward calls, and whether the answers are the same.
 (3) A quantized trial model (``--plan``, default ``examples/plan-64mb.yaml``: GPTQ 3-bit + EoRA,
     compressed through the stage cache): gptqmodel's kernel model against the dense evaluation
-    model (``load_checkpoint(dense=True)``: dequantized weights in the kernel's dtype, EoRA merged), token
+    model (``checkpoint.load(dense=True)``: dequantized weights in the kernel's dtype, EoRA merged), token
     perplexity and TriviaQA: seconds and values.
 
 Each measurement is repeated (``--repeats``), alternating the sides, after one warm-up call;
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from slmsearch.search.config import load_study_config
 
     config = load_study_config(None)
-    settings = config.eval_settings()
+    settings = config.evaluation
     batch = args.batch_size or settings.batch_size
     shots = args.shots if args.shots is not None else settings.triviaqa_shots
     data_dir = resolve_data_dir(config.data_dir)
@@ -185,19 +185,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # (3) a quantized trial model: gptqmodel's kernel vs the dense evaluation model -------------
     if args.plan:
         from slmsearch.compress.cache import StageCache
-        from slmsearch.compress.pipeline import load_checkpoint, run
+        from slmsearch import checkpoint
+        from slmsearch.compress.pipeline import run
         from slmsearch.compress.plan import Plan
         from slmsearch.models import resolve_model
 
         plan = Plan.from_yaml(Path(args.plan).read_text())
         t = time.perf_counter()
-        result = run(plan, resolve_model(args.model), data_dir, config.calib_settings(), cache=StageCache())
+        result = run(plan, resolve_model(args.model), data_dir, config.calibration, cache=StageCache())
         print(f"\n(3) quantized model {args.plan}: compressed (or found in the stage cache) in "
               f"{time.perf_counter() - t:.0f} s: {result.checkpoint_dir}")
         loaded = {}
         for label, dense in (("gptqmodel kernel (bf16)", False), ("dense evaluation model (bf16)", True)):
             t = time.perf_counter()
-            loaded[label] = (load_checkpoint(result.checkpoint_dir, dense=dense)[0], time.perf_counter() - t)
+            loaded[label] = (checkpoint.load(result.checkpoint_dir, dense=dense)[0], time.perf_counter() - t)
         q_windows = 4
 
         def ppl_on(m: Any) -> tuple[float, float]:

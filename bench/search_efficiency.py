@@ -116,8 +116,9 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
     import optuna
 
     from slmsearch.search.config import load_study_config, with_overrides
-    from slmsearch.search.objective import CONSTRAINT_KEY, REJECTED_VALUE, prune_reason
+    from slmsearch.search.objective import REJECTED_VALUE, prune_reason
     from slmsearch.search.study import make_sampler
+    from slmsearch.search.trials import CONSTRAINT_KEY
 
     base, *flags = name.split("+")
     dedup = "dedup" in flags  # a repeated plan answered from the storage: not evaluated again

@@ -50,9 +50,9 @@ def build_config(args: argparse.Namespace, storage_dir: Path) -> Any:
     if args.model:
         overrides["model"] = args.model
     if args.evaluation:
-        overrides["evaluation"] = {**config.evaluation, **json.loads(args.evaluation)}
+        overrides["evaluation"] = {**config.evaluation.to_dict(), **json.loads(args.evaluation)}
     if args.calibration:
-        overrides["calibration"] = {**config.calibration, **json.loads(args.calibration)}
+        overrides["calibration"] = {**config.calibration.to_dict(), **json.loads(args.calibration)}
     if args.space:
         overrides["space"] = {**_space_dict(config.space), **json.loads(args.space)}
     if args.budget_mb:
@@ -69,7 +69,8 @@ def _space_dict(space: Any) -> dict[str, Any]:
 def warm_up(config: Any, cache_root: Path) -> float:
     """Pay the per-process costs on a separate cache: a 1-layer-drop compression + an evaluation."""
     from slmsearch.compress.cache import StageCache
-    from slmsearch.compress.pipeline import load_checkpoint, run
+    from slmsearch import checkpoint
+    from slmsearch.compress.pipeline import run
     from slmsearch.compress.plan import Plan
     from slmsearch.data import resolve_data_dir
     from slmsearch.evals.runner import evaluate
@@ -79,9 +80,9 @@ def warm_up(config: Any, cache_root: Path) -> float:
     data_dir = resolve_data_dir(config.data_dir)
     location = resolve_model(config.model)
     plan = Plan.from_dict({"stages": [{"stage": "depth", "drop": 1, "by": config.space.depth_score}]})
-    result = run(plan, location, data_dir, config.calib_settings(), cache=StageCache(root=cache_root / "warmup-stages"))
-    model, tokenizer = load_checkpoint(result.checkpoint_dir)
-    evaluate(model, tokenizer, data_dir, config.eval_settings())
+    result = run(plan, location, data_dir, config.calibration, cache=StageCache(root=cache_root / "warmup-stages"))
+    model, tokenizer = checkpoint.load(result.checkpoint_dir)
+    evaluate(model, tokenizer, data_dir, config.evaluation)
     return time.perf_counter() - start
 
 
@@ -97,6 +98,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     prof = Profiler()
     missing = instrument_trial(prof)  # imports transformers, gptqmodel, lm_eval
     import_s = time.perf_counter() - t0
+    from slmsearch.search import storage as storage_mod
     from slmsearch.search import study as study_mod
 
     storage_dir = Path(tempfile.mkdtemp(prefix="bench-trial-cost-"))
@@ -109,7 +111,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         warm_s = warm_up(config, cache)
         prof.reset()
 
-    storage = study_mod.open_storage(study_mod.storage_url(config))
+    storage = storage_mod.open_storage(storage_mod.storage_url(config))
     study = study_mod.open_study(config, storage)
     study.enqueue_trial(params)
 
@@ -125,7 +127,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     prof.unpatch()
     trial_s = sum(walls)
     unavoidable = prof.unavoidable_s()
-    study = study_mod.open_study(config, study_mod.open_storage(study_mod.storage_url(config)))
+    study = study_mod.open_study(config, storage_mod.open_storage(storage_mod.storage_url(config)))
     trial = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("plan")][-1]
     attrs = {k: trial.user_attrs.get(k) for k in ("stage_seconds", "eval_seconds", "seconds_total", "cache_hits",
                                                   "wikitext_token_ppl", "wikitext_word_ppl", "triviaqa_exact_match",
@@ -141,7 +143,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_without_report_only": trial_s / (unavoidable - report_only) if unavoidable > report_only else None,
         "work_threads": dict(prof.work_threads), "rows": rows, "missing": missing,
         "summary": {k: summary[k] for k in ("completed", "pruned", "failed", "rejected_by_budget")},
-        "attrs": attrs, "config": {"calibration": config.calibration, "evaluation": config.evaluation},
+        "attrs": attrs, "config": {"calibration": config.calibration.to_dict(), "evaluation": config.evaluation.to_dict()},
         "_prof": prof,
     }
 

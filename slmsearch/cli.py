@@ -102,7 +102,7 @@ def eval_cmd(
     dtype: str, out_path: str,
 ) -> None:
     """Score a model: WikiText perplexities and TriviaQA (table + JSON)."""
-    from slmsearch.evals.report import run_eval
+    from slmsearch.evals.command import run_eval
 
     result = run_eval(
         model=model, trust_remote_code=trust_remote_code, data_dir=data_dir, tasks=tasks, metrics=metrics,
@@ -146,8 +146,8 @@ def optimize_cmd(
     summary = optimize(config, log=lambda m: click.echo(m, err=True))
     summary.pop("stage_calls", None)
     click.echo(json.dumps(summary, indent=2))
-    from slmsearch.search.pareto import locate_study, pareto_table
-    from slmsearch.search.study import storage_url
+    from slmsearch.search.pareto import pareto_table
+    from slmsearch.search.storage import locate_study, storage_url
 
     located = locate_study(storage=storage_url(config), study_name=config.name)
     click.echo(f"\nPareto set of {config.name!r} (feasible, non-dominated):", err=True)
@@ -167,14 +167,8 @@ def optimize_cmd(
 def hw_cmd(model: str | None, plan_file: str | None, platform: str, overrides: tuple[str, ...],
            context_len: int, prefill_len: int, out_path: str) -> None:
     """Memory breakdown, placement, latency and energy on the hardware model."""
-    from pathlib import Path
-
-    from slmsearch.fsutil import write_json_atomic
-    from slmsearch.hwmodel import load_platform
-    from slmsearch.hwmodel.report import format_report, hw_report
-    from slmsearch.search.study import _base_shape
-    from slmsearch.hwmodel import ModelShape
-    from slmsearch.models import resolve_model
+    from slmsearch.hwmodel.summary import format_report
+    from slmsearch.search.hardware import write_hw_report
 
     parsed: dict[str, float] = {}
     for item in overrides:
@@ -185,17 +179,8 @@ def hw_cmd(model: str | None, plan_file: str | None, platform: str, overrides: t
             raise SlmsearchError(f"--set needs KEY=NUMBER, got {item!r}") from None
         if not sep:
             raise SlmsearchError(f"--set needs KEY=NUMBER, got {item!r}")
-    plat = load_platform(platform, parsed or None)
-    location = resolve_model(model)
-    compressed = (Path(location) / "slmsearch.json").is_file() or (Path(location) / "quantize_config.json").is_file()
-    # A compressed checkpoint is read as stored; a base model as deployed (dense, 16-bit).
-    shape = ModelShape.from_checkpoint(location) if compressed else _base_shape(location, ModelShape)
-    if plan_file:
-        from slmsearch.compress.plan import Plan
-
-        shape = Plan.load(plan_file).shape(shape)
-    report = hw_report(shape, plat, context_len=context_len, prefill_len=prefill_len)
-    write_json_atomic(Path(out_path), report)
+    report = write_hw_report(out_path, model=model, plan_file=plan_file, platform=platform, overrides=parsed,
+                             context_len=context_len, prefill_len=prefill_len)
     click.echo(format_report(report))
     click.echo(f"wrote {out_path}")
 
@@ -218,16 +203,11 @@ def hw_validate_cmd() -> None:
 def compress_cmd(plan_file: str, out_dir: str, model: str | None, trust_remote_code: bool, data_dir: str | None) -> None:
     """Run a compression plan and write a loadable checkpoint with plan.json and stage reports."""
     from slmsearch.compress.pipeline import compress_to_dir
-    from slmsearch.data import resolve_data_dir
 
-    folder = resolve_data_dir(data_dir)
-    if folder is None:
-        raise SlmsearchError("compress needs the data folder for calibration; pass --data-dir or set SLMSEARCH_DATA_DIR")
-    result = compress_to_dir(plan_file, model, folder, out_dir)
+    result = compress_to_dir(plan_file, model, data_dir, out_dir)  # no data folder: one error line
     for report in result.reports:
         click.echo(f"{report.name:<10} {report.seconds:8.1f} s  {report.metrics}")
     click.echo(f"wrote {out_dir}")
-
 
 
 # --- results: pareto, report, dashboard, export (read the study's storage; never write to it) ----
@@ -246,7 +226,8 @@ def _study_options(func: F) -> F:
 @user_errors
 def pareto_cmd(study_file: str | None, storage: str | None, study_name: str | None, fmt: str) -> None:
     """List the feasible Pareto-optimal trials: plan, objectives, footprint, tokens/s, energy/token."""
-    from slmsearch.search.pareto import locate_study, pareto_table
+    from slmsearch.search.pareto import pareto_table
+    from slmsearch.search.storage import locate_study
 
     click.echo(pareto_table(locate_study(study_file, storage, study_name), fmt), nl=False)
 
@@ -257,7 +238,7 @@ def pareto_cmd(study_file: str | None, storage: str | None, study_name: str | No
 @user_errors
 def report_cmd(study_file: str | None, storage: str | None, study_name: str | None, out_dir: str) -> None:
     """Write a self-contained HTML report (Pareto fronts, trials, importances, stage times) and a Markdown twin."""
-    from slmsearch.search.pareto import locate_study
+    from slmsearch.search.storage import locate_study
     from slmsearch.search.report import write_report
 
     report = write_report(locate_study(study_file, storage, study_name), out_dir)
@@ -272,7 +253,7 @@ def report_cmd(study_file: str | None, storage: str | None, study_name: str | No
 def dashboard_cmd(study_file: str | None, storage: str | None, study_name: str | None, port: int) -> None:
     """Start optuna-dashboard on 127.0.0.1 over the study's storage and print its address."""
     from slmsearch.search.dashboard import serve
-    from slmsearch.search.pareto import locate_study
+    from slmsearch.search.storage import locate_study
 
     serve(locate_study(study_file, storage, study_name), port=port, log=click.echo)
 
@@ -288,7 +269,7 @@ def export_cmd(study_file: str | None, storage: str | None, study_name: str | No
                numbers: tuple[int, ...], out_dir: str, data_dir: str | None) -> None:
     """Write each chosen trial's compressed checkpoint with a model card (rebuilt from the stage cache)."""
     from slmsearch.search.export import export
-    from slmsearch.search.pareto import locate_study
+    from slmsearch.search.storage import locate_study
 
     export(locate_study(study_file, storage, study_name), out_dir, pareto=pareto, numbers=numbers,
            data_dir=data_dir, log=click.echo)

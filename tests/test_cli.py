@@ -94,3 +94,36 @@ def test_other_unexpected_errors_keep_their_traceback():
 
     result = CliRunner().invoke(broken, [])
     assert isinstance(result.exception, ValueError) and result.exit_code == 1
+
+
+def test_hw_writes_the_report_it_prints(tmp_path, tiny_checkpoint):
+    from slmsearch.hwmodel.summary import format_report
+    from slmsearch.search.hardware import write_hw_report
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages:\n  - {stage: embedding, bits: 4}\n")
+    out = tmp_path / "hw.json"
+    code, text = _run("hw", "--model", str(tiny_checkpoint), "--plan", str(plan), "--set", "memory.l3.read_bw_bytes_per_cycle=2",
+                      "--context", "64", "--out", str(out))
+    assert code == 0, text
+    written = json.loads(out.read_text())
+    expected = write_hw_report(tmp_path / "again.json", model=str(tiny_checkpoint), plan_file=plan,
+                               overrides={"memory.l3.read_bw_bytes_per_cycle": 2.0}, context_len=64)
+    assert written == json.loads(json.dumps(expected))
+    assert text == format_report(expected).strip() + f"\nwrote {out}"
+
+
+@pytest.mark.parametrize("item", ["memory.l3.read_bw_bytes_per_cycle", "memory.l3.read_bw_bytes_per_cycle=fast"])
+def test_hw_set_needs_key_equals_number(tmp_path, item):
+    code, out = _run("hw", "--set", item, "--out", str(tmp_path / "hw.json"))
+    assert code == 2 and out == f"error: --set needs KEY=NUMBER, got {item!r}"
+    assert not (tmp_path / "hw.json").exists()
+
+
+def test_compress_without_a_data_folder_is_one_error_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLMSEARCH_DATA_DIR", raising=False)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("stages:\n  - {stage: embedding, bits: 8}\n")
+    code, out = _run("compress", "--plan", str(plan), "--out", str(tmp_path / "out"))
+    assert code == 2 and out.startswith("error: compress needs the data folder") and "--data-dir" in out
+    assert len(out.splitlines()) == 1 and not (tmp_path / "out").exists()

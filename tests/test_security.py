@@ -153,6 +153,6 @@ def test_a_pickled_checkpoint_is_refused_unopened(tmp_path, tiny_checkpoint):
 
 @pytest.mark.parametrize("url", ["postgresql://alice:hunter2@db.example:5432/s", "mysql+pymysql://bob:hunter2@h/s?charset=utf8"])
 def test_storage_passwords_never_printed(url):
-    from slmsearch.search.study import redact
+    from slmsearch.search.storage import redact
 
     assert "hunter2" not in redact(url) and "***" in redact(url)

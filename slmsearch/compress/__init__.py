@@ -26,7 +26,6 @@ _EXPORTS = {
     "PipelineResult": "slmsearch.compress.pipeline",
     "run": "slmsearch.compress.pipeline",
     "compress_to_dir": "slmsearch.compress.pipeline",
-    "load_checkpoint": "slmsearch.compress.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,7 +24,7 @@ from slmsearch.fsutil import atomic_dir, cache_dir, write_text_atomic
 
 MANIFEST = "MANIFEST.json"
 LAST_USED = ".last_used"
-DEFAULT_MAX_BYTES = 20 * 1024**3  # 20 GiB: about 35 fp32 SmolLM2-135M checkpoints
+DEFAULT_MAX_BYTES = 20 * 10**9  # 20 GB (1e9 bytes, as a study's cache_gb): about 33 fp32 SmolLM2-135M checkpoints
 # Bump when what a stage writes changes, so entries from older code are never reused.
 CACHE_FORMAT = 2
 

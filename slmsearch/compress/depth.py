@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
-from slmsearch.compress.calib import Calibration, capture_first_inputs, model_device
 from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range
-from slmsearch.compress.surgery import decoder_layers, drop_layers
 from slmsearch.errors import SlmsearchError
 from slmsearch.fsutil import write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from slmsearch.compress.calib import Calibration
+    from slmsearch.hwmodel.shape import ModelShape
 
 # The ppl score runs L*(L-1)/2 layer passes per batch; it uses at most this many calibration
 # windows (Shortened LLaMA scores on a small calibration set too).
@@ -32,8 +34,11 @@ PPL_SCORE_MAX_SAMPLES = 8
 SCORE_VERSION = 1
 
 
-@torch.no_grad()
 def _layer_states(model: Any, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The input of every decoder layer and the last one's output (call under ``torch.no_grad``)."""
+    from slmsearch.compress.calib import capture_first_inputs
+    from slmsearch.compress.surgery import decoder_layers
+
     inputs = capture_first_inputs(model, [ids])
     hidden, kwargs = inputs.hidden[0], inputs.kwargs[0]
     states = [hidden]
@@ -43,18 +48,25 @@ def _layer_states(model: Any, ids: torch.Tensor) -> tuple[list[torch.Tensor], di
     return states, kwargs
 
 
-@torch.no_grad()
 def _lm_loss(model: Any, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token loss from the last hidden state, and its token count (under no_grad)."""
+    import torch.nn.functional as F
+
     logits = model.lm_head(model.model.norm(hidden))[:, :-1].float()
     target = ids[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
     return float(loss), int(target.numel())
 
 
-@torch.no_grad()
 def importance_scores(model: Any, calib: Calibration, *, with_ppl: bool = True) -> dict[str, Any]:
     """The depth scores for ``model`` on ``calib`` (see the module docstring); the costly
     ``ppl`` score only when ``with_ppl``."""
+    import torch
+
+    from slmsearch.compress.calib import model_device
+    from slmsearch.compress.kernels import angular_distance_sums
+    from slmsearch.compress.surgery import decoder_layers
+
     n_layers = len(decoder_layers(model))
     ang_sum = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64)
     ang_count = 0
@@ -65,28 +77,25 @@ def importance_scores(model: Any, calib: Calibration, *, with_ppl: bool = True) 
     model.eval()
     layers = decoder_layers(model)
     try:
-        for ids in calib.token_batches():
-            ids = ids.to(model_device(model))
-            states, kwargs = _layer_states(model, ids)
-            flat = [F.normalize(s.reshape(-1, s.shape[-1]).float(), dim=-1) for s in states]
-            for a in range(n_layers):
-                for b in range(a + 1, n_layers + 1):
-                    cos = (flat[a] * flat[b]).sum(-1).clamp(-1.0, 1.0)
-                    ang_sum[a, b] += (torch.arccos(cos) / math.pi).double().sum().cpu()
-            ang_count += flat[0].shape[0]
-            if ppl_budget > 0:
-                ids_p = ids[:ppl_budget]
-                ppl_budget -= ids_p.shape[0]
-                kw = {k: (v[: ids_p.shape[0]] if isinstance(v, torch.Tensor) and v.shape[0] == ids.shape[0] and v.shape[0] > 1 else v) for k, v in kwargs.items()}
-                loss, count = _lm_loss(model, states[-1][: ids_p.shape[0]], ids_p)
-                base_loss += loss
-                n_tok += count
-                for i in range(n_layers):
-                    h = states[i][: ids_p.shape[0]]
-                    for j in range(i + 1, n_layers):
-                        out = layers[j](h, **kw)
-                        h = out[0] if isinstance(out, tuple) else out
-                    ppl_loss[i] += _lm_loss(model, h, ids_p)[0]
+        with torch.no_grad():
+            for ids in calib.token_batches():
+                ids = ids.to(model_device(model))
+                states, kwargs = _layer_states(model, ids)
+                ang_sum += angular_distance_sums(states)
+                ang_count += states[0].reshape(-1, states[0].shape[-1]).shape[0]
+                if ppl_budget > 0:
+                    ids_p = ids[:ppl_budget]
+                    ppl_budget -= ids_p.shape[0]
+                    kw = {k: (v[: ids_p.shape[0]] if isinstance(v, torch.Tensor) and v.shape[0] == ids.shape[0] and v.shape[0] > 1 else v) for k, v in kwargs.items()}
+                    loss, count = _lm_loss(model, states[-1][: ids_p.shape[0]], ids_p)
+                    base_loss += loss
+                    n_tok += count
+                    for i in range(n_layers):
+                        h = states[i][: ids_p.shape[0]]
+                        for j in range(i + 1, n_layers):
+                            out = layers[j](h, **kw)
+                            h = out[0] if isinstance(out, tuple) else out
+                        ppl_loss[i] += _lm_loss(model, h, ids_p)[0]
     finally:
         model.train(was_training)
     angular = {
@@ -102,6 +111,8 @@ def importance_scores(model: Any, calib: Calibration, *, with_ppl: bool = True) 
 def cached_importance_scores(model: Any, calib: Calibration, *, with_ppl: bool = True) -> dict[str, Any]:
     """:func:`importance_scores`, read from / written to ``calib.score_dir`` when both it and
     ``calib.model_key`` are set (key: model fingerprint + calibration settings)."""
+    from slmsearch.compress.surgery import decoder_layers
+
     path: Path | None = None
     if calib.score_dir is not None and calib.model_key:
         key = "-".join(f"{k}{v}" for k, v in calib.settings.key().items())
@@ -151,6 +162,7 @@ class DepthPrune(Stage):
     """Drop decoder layers: explicit ``indices``, or ``drop`` layers chosen ``by`` a score."""
 
     kind = "depth"
+    column_defaults = {"drop_layers": 0}
     drop: int = 0  # how many layers to drop (ignored when indices are given)
     indices: tuple[int, ...] | None = None  # explicit layers to drop
     by: str = "angular"  # "angular" (ShortGPT/PruneMe) or "ppl" (Shortened LLaMA)
@@ -176,7 +188,24 @@ class DepthPrune(Stage):
     def is_noop(self) -> bool:
         return self.n_dropped == 0
 
+    def shape(self, shape: ModelShape) -> ModelShape:
+        return shape.drop_layers(range(self.drop) if self.indices is None else self.indices)
+
+    def label(self) -> str:
+        return f"drop{self.n_dropped}"
+
+    def columns(self) -> dict[str, Any]:
+        return {"drop_layers": self.n_dropped}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> DepthPrune | None:
+        """``drop_layers`` layers, chosen by the space's ``depth_score``."""
+        drop = int(params.get("drop_layers", 0))
+        return cls(drop=drop, by=space.depth_score) if drop else None
+
     def apply(self, model: Any, calib: Calibration) -> StageReport:
+        from slmsearch.compress.surgery import decoder_layers, drop_layers
+
         metrics: dict[str, Any] = {"layers_before": len(decoder_layers(model))}
         with Timer() as t:
             if self.indices is not None:

@@ -8,14 +8,15 @@ once (it is one tensor); an untied lm_head is quantized the same way.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from slmsearch.compress.kernels import rtn_quantize
 from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice
 from slmsearch.errors import SlmsearchError
+
+if TYPE_CHECKING:
+    from slmsearch.hwmodel.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class EmbeddingQuant(Stage):
     """Quantize the token embedding (and the lm_head when it is not tied) per row."""
 
     kind = "embedding"
+    column_defaults = {"embedding_bits": 16}
     bits: int = 16  # 16 = unchanged; 8 or 4 = symmetric round-to-nearest
     group_size: int | None = None  # None = one 16-bit scale per row; else one per group of columns
 
@@ -33,10 +35,35 @@ class EmbeddingQuant(Stage):
     def is_noop(self) -> bool:
         return self.bits == 16
 
-    @torch.no_grad()
+    def shape(self, shape: ModelShape) -> ModelShape:
+        from slmsearch.hwmodel.shape import TensorFormat
+
+        return shape.with_embedding_format(TensorFormat(weight_bits=self.bits, group_size=self.group_size, zero_bits=0))
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The weights are stored dequantized, so their width is declared. (Without this stage the
+        tensors' own dtype is the truth; hwmodel uses a declared width only when it is smaller.)"""
+        return {"embedding": {"bits": self.bits, "group_size": self.group_size, "zero_bits": 0}}
+
+    def label(self) -> str:
+        return f"emb{self.bits}"
+
+    def columns(self) -> dict[str, Any]:
+        return {"embedding_bits": self.bits}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> EmbeddingQuant | None:
+        """``embedding_bits`` (16 = no stage)."""
+        bits = int(params.get("embedding_bits", 16))
+        return cls(bits=bits) if bits != 16 else None
+
     def apply(self, model: Any, calib: Any = None) -> StageReport:
+        import torch
+
+        from slmsearch.compress.kernels import rtn_quantize
+
         metrics: dict[str, Any] = {"bits": self.bits}
-        with Timer() as t:
+        with Timer() as t, torch.no_grad():
             if not self.is_noop():
                 embed = model.get_input_embeddings().weight
                 original = embed.data.clone()

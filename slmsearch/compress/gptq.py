@@ -3,7 +3,7 @@
 Known-good path on CPU (shared/research/toolchain.md): load the dense folder in bf16, quantize,
 save; then generate the EoRA adapter with ``GPTQModel.adapter.generate`` in bf16 (the one-call
 quantize-with-adapter variant deadlocked on CPU). Inference loads the GPTQ folder with the
-adapter: :func:`slmsearch.compress.pipeline.load_checkpoint`.
+adapter: :func:`slmsearch.checkpoint.load`.
 
 Sparsity: GPTQ's error feedback moves pruned (zero) weights to non-zero values before rounding,
 so after quantization only part of a WANDA pattern would be zero. With ``keep_sparsity`` the
@@ -16,66 +16,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from slmsearch.compress import kernels
-from slmsearch.compress.calib import Calibration
-from slmsearch.compress.gptqmodel_runtime import (
-    compute_device,
-    gptqmodel_env,
-    limit_worker_threads,
-    module_logs_out_of_the_working_directory,
-)
-from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range
+from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, CONFIG_FILE, copy_folder, copy_tokenizer
+from slmsearch.compress.geometry import undivided_inputs
+from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_choice, check_range
 from slmsearch.errors import SlmsearchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from slmsearch.compress.calib import Calibration
+    from slmsearch.hwmodel.shape import ModelShape
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_GROUPS = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
-EORA_DIR = "adapter"  # sub-folder holding the EoRA adapter (hwmodel reads adapter/ too)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 def calibration_rows(calib: Calibration) -> list[dict[str, list[int]]]:
     """The calibration windows as gptqmodel wants them: token ids with a full attention mask."""
     return [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib.tokens]
-
-
-# Cache bookkeeping of the source folder: never carried into a new folder (see link_or_copy_tree).
-_NOT_COPIED = ("MANIFEST.json", ".last_used")
-
-
-def link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Copy a checkpoint folder into ``dst`` (created): ``*.safetensors`` are hard-linked when
-    possible (never rewritten in place: they are replaced whole), every other file is copied, so
-    that writing a small file of ``dst`` (records, manifest) cannot write into ``src``'s inode. The
-    source's cache manifest and LRU stamp are not copied."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in src.rglob("*"):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        if path.parent == src and path.name in _NOT_COPIED:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".safetensors":
-            try:
-                os.link(path, target)
-                continue
-            except OSError:
-                pass
-        shutil.copy2(path, target)
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and not (dst / name).exists():
-            shutil.copy2(src / name, dst / name)
 
 
 @dataclass(frozen=True)
@@ -84,6 +47,7 @@ class Gptq(Stage):
 
     kind = "gptq"
     works_on_dirs = True
+    column_defaults = {"gptq_bits": 16}
     bits: int = 4  # 2, 3, 4 or 8
     group_size: int = 128  # 32, 64, 128, or -1 (per output channel)
     act_order: bool = False  # gptqmodel desc_act: quantize columns by decreasing Hessian diagonal
@@ -96,15 +60,43 @@ class Gptq(Stage):
             if not isinstance(getattr(self, name), bool):
                 raise SlmsearchError(f"gptq.{name} must be true or false, got {getattr(self, name)!r}")
 
+    def shape(self, shape: ModelShape) -> ModelShape:
+        """gptqmodel's symmetric v1 format: ``bits``-bit codes, a 16-bit scale and a ``bits``-bit
+        zero point per group, and a 32-bit group index per input."""
+        from slmsearch.hwmodel.shape import TensorFormat
+
+        group = None if self.group_size == -1 else self.group_size
+        return shape.with_linear_format(
+            TensorFormat(weight_bits=self.bits, group_size=group, scale_bits=16, zero_bits=self.bits, g_idx_bits=32)
+        )
+
+    def label(self) -> str:
+        return f"w{self.bits}g{'ch' if self.group_size == -1 else self.group_size}"
+
+    def columns(self) -> dict[str, Any]:
+        return {"gptq_bits": self.bits}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> Gptq | None:
+        """``gptq_bits`` (16 = no stage) with ``group_size`` and ``act_order``."""
+        bits = int(params.get("gptq_bits", 16))
+        if bits == 16:
+            return None
+        return cls(bits=bits, group_size=int(params["group_size"]), act_order=bool(params.get("act_order", False)))
+
     def apply_dir(self, src_dir: Path, out_dir: Path, calib: Calibration, base_dir: Path | None = None) -> StageReport:
-        gptqmodel_env()
+        import torch
+
+        from slmsearch.compress import gptqmodel_runtime as runtime
+
+        runtime.gptqmodel_env()
         from gptqmodel import GPTQModel, QuantizeConfig
 
-        limit_worker_threads()
+        runtime.limit_worker_threads()
         _check_group_divides(Path(src_dir), self.group_size)
-        with Timer() as t, module_logs_out_of_the_working_directory():
+        with Timer() as t, runtime.module_logs_out_of_the_working_directory():
             zero_masks = _zero_masks(Path(src_dir)) if self.keep_sparsity else {}
-            qcfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=True, device=compute_device())
+            qcfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=True, device=runtime.compute_device())
             model = GPTQModel.load(str(src_dir), quantize_config=qcfg, dtype=torch.bfloat16)
             model.quantize(calibration_rows(calib), batch_size=calib.settings.batch, tokenizer=calib.tokenizer)
             model.save(str(out_dir))
@@ -129,74 +121,60 @@ class Eora(Stage):
     def is_noop(self) -> bool:
         return self.rank == 0
 
+    def shape(self, shape: ModelShape) -> ModelShape:
+        return shape.with_adapter(self.rank, ADAPTER_BITS)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"adapter": {"rank": self.rank, "bits": ADAPTER_BITS}}
+
+    def label(self) -> str:
+        return f"eora{self.rank}"
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> Eora | None:
+        """``eora_rank`` (0 = no stage), only beside a GPTQ stage."""
+        rank = int(params.get("eora_rank", 0))
+        return cls(rank=rank) if rank and any(isinstance(s, Gptq) for s in earlier) else None
+
     def apply_dir(self, src_dir: Path, out_dir: Path, calib: Calibration, base_dir: Path | None = None) -> StageReport:
         with Timer() as t:
-            link_or_copy_tree(Path(src_dir), Path(out_dir))
+            copy_folder(Path(src_dir), Path(out_dir), link_weights=True)
             if not self.is_noop():
                 if base_dir is None:
                     raise SlmsearchError("eora needs the dense checkpoint that GPTQ quantized (base_dir)")
-                gptqmodel_env()
+                import torch
+
+                from slmsearch.compress import gptqmodel_runtime as runtime
+
+                runtime.gptqmodel_env()
                 from gptqmodel import GPTQModel
                 from gptqmodel.adapter.adapter import Lora
 
-                limit_worker_threads()
-                with module_logs_out_of_the_working_directory():
+                runtime.limit_worker_threads()
+                with runtime.module_logs_out_of_the_working_directory():
                     GPTQModel.adapter.generate(
-                        adapter=Lora(path=str(Path(out_dir) / EORA_DIR), rank=self.rank),
+                        adapter=Lora(path=str(Path(out_dir) / ADAPTER_DIR), rank=self.rank),
                         model_id_or_path=str(base_dir),
                         quantized_model_id_or_path=str(src_dir),
                         calibration_dataset=calibration_rows(calib),
                         batch_size=calib.settings.batch,
                         tokenizer=calib.tokenizer,
                         dtype=torch.bfloat16,
-                        device=compute_device(),
+                        device=runtime.compute_device(),
                     )
-                if not (Path(out_dir) / EORA_DIR / "adapter_config.json").is_file():
-                    raise SlmsearchError(f"gptqmodel wrote no EoRA adapter under {Path(out_dir) / EORA_DIR}")
+                if not (Path(out_dir) / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file():
+                    raise SlmsearchError(f"gptqmodel wrote no EoRA adapter under {Path(out_dir) / ADAPTER_DIR}")
         return StageReport(self.kind, self.to_dict(), t.seconds, {"rank": self.rank})
-
-
-@torch.no_grad()
-def dequantize_to_dense(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Replace every gptqmodel quantized Linear of ``model`` by a plain ``nn.Linear`` in ``dtype``
-    holding the weight gptqmodel's kernel computes with (``dequantize_weight``: the quantization
-    grid's values), its EoRA adapter merged in (the kernel adds ``(x @ A) @ B``, the same as
-    ``x @ (W + A @ B)``; the sum is formed in fp32 and rounded once).
-
-    In the kernel's own compute dtype (bf16 on a CPU) the model computes what the kernel model
-    does, without dequantizing every weight in every forward call: on a 2-core CPU a trial's
-    evaluation runs ~2x faster (docs/benchmarks.md). Returns the number of modules replaced.
-    """
-    gptqmodel_env()
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, BaseQuantLinear):
-                continue
-            weight = child.dequantize_weight().float()  # [in, out]
-            adapter = getattr(child, "adapter", None)
-            if adapter is not None and getattr(adapter, "lora_A", None) is not None:
-                weight = weight + adapter.lora_A.float() @ adapter.lora_B.float()
-            dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                    dtype=dtype, device=weight.device)
-            dense.weight.copy_(weight.T.to(dtype))
-            if child.bias is not None:
-                dense.bias.copy_(child.bias.to(dtype))
-            setattr(parent, name, dense)
-            replaced += 1
-    return replaced
 
 
 def _check_group_divides(src: Path, group_size: int) -> None:
     if group_size == -1:
         return
-    config = json.loads((src / "config.json").read_text())
+    config = json.loads((src / CONFIG_FILE).read_text())
     n_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
     dims = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"], "o_proj input": n_heads * head_dim}
-    bad = {k: v for k, v in dims.items() if v % group_size}
+    bad = undivided_inputs(group_size, dims)
     if bad:
         raise SlmsearchError(
             f"gptq.group_size={group_size} must divide every Linear input size, but {bad} do not; "
@@ -220,7 +198,6 @@ def _zero_masks(src: Path) -> dict[str, torch.Tensor]:
     return masks
 
 
-@torch.no_grad()
 def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor], bits: int) -> int:
     """Rewrite the packed ``qweight`` of each masked module of a saved GPTQ (v1) checkpoint so
     that every masked weight holds its group's zero point, i.e. dequantizes to exactly 0.
@@ -230,6 +207,8 @@ def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor], bits: 
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from slmsearch.compress import kernels
 
     changed = 0
     for file in sorted(Path(folder).glob("*.safetensors")):
@@ -255,40 +234,3 @@ def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor], bits: 
             save_file(tensors, str(tmp), metadata=metadata)
             os.replace(tmp, file)
     return changed
-
-
-@torch.no_grad()
-def quantized_zero_fraction(folder: Path) -> float:
-    """Fraction of the GPTQ weights of a saved checkpoint that dequantize to exactly 0 (integer
-    equal to its group's zero point), read from the packed tensors (no kernels needed)."""
-    from safetensors import safe_open
-
-    zero = total = 0
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            keys = set(handle.keys())
-            for key in sorted(k for k in keys if k.endswith(".qweight")):
-                name = key[: -len(".qweight")]
-                bits = _bits_of(Path(folder))
-                codes = kernels.unpack_bits(handle.get_tensor(key), bits)
-                g_idx = handle.get_tensor(f"{name}.g_idx").long()
-                codes = codes[: g_idx.numel()]
-                zeros = kernels.unpack_bits(handle.get_tensor(f"{name}.qzeros").T.contiguous(), bits).T + 1
-                zero += int((codes == zeros[g_idx]).sum())
-                total += codes.numel()
-    return zero / max(total, 1)
-
-
-def _bits_of(folder: Path) -> int:
-    path = folder / "quantize_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else json.loads((folder / "config.json").read_text())["quantization_config"]
-    return int(config["bits"])
-
-
-def is_gptq_folder(folder: Path) -> bool:
-    """True when a checkpoint folder holds a GPTQ-quantized model."""
-    folder = Path(folder)
-    if (folder / "quantize_config.json").is_file():
-        return True
-    config = folder / "config.json"
-    return config.is_file() and bool(json.loads(config.read_text()).get("quantization_config"))

@@ -8,13 +8,12 @@ as in locuslab/wanda's ``W_mask``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from slmsearch.errors import SlmsearchError
-
-# N:M patterns the stages accept, as (zeros per group, group size).
-NM_PATTERNS: dict[str, tuple[int, int]] = {"2:4": (2, 4), "4:8": (4, 8)}
 
 
 def wanda_scores(weight: torch.Tensor, act_norm_sq: torch.Tensor) -> torch.Tensor:
@@ -154,24 +153,26 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None)
     return ((q - zero) * scale).reshape(rows, cols).to(weight.dtype)
 
 
-def angular_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over tokens of ``arccos(cos(a_t, b_t)) / pi`` (ShortGPT / PruneMe), in [0, 1]."""
-    a2 = a.reshape(-1, a.shape[-1]).float()
-    b2 = b.reshape(-1, b.shape[-1]).float()
-    cos = torch.nn.functional.cosine_similarity(a2, b2, dim=-1).clamp(-1.0, 1.0)
-    return float(torch.arccos(cos).mean() / math.pi)
+def angular_distance_sums(states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Angular distances ``arccos(cos(h_a, h_b)) / pi`` (ShortGPT / PruneMe), in [0, 1] per token,
+    between every pair of hidden states, summed over the tokens.
+
+    ``states`` are ``[..., hidden]`` tensors over the same tokens (e.g. the input of every decoder
+    layer and the last layer's output). Returns a float64 CPU ``[n, n]`` tensor whose entry
+    ``[a, b]`` (``a < b``) is the sum over tokens; zero on and below the diagonal.
+    """
+    flat = [F.normalize(s.reshape(-1, s.shape[-1]).float(), dim=-1) for s in states]
+    sums = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for a in range(len(flat)):
+        for b in range(a + 1, len(flat)):
+            cos = (flat[a] * flat[b]).sum(-1).clamp(-1.0, 1.0)
+            sums[a, b] = (torch.arccos(cos) / math.pi).double().sum().cpu()
+    return sums
 
 
 def masked_delta(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A merge delta with every position where ``weight`` is exactly zero set to zero."""
     return delta * (weight != 0).to(delta.dtype)
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, inputs: torch.Tensor) -> float:
-    """Relative output error ``||X (W - A)^T||_F / ||X W^T||_F`` of a linear layer on inputs."""
-    x = inputs.reshape(-1, inputs.shape[-1]).float()
-    ref = x @ weight.float().T
-    return float(torch.linalg.norm(x @ (weight.float() - approx.float()).T) / torch.linalg.norm(ref))
 
 
 def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:

@@ -7,15 +7,18 @@ mask of non-zero base weights, so a weight WANDA set to zero stays exactly zero.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from slmsearch.compress.calib import Calibration
-from slmsearch.compress.kernels import masked_delta
-from slmsearch.compress.stage import Stage, StageReport, Timer, check_range
+from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_range
 from slmsearch.errors import SlmsearchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from slmsearch.compress.calib import Calibration
+    from slmsearch.hwmodel.shape import ModelShape
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_ATTR = "_slmsearch_adapter"  # set on a model whose adapter is kept (merge=False)
@@ -23,17 +26,19 @@ HELDOUT_SEED_OFFSET = 1000  # held-out windows use seed + this (a different stre
 TRAIN_SEED_OFFSET = 1  # training windows use seed + this (not the calibration windows)
 
 
-@torch.no_grad()
 def mean_loss(model: Any, tokens: torch.Tensor, batch: int = 4) -> float:
     """Mean next-token cross-entropy of ``model`` over ``tokens`` ``[n, seqlen]``."""
+    import torch
+
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, tokens.shape[0], batch):
-        ids = tokens[start : start + batch].to(device)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        total += float(out.loss) * n
-        count += n
+    with torch.no_grad():
+        for start in range(0, tokens.shape[0], batch):
+            ids = tokens[start : start + batch].to(device)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            total += float(out.loss) * n
+            count += n
     return total / count
 
 
@@ -70,12 +75,32 @@ class LoraRecovery(Stage):
     def is_noop(self) -> bool:
         return self.rank == 0 or self.steps == 0
 
+    def shape(self, shape: ModelShape) -> ModelShape:
+        return shape if self.merge else shape.with_adapter(self.rank, ADAPTER_BITS)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """A kept adapter is declared (a merged one is in the weights)."""
+        return {} if self.merge else {"adapter": {"rank": self.rank, "bits": ADAPTER_BITS}}
+
+    def label(self) -> str:
+        return f"lora{self.rank}"
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> LoraRecovery | None:
+        """``lora_rank`` for ``lora_steps``, only after a stage that removed something (recovery);
+        the held-out report's size is the space's ``lora_heldout``."""
+        rank = int(params.get("lora_rank", 0))
+        if not rank or not earlier:
+            return None
+        return cls(rank=rank, steps=int(params.get("lora_steps", 10)), heldout=space.lora_heldout)
+
     def apply(self, model: Any, calib: Calibration) -> StageReport:
         with Timer() as t:
             metrics = {"noop": True} if self.is_noop() else self._train(model, calib)
         return StageReport(self.kind, self.to_dict(), t.seconds, metrics)
 
     def _train(self, model: Any, calib: Calibration) -> dict[str, Any]:
+        import torch
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
         seed = calib.settings.seed
@@ -128,17 +153,20 @@ class LoraRecovery(Stage):
         return metrics
 
 
-@torch.no_grad()
 def _merge_masked(peft_model: Any) -> int:
     """Add each LoRA delta to its base weight where the base weight is non-zero; return the
     number of exact zeros among the targeted weights (unchanged by the merge)."""
+    import torch
     from peft.tuners.lora import LoraLayer
 
+    from slmsearch.compress.kernels import masked_delta
+
     zeros = 0
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
-            base = module.get_base_layer()
-            delta = module.get_delta_weight("default")
-            zeros += int((base.weight == 0).sum())
-            base.weight.data += masked_delta(delta.to(base.weight.dtype), base.weight.data)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and "default" in getattr(module, "lora_A", {}):
+                base = module.get_base_layer()
+                delta = module.get_delta_weight("default")
+                zeros += int((base.weight == 0).sum())
+                base.weight.data += masked_delta(delta.to(base.weight.dtype), base.weight.data)
     return zeros

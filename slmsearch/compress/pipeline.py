@@ -3,12 +3,11 @@
 In-memory stages (depth, wanda, lora, embedding) run on one loaded model; folder stages (gptq,
 eora) run on checkpoint folders. Every checkpoint written (cache entry or output) holds
 ``slmsearch.json`` (what the tensors cannot tell the hardware model), ``plan.json`` and
-``reports.json``.
+``reports.json``; :mod:`slmsearch.checkpoint` saves, loads and copies the folders.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -19,20 +18,14 @@ from typing import Any
 
 from slmsearch.compress.cache import StageCache, entry_key
 from slmsearch.compress.calib import CalibSettings, Calibration
-from slmsearch.compress.gptq import EORA_DIR, Eora, Gptq, is_gptq_folder
-from slmsearch.compress.gptqmodel_runtime import compute_device, gptqmodel_env
-from slmsearch.compress.lora import ADAPTER_ATTR, LoraRecovery
+from slmsearch.compress.gptq import Eora, Gptq
 from slmsearch.compress.plan import Plan
 from slmsearch.compress.stage import StageReport
-from slmsearch.compress.wanda import Wanda
-from slmsearch.compress.embedding import EmbeddingQuant
-from slmsearch import interrupt
+from slmsearch import checkpoint, interrupt
 from slmsearch.errors import SlmsearchError
-from slmsearch.fsutil import atomic_dir, write_text_atomic
+from slmsearch.fsutil import atomic_dir
 
-META_FILE = "slmsearch.json"
 _CALIB_TOKENS: dict[tuple[Any, ...], Any] = {}  # one entry: the last base model's calibration windows
-ADAPTER_DIR = EORA_DIR  # one adapter folder per checkpoint: EoRA (GPTQ) or a kept LoRA (peft)
 
 
 @dataclass
@@ -47,90 +40,12 @@ class PipelineResult:
 
 
 def checkpoint_meta(plan: Plan, *, base: str = "", fingerprint: str = "", calib: CalibSettings | None = None) -> dict[str, Any]:
-    """The ``slmsearch.json`` content for the output of ``plan`` (see hwmodel.checkpoint_shape)."""
-    # "embedding" is written only when a stage quantized it: otherwise the tensors' own dtype
-    # (fp32 here) is the truth, and hwmodel uses a declared width only when it is smaller.
-    meta: dict[str, Any] = {
-        "sparsity": {"format": "dense", "density": 1.0},
-        "plan": plan.to_dict(),
-        "base_model": base,
-        "base_fingerprint": fingerprint,
-    }
+    """The ``slmsearch.json`` content for the output of ``plan`` (see hwmodel.checkpoint_shape):
+    what its stages declare (:meth:`Plan.checkpoint_meta`), the plan, and where it started from."""
+    meta = {**plan.checkpoint_meta(), "plan": plan.to_dict(), "base_model": base, "base_fingerprint": fingerprint}
     if calib is not None:
         meta["calibration"] = calib.key()
-    for stage in plan.stages:
-        if stage.is_noop():
-            continue
-        if isinstance(stage, Wanda) and stage.pattern != "structured":
-            meta["sparsity"] = {"format": stage.pattern, "density": stage.density}
-        elif isinstance(stage, EmbeddingQuant):
-            meta["embedding"] = {"bits": stage.bits, "group_size": stage.group_size, "zero_bits": 0}
-        elif isinstance(stage, LoraRecovery) and not stage.merge:
-            meta["adapter"] = {"rank": stage.rank, "bits": 16}
-        elif isinstance(stage, Eora):
-            meta["adapter"] = {"rank": stage.rank, "bits": 16}
     return meta
-
-
-def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
-    """``save_pretrained`` of model + tokenizer, and a kept LoRA adapter under ``adapter/``."""
-    folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    adapter = getattr(model, ADAPTER_ATTR, None)
-    if adapter is not None:
-        from safetensors.torch import save_file
-
-        (folder / ADAPTER_DIR).mkdir(exist_ok=True)
-        adapter["config"].save_pretrained(str(folder / ADAPTER_DIR))
-        save_file({k: v.contiguous() for k, v in adapter["state"].items()}, str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
-
-
-def load_checkpoint(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool = False) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) for any pipeline output: plain HF (with a kept LoRA
-    adapter applied through peft) or GPTQ (through gptqmodel, with its EoRA adapter).
-
-    ``dtype`` is a plain model's; a GPTQ model computes in gptqmodel's dtype (bf16 on a CPU).
-    ``dense``: a GPTQ model's quantized Linears become plain Linears in that dtype holding the
-    dequantized weights, EoRA merged (:func:`slmsearch.compress.gptq.dequantize_to_dense`): the
-    kernel model's function without its per-call dequantization. Evaluation uses it."""
-    import torch
-    from transformers import AutoTokenizer
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise SlmsearchError(f"{folder} is not a checkpoint folder (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    adapter_dir = folder / ADAPTER_DIR
-    has_adapter = (adapter_dir / "adapter_config.json").is_file()
-    if is_gptq_folder(folder):
-        gptqmodel_env()
-        from gptqmodel import GPTQModel
-        from gptqmodel.adapter.adapter import Lora
-
-        kwargs: dict[str, Any] = {}
-        if has_adapter:
-            rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
-            kwargs["adapter"] = Lora(path=str(adapter_dir), rank=rank)
-        wrapped = GPTQModel.load(str(folder), device=compute_device(), **kwargs)
-        model = wrapped.model
-        if dense:
-            from slmsearch.compress.gptq import dequantize_to_dense
-
-            dequantize_to_dense(model, model.dtype)  # the kernel's compute dtype (bf16 on a CPU)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
-        if has_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    return model, tokenizer
 
 
 def _say(progress: bool, text: str) -> None:
@@ -138,18 +53,15 @@ def _say(progress: bool, text: str) -> None:
         print(f"[compress] {text}", file=sys.stderr, flush=True)
 
 
-def _write_records(folder: Path, plan: Plan, reports: list[StageReport], meta: dict[str, Any]) -> None:
-    write_text_atomic(folder / "plan.json", plan.to_json())
-    write_text_atomic(folder / "reports.json", json.dumps([r.to_dict() for r in reports], indent=1, default=str))
-    write_text_atomic(folder / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
 
-
-def _read_reports(folder: Path) -> list[StageReport]:
-    path = folder / "reports.json"
-    if not path.is_file():
-        return []
-    return [StageReport.from_dict(r) for r in json.loads(path.read_text())]
-
+def _write_checkpoint(dst: Path, current_dir: Path | None, model: Any, tokenizer: Any, plan: Plan,
+                      reports: list[StageReport], meta: dict[str, Any]) -> None:
+    """The plan's output into ``dst``: the last folder copied, or the in-memory model saved, plus records."""
+    if current_dir is not None:
+        checkpoint.copy_folder(current_dir, dst)
+    else:
+        checkpoint.save(model, tokenizer, dst)
+    checkpoint.write_records(dst, plan, reports, meta)
 
 def run(
     plan: Plan,
@@ -190,7 +102,7 @@ def run(
             if hit is not None:
                 start, start_dir = i, hit
                 break
-    reports = _read_reports(start_dir) if start_dir is not None else []
+    reports = checkpoint.read_reports(start_dir) if start_dir is not None else []
     result = PipelineResult(Path(), reports[:start], cache_hits=start, plan=plan)
     _say(progress, f"{len(stages)} stage(s), {start} from cache")
 
@@ -248,7 +160,7 @@ def run(
                 def fill(tmp: Path, stage: Any = stage, src: Path = current_dir, prefix: Plan = prefix, meta: dict[str, Any] = meta) -> None:
                     holder["r"] = stage.apply_dir(src, tmp, calibration, dense_dir)
                     interrupt.check()  # a Ctrl-C the library caught: do not commit its output
-                    _write_records(tmp, prefix, result.reports + [holder["r"]], meta)
+                    checkpoint.write_records(tmp, prefix, result.reports + [holder["r"]], meta)
 
                 current_dir = cache.put(keys[i], fill) if cache is not None else _scratch_put(scratch, i, fill)
                 result.reports.append(holder["r"])
@@ -264,11 +176,7 @@ def run(
             if out.exists():
                 out.rmdir()
             with atomic_dir(out) as tmp:
-                if current_dir is not None:
-                    _copy_checkpoint(current_dir, tmp)
-                else:
-                    save_checkpoint(model, tokenizer, tmp)
-                _write_records(tmp, plan, result.reports, final_meta)
+                _write_checkpoint(tmp, current_dir, model, tokenizer, plan, result.reports, final_meta)
             result.checkpoint_dir = out
         elif current_dir is not None and (cache is not None and current_dir.parent == cache.root):
             result.checkpoint_dir = current_dir
@@ -276,11 +184,7 @@ def run(
             result.checkpoint_dir = current_dir  # nothing to do: the base checkpoint itself
         else:
             target = Path(tempfile.mkdtemp(prefix="slmsearch-ckpt-"))
-            if current_dir is not None:
-                _copy_checkpoint(current_dir, target)
-            else:
-                save_checkpoint(model, tokenizer, target)
-            _write_records(target, plan, result.reports, final_meta)
+            _write_checkpoint(target, current_dir, model, tokenizer, plan, result.reports, final_meta)
             result.checkpoint_dir = target
         return result
     finally:
@@ -289,8 +193,8 @@ def run(
 
 def _fill_model(model: Any, tokenizer: Any, prefix: Plan, reports: list[StageReport], meta: dict[str, Any]) -> Any:
     def fill(tmp: Path) -> None:
-        save_checkpoint(model, tokenizer, tmp)
-        _write_records(tmp, prefix, reports, meta)
+        checkpoint.save(model, tokenizer, tmp)
+        checkpoint.write_records(tmp, prefix, reports, meta)
 
     return fill
 
@@ -300,18 +204,6 @@ def _scratch_put(scratch: Path, index: int, fill: Any) -> Path:
     folder.mkdir()
     fill(folder)
     return folder
-
-
-def _copy_checkpoint(src: Path, dst: Path) -> None:
-    """Copy a checkpoint folder's files (not the cache bookkeeping) into ``dst``."""
-    from slmsearch.compress.cache import LAST_USED, MANIFEST
-
-    for path in Path(src).rglob("*"):
-        rel = path.relative_to(src)
-        if path.name in (MANIFEST, LAST_USED) or path.is_dir():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, dst / rel)
 
 
 def compress_to_dir(

@@ -3,6 +3,10 @@
 Canonical order: depth -> wanda -> lora -> embedding -> gptq -> eora, each at most once.
 The YAML/JSON form is ``{"stages": [{"stage": "wanda", "sparsity": 0.5}, ...]}`` (a bare list
 is accepted too); unknown stage names and unknown keys are rejected by name.
+
+What a plan tells the hardware model, the checkpoint's meta file, labels and reports is what its
+stages tell, in order: each method below loops over the stages. Importing this module does not
+import torch.
 """
 
 from __future__ import annotations
@@ -12,21 +16,25 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slmsearch.compress.depth import DepthPrune
 from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.compress.gptq import Eora, Gptq
 from slmsearch.compress.lora import LoraRecovery
 from slmsearch.compress.stage import Stage
-from slmsearch.compress.wanda import Wanda, mlp_channels_to_remove
+from slmsearch.compress.wanda import Wanda
 from slmsearch.errors import SlmsearchError
+
+if TYPE_CHECKING:
+    from slmsearch.hwmodel.shape import ModelShape
 
 STAGE_TYPES: dict[str, type[Stage]] = {
     cls.kind: cls for cls in (DepthPrune, Wanda, LoraRecovery, EmbeddingQuant, Gptq, Eora)
 }
 CANONICAL_ORDER: tuple[str, ...] = ("depth", "wanda", "lora", "embedding", "gptq", "eora")
 PLAN_VERSION = 1
+DENSE = {"format": "dense", "density": 1.0}  # the sparsity a checkpoint declares when no stage zeroed weights
 
 
 @dataclass(frozen=True)
@@ -130,35 +138,33 @@ class Plan:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-    # hardware model --------------------------------------------------------------------------
-    def shape(self, base_shape: Any) -> Any:
-        """The ModelShape of this plan's output, by pure arithmetic on ``base_shape``."""
-        from slmsearch.hwmodel import TensorFormat
-
+    # what the stages tell ------------------------------------------------------------------------
+    def shape(self, base_shape: ModelShape) -> ModelShape:
+        """The ModelShape of this plan's output, by pure arithmetic on ``base_shape``: each stage
+        that does something changes the shape in turn (no-op stages are skipped, as the pipeline
+        skips them)."""
         shape = base_shape
-        for stage in self.stages:
-            if stage.is_noop():
-                continue
-            if isinstance(stage, DepthPrune):
-                shape = shape.drop_layers(range(stage.n_dropped) if stage.indices is None else stage.indices)
-            elif isinstance(stage, Wanda):
-                if stage.pattern == "structured":
-                    inter = shape.layers[0].intermediate
-                    channels = mlp_channels_to_remove(inter, stage.mlp_fraction, stage.multiple) if stage.mlp_fraction else 0
-                    shape = shape.prune_structured(channels, stage.kv_groups)
-                else:
-                    fmt = stage.pattern if stage.n_m else "unstructured"
-                    shape = shape.with_sparsity(fmt, stage.density)
-            elif isinstance(stage, LoraRecovery):
-                if not stage.merge:
-                    shape = shape.with_adapter(stage.rank, 16)
-            elif isinstance(stage, EmbeddingQuant):
-                shape = shape.with_embedding_format(TensorFormat(weight_bits=stage.bits, group_size=stage.group_size, zero_bits=0))
-            elif isinstance(stage, Gptq):
-                group = None if stage.group_size == -1 else stage.group_size
-                shape = shape.with_linear_format(
-                    TensorFormat(weight_bits=stage.bits, group_size=group, scale_bits=16, zero_bits=stage.bits, g_idx_bits=32)
-                )
-            elif isinstance(stage, Eora):
-                shape = shape.with_adapter(stage.rank, 16)
+        for stage in self.effective().stages:
+            shape = stage.shape(shape)
         return shape
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The entries the stages put in the output checkpoint's ``slmsearch.json`` (the sparsity
+        is dense unless a stage declares it; a later stage's entry replaces an earlier one's)."""
+        meta: dict[str, Any] = {"sparsity": dict(DENSE)}
+        for stage in self.effective().stages:
+            meta.update(stage.checkpoint_meta())
+        return meta
+
+    def label(self) -> str:
+        """A short human label, e.g. ``drop4 wanda2:4@0.50 lora8 emb4 w3g64 eora16``."""
+        return " ".join(stage.label() for stage in self.stages) or "baseline"
+
+    def columns(self) -> dict[str, Any]:
+        """The report's per-stage columns: each stage type's defaults, overridden by the stages present."""
+        out: dict[str, Any] = {}
+        for kind in CANONICAL_ORDER:
+            out.update(STAGE_TYPES[kind].column_defaults)
+        for stage in self.stages:
+            out.update(stage.columns())
+        return out

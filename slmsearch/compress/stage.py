@@ -3,17 +3,28 @@
 In-memory stages implement ``apply(model, calib) -> StageReport``. Stages that work on
 checkpoint folders (gptqmodel reads and writes folders) set ``works_on_dirs = True`` and implement
 ``apply_dir(src_dir, out_dir, calib, base_dir) -> StageReport``; the pipeline handles both kinds.
+
+A stage also owns what the rest of slmsearch knows about it: its change to the hardware model's
+shape, its entries in the checkpoint's ``slmsearch.json``, its label and report columns, and how
+the search's sampled parameters become the stage. A stage module imports nothing heavy at module
+level (the search space builds plans without torch): ``apply`` imports what it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from slmsearch.errors import SlmsearchError
+
+if TYPE_CHECKING:
+    from slmsearch.hwmodel.shape import ModelShape
+
+ADAPTER_BITS = 16  # a kept LoRA or an EoRA adapter is stored in 16-bit floats
 
 
 @dataclass
@@ -47,10 +58,13 @@ class Timer:
 
 @dataclass(frozen=True)
 class Stage:
-    """Base of every stage: serialization with unknown keys rejected, and the two apply forms."""
+    """Base of every stage: serialization with unknown keys rejected, the two apply forms, and
+    what the stage tells the hardware model, the checkpoint's meta file, labels and reports."""
 
     kind: ClassVar[str] = ""
     works_on_dirs: ClassVar[bool] = False
+    # The report's columns of a plan without this stage (see :meth:`columns`).
+    column_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"stage": self.kind}
@@ -82,6 +96,37 @@ class Stage:
     def is_noop(self) -> bool:
         """True when the stage leaves the model unchanged (its output equals its input)."""
         return False
+
+    # what the stage tells the rest of slmsearch ---------------------------------------------------
+    def shape(self, shape: ModelShape) -> ModelShape:  # pragma: no cover - abstract
+        """The hardware-model shape of this stage's output, given its input's ``shape`` (pure
+        arithmetic). Only for a stage that does something: ``Plan.shape`` skips no-op stages, as the
+        pipeline does."""
+        raise NotImplementedError
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The entries this stage puts in the checkpoint's ``slmsearch.json``: what its tensors
+        cannot tell the hardware model (none by default). Only for a stage that does something."""
+        return {}
+
+    def label(self) -> str:  # pragma: no cover - abstract
+        """A short human label, e.g. ``drop4`` or ``w3g64``."""
+        raise NotImplementedError
+
+    def columns(self) -> dict[str, Any]:
+        """The report's columns for this stage (same keys as ``column_defaults``)."""
+        return {}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> Stage | None:  # pragma: no cover - abstract
+        """The stage a search trial's sampled ``params`` stand for, or None when they ask for none.
+
+        ``space`` is the study's ``slmsearch.search.config.SpaceConfig`` (read by attribute:
+        compress does not import search); ``earlier`` holds the stages built before this one, in
+        the canonical order. The parameter names and values are those stored with every trial:
+        changing them changes the plan a stored trial rebuilds.
+        """
+        raise NotImplementedError
 
     def apply(self, model: Any, calib: Any) -> StageReport:  # pragma: no cover - abstract
         raise NotImplementedError

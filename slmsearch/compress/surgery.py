@@ -97,26 +97,3 @@ def set_kv_groups(config: Any, kept: int, *, rep: int, head_dim: int) -> None:
     config.head_dim = head_dim
     config.num_key_value_heads = kept
     config.num_attention_heads = kept * rep
-
-
-def prune_mlp_channels(model: Any, keep: Sequence[torch.Tensor]) -> Any:
-    """Keep MLP intermediate channels ``keep[i]`` of layer i (same count in every layer)."""
-    layers = decoder_layers(model)
-    if len(keep) != len(layers) or len({int(k.numel()) for k in keep}) != 1:
-        raise SlmsearchError("structured pruning keeps the same number of MLP channels in every layer")
-    for layer, idx in zip(layers, keep):
-        shrink_mlp(layer, idx)
-    model.config.intermediate_size = int(keep[0].numel())
-    return model
-
-
-def prune_kv_groups(model: Any, keep: Sequence[torch.Tensor]) -> Any:
-    """Keep KV groups ``keep[i]`` of layer i: a KV head with every query head that reads it."""
-    layers = decoder_layers(model)
-    n_heads, n_kv, head_dim = head_geometry(model.config)
-    if len(keep) != len(layers) or len({int(k.numel()) for k in keep}) != 1:
-        raise SlmsearchError("structured pruning keeps the same number of KV groups in every layer")
-    for layer, groups in zip(layers, keep):
-        shrink_attention(layer, groups, rep=n_heads // n_kv, head_dim=head_dim)
-    set_kv_groups(model.config, int(keep[0].numel()), rep=n_heads // n_kv, head_dim=head_dim)
-    return model

@@ -7,22 +7,19 @@ and whole KV groups, the same count in every layer, so the tensors physically sh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from slmsearch.compress import kernels
-from slmsearch.compress.calib import Calibration, LayerInputs, collect_norms, layerwise, linear_modules
+from slmsearch.compress.geometry import NM_PATTERNS, allowed_kv_group_removals, mlp_channels_to_remove
 from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range
-from slmsearch.compress.surgery import (
-    decoder_layers,
-    head_geometry,
-    set_kv_groups,
-    shrink_attention,
-    shrink_mlp,
-)
 from slmsearch.errors import SlmsearchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from slmsearch.compress.calib import Calibration
+    from slmsearch.hwmodel.shape import ModelShape
 
 PATTERNS = ("unstructured", "2:4", "4:8", "structured")
 ALL_TARGETS = (
@@ -36,37 +33,12 @@ ALL_TARGETS = (
 )
 
 
-def allowed_kv_group_removals(hidden: int, n_heads: int, n_kv: int, head_dim: int, multiple: int) -> tuple[int, ...]:
-    """KV-group counts structured pruning may remove: at least one group stays, the o_proj input
-    stays divisible by ``multiple``, and ``hidden % num_attention_heads == 0`` still holds
-    (transformers' LlamaConfig refuses to save or load a config that breaks it, even with an
-    explicit ``head_dim``). SmolLM2-135M: (0, 1, 2); Llama-3.2-1B: (0, 4, 6, 7)."""
-    rep = n_heads // n_kv
-    out = []
-    for removed in range(n_kv):
-        heads = (n_kv - removed) * rep
-        if hidden % heads == 0 and (heads * head_dim) % multiple == 0:
-            out.append(removed)
-    return tuple(out)
-
-
-def mlp_channels_to_remove(intermediate_size: int, fraction: float, multiple: int) -> int:
-    """Channels removed per layer: ``fraction`` of them, rounded to the nearest multiple of
-    ``multiple`` so the remaining width stays divisible by the quantization group size."""
-    if intermediate_size % multiple:
-        raise SlmsearchError(
-            f"wanda.multiple={multiple} must divide the intermediate size {intermediate_size}; "
-            "choose a divisor such as 32 or 64"
-        )
-    n = int(round(intermediate_size * fraction / multiple)) * multiple
-    return min(n, intermediate_size - multiple)
-
-
 @dataclass(frozen=True)
 class Wanda(Stage):
     """Prune with WANDA scores (or plain magnitude, the baseline, with ``score='magnitude'``)."""
 
     kind = "wanda"
+    column_defaults = {"wanda": "none"}
     sparsity: float = 0.0  # unstructured: fraction of each row zeroed; N:M: must be N/M or 0
     pattern: str = "unstructured"  # "unstructured", "2:4", "4:8" or "structured"
     targets: tuple[str, ...] = ALL_TARGETS  # Linear modules of each layer (unstructured / N:M)
@@ -92,14 +64,14 @@ class Wanda(Stage):
         else:
             if self.mlp_fraction or self.kv_groups:
                 raise SlmsearchError(f"wanda: mlp_fraction/kv_groups need pattern='structured', got {self.pattern!r}")
-            if self.pattern in kernels.NM_PATTERNS:
-                n, m = kernels.NM_PATTERNS[self.pattern]
+            if self.pattern in NM_PATTERNS:
+                n, m = NM_PATTERNS[self.pattern]
                 if self.sparsity not in (0.0, n / m):
                     raise SlmsearchError(f"wanda: pattern {self.pattern} implies sparsity {n / m}, got {self.sparsity}")
 
     @property
     def n_m(self) -> tuple[int, int] | None:
-        return kernels.NM_PATTERNS.get(self.pattern)
+        return NM_PATTERNS.get(self.pattern)
 
     @property
     def density(self) -> float:
@@ -114,6 +86,46 @@ class Wanda(Stage):
             return self.mlp_fraction == 0 and self.kv_groups == 0
         return (self.n_m is None and self.sparsity == 0) or not self.targets
 
+    def shape(self, shape: ModelShape) -> ModelShape:
+        if self.pattern == "structured":
+            inter = shape.layers[0].intermediate
+            channels = mlp_channels_to_remove(inter, self.mlp_fraction, self.multiple) if self.mlp_fraction else 0
+            return shape.prune_structured(channels, self.kv_groups)
+        return shape.with_sparsity(self.pattern, self.density)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Zeroed weights keep the tensors' shape: the sparsity format and density are declared.
+        (Structured pruning shrinks the tensors, which tell the hardware model themselves.)"""
+        if self.pattern == "structured":
+            return {}
+        return {"sparsity": {"format": self.pattern, "density": self.density}}
+
+    def label(self) -> str:
+        if self.pattern == "structured":
+            return f"struct{self.mlp_fraction:.2f}/kv{self.kv_groups}"
+        return f"wanda{self.pattern}@{self.sparsity:.2f}"
+
+    def columns(self) -> dict[str, Any]:
+        return {"wanda": self.pattern}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> Wanda | None:
+        """``wanda_pattern``: "structured" with ``structured_fraction``, ``kv_groups`` and
+        ``structured_multiple``; "2:4"/"4:8" at their sparsity; "unstructured" at ``sparsity``."""
+        pattern = params.get("wanda_pattern", "none")
+        if pattern == "structured":
+            fraction = float(params.get("structured_fraction", 0.0))
+            kv = int(params.get("kv_groups", 0))
+            if fraction > 0 or kv > 0:
+                return cls(pattern="structured", mlp_fraction=fraction, kv_groups=kv,
+                           multiple=int(params.get("structured_multiple", 64)))
+        elif pattern in NM_PATTERNS:
+            n, m = NM_PATTERNS[pattern]
+            return cls(pattern=pattern, sparsity=n / m)
+        elif pattern == "unstructured":
+            return cls(pattern="unstructured", sparsity=float(params["sparsity"]))
+        return None
+
     def apply(self, model: Any, calib: Calibration) -> StageReport:
         with Timer() as t:
             if self.is_noop():
@@ -126,6 +138,10 @@ class Wanda(Stage):
 
     # unstructured and N:M ---------------------------------------------------------------
     def _unstructured(self, model: Any, calib: Calibration) -> dict[str, Any]:
+        from slmsearch.compress import kernels
+        from slmsearch.compress.calib import LayerInputs, collect_norms, layerwise, linear_modules
+        from slmsearch.compress.surgery import decoder_layers
+
         pruned = total = 0
         targets = list(self.targets)
 
@@ -152,6 +168,12 @@ class Wanda(Stage):
 
     # structured ----------------------------------------------------------------------------
     def _structured(self, model: Any, calib: Calibration) -> dict[str, Any]:
+        import torch
+
+        from slmsearch.compress import kernels
+        from slmsearch.compress.calib import LayerInputs, collect_norms, layerwise, linear_modules
+        from slmsearch.compress.surgery import decoder_layers, head_geometry, set_kv_groups, shrink_attention, shrink_mlp
+
         config = model.config
         inter = config.intermediate_size
         n_heads, n_kv, head_dim = head_geometry(config)

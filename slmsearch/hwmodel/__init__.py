@@ -3,16 +3,13 @@
 Pure Python (PyYAML; numpy only to count zeros in a checkpoint). Never imports torch.
 """
 
-from slmsearch.hwmodel.estimate import Estimate, OpRow, PassEstimate, estimate, estimate_fast
-from slmsearch.hwmodel.estimator import SpecEstimator
+from slmsearch.hwmodel.estimate import Estimate, OpRow, PassEstimate, estimate
 from slmsearch.hwmodel.memory import MemoryReport
 from slmsearch.hwmodel.placement import Placement
 from slmsearch.hwmodel.platform import Platform, load_platform
 from slmsearch.hwmodel.shape import Adapter, LayerShape, ModelShape, Sparsity, TensorFormat
-from slmsearch.hwmodel.spec import ShapeSpec, spec_from_plan, spec_shape
 
 __all__ = [
     "Adapter", "Estimate", "LayerShape", "MemoryReport", "ModelShape", "OpRow", "PassEstimate",
-    "Placement", "Platform", "ShapeSpec", "Sparsity", "SpecEstimator", "TensorFormat", "estimate", "estimate_fast",
-    "load_platform", "spec_from_plan", "spec_shape",
+    "Placement", "Platform", "Sparsity", "TensorFormat", "estimate", "load_platform",
 ]

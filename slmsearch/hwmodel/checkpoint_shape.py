@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, META_FILE, QUANTIZE_CONFIG_FILE, read_meta
 from slmsearch.errors import SlmsearchError
 from slmsearch.hwmodel.shape import ATTN_PROJS, MLP_PROJS, Adapter, LayerShape, ModelShape, TensorFormat
 
@@ -61,13 +62,13 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
     if not (folder / "config.json").is_file():
         raise SlmsearchError(f"{folder} has no config.json; give a Hugging Face checkpoint folder")
     cfg = _json(folder / "config.json")
-    meta = _json(folder / "slmsearch.json") if (folder / "slmsearch.json").is_file() else {}
+    meta = read_meta(folder) if (folder / META_FILE).is_file() else {}
     tensors = _headers(folder)
     if not tensors:
         raise SlmsearchError(f"{folder} has no *.safetensors files")
     qcfg = dict(cfg.get("quantization_config") or {})
-    if (folder / "quantize_config.json").is_file():
-        qcfg = {**_json(folder / "quantize_config.json"), **qcfg}
+    if (folder / QUANTIZE_CONFIG_FILE).is_file():
+        qcfg = {**_json(folder / QUANTIZE_CONFIG_FILE), **qcfg}
 
     # group tensors per layer / projection
     layers: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -209,9 +210,9 @@ def _measure_zeros(tensors: dict[str, tuple[Path, dict[str, Any]]], names: list[
 
 
 def _adapter(folder: Path, declared: dict[str, Any]) -> Adapter | None:
-    for sub in (folder / "adapter", folder):
-        if (sub / "adapter_config.json").is_file():
-            rank = int(_json(sub / "adapter_config.json").get("r", 0))
+    for sub in (folder / ADAPTER_DIR, folder):
+        if (sub / ADAPTER_CONFIG_FILE).is_file():
+            rank = int(_json(sub / ADAPTER_CONFIG_FILE).get("r", 0))
             bits = 16
             for fp in sub.glob("adapter_model*.safetensors"):
                 for name, info in read_safetensors_header(fp).items():

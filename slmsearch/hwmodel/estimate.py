@@ -1,9 +1,4 @@
-"""``estimate(shape, platform)``: memory, placement, decode and prefill latency and energy.
-
-``estimate_fast(shape, platform, context_len) -> (footprint_bytes, decode_s)`` (fast.py) returns the
-same two numbers as ``estimate(...).memory.total_bytes`` and ``.decode.latency_s`` (tested), without
-building the per-operator report.
-"""
+"""``estimate(shape, platform)``: memory, placement, decode and prefill latency and energy."""
 
 from __future__ import annotations
 
@@ -11,10 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slmsearch.hwmodel.energy import pass_energy_j
-from slmsearch.hwmodel.fast import estimate_fast
 from slmsearch.hwmodel.latency import (Op, OpCost, embedding_ops, head_ops, layer_context_ops, layer_static_ops,
                                        op_cost)
-from slmsearch.hwmodel.memory import MemoryReport, memory_report, static_bytes
+from slmsearch.hwmodel.memory import MemoryReport, memory_report
 from slmsearch.hwmodel.placement import Placement, Split, place
 from slmsearch.hwmodel.platform import Platform
 from slmsearch.hwmodel.shape import ModelShape
@@ -97,23 +91,19 @@ class Estimate:
         }
 
 
-# ---- shared pieces ---------------------------------------------------------------------------
-
 def _check(context_len: int, prefill_len: int) -> None:
     for name, v in (("context_len", context_len), ("prefill_len", prefill_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise SlmsearchError(f"{name} must be an integer >= 0, but got {v!r}")
 
 
-def _placement(shape: ModelShape, p: Platform, context_len: int, activation_bytes: int) -> Placement:
+def _placement(shape: ModelShape, p: Platform, context_len: int, mem: MemoryReport) -> Placement:
     kv_layer = [
         -(-(2 * layer.n_kv_heads * layer.head_dim * shape.kv_cache_bits * context_len) // 8)
         for layer in shape.layers
     ]
-    return place(p, static_bytes(shape).weight_groups, kv_layer, activation_bytes)
+    return place(p, mem.weight_groups, kv_layer, mem.by_kind["activations_peak"])
 
-
-# ---- full report ------------------------------------------------------------------------------
 
 def _run_pass(shape: ModelShape, p: Platform, pl: Placement, tokens: int, attended: int) -> PassEstimate:
     splits = {name: sp for name, _, sp in pl.groups}
@@ -162,11 +152,11 @@ def estimate(shape: ModelShape, platform: Platform, *, context_len: int = 512, p
     _check(context_len, prefill_len)
     ctx = max(context_len, prefill_len)
     mem = memory_report(shape, ctx, prefill_len)
-    pl = _placement(shape, platform, ctx, mem.by_kind["activations_peak"])
+    pl = _placement(shape, platform, ctx, mem)
     decode = _run_pass(shape, platform, pl, 1, max(context_len, 1))
     prefill = _run_pass(shape, platform, pl, prefill_len, prefill_len) if prefill_len else None
     return Estimate(shape, platform, context_len, prefill_len, mem,
                     {name: pl.level_of(platform, name) for name, _, _ in pl.groups}, pl, decode, prefill)
 
 
-__all__ = ["Estimate", "OpRow", "PassEstimate", "estimate", "estimate_fast"]
+__all__ = ["Estimate", "OpRow", "PassEstimate", "estimate"]

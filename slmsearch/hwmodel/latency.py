@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from slmsearch.hwmodel.memory import layer_proj_bytes
+from slmsearch.hwmodel.memory import ProjBytes, layer_proj_bytes, matrix_bytes
 from slmsearch.hwmodel.placement import Split
 from slmsearch.hwmodel.platform import Platform
-from slmsearch.hwmodel.shape import ATTN_PROJS, LayerShape, ModelShape, TensorFormat
+from slmsearch.hwmodel.shape import LayerShape, ModelShape
 
 LINEAR, ATTN, ELTWISE = "linear", "attn", "eltwise"
 
@@ -66,33 +66,6 @@ class OpCost:
     macs: int
 
 
-class _PC:
-    """Platform constants used in the inner loop, looked up once per platform."""
-
-    def __init__(self, p: Platform) -> None:
-        self.p = p
-        self.names = [lv.name for lv in p.levels]
-        self.kinds = [lv.kind for lv in p.levels]
-        self.bw = [lv.read_bw_bytes_per_cycle for lv in p.levels]
-        self.l1 = self.kinds.index("l1")
-        self.l2 = self.kinds.index("l2")
-        self.dma_bw = p.dma.l2_l1_bw_bytes_per_cycle
-        cl = p.cluster
-        self.cores = cl.cores
-        self.fixed_cluster = cl.kernel_overhead_cycles + (cl.fork_join_cycles if cl.cores > 1 else 0.0)
-        self.tile_div = p.tiling.l1_budget_bytes / (2 if p.tiling.double_buffering else 1)
-
-
-_PCS: dict[int, _PC] = {}
-
-
-def consts(p: Platform) -> _PC:
-    pc = _PCS.get(p.uid)
-    if pc is None or pc.p is not p:
-        pc = _PCS[p.uid] = _PC(p)
-    return pc
-
-
 # ---- the formulas ---------------------------------------------------------------------------
 
 def cluster_compute_cycles(op: Op, p: Platform) -> float:
@@ -118,74 +91,80 @@ def npu_compute_cycles(op: Op, p: Platform) -> float:
 
 def n_tiles(working_set_bytes: int, p: Platform) -> int:
     """Tiles so that each fits the L1 budget (halved when double-buffered)."""
-    return max(1, math.ceil(working_set_bytes / consts(p).tile_div))
+    tile_bytes = p.tiling.l1_budget_bytes / (2 if p.tiling.double_buffering else 1)
+    return max(1, math.ceil(working_set_bytes / tile_bytes))
+
+
+def _level_index(p: Platform, kind: str) -> int:
+    return next(i for i, lv in enumerate(p.levels) if lv.kind == kind)
 
 
 def op_cost(op: Op, p: Platform, weight_split: Split, kv_split: Split) -> OpCost:
     """Cost of ``op`` with its weights and KV cache placed as given (level index, fraction)."""
-    pc = consts(p)
     w_by_level = [(i, op.weight_bytes * f) for i, f in weight_split] if op.weight_bytes else []
     kv_by_level = [(i, op.kv_bytes * f) for i, f in kv_split] if op.kv_bytes else []
-    offchip_bytes = sum(b for i, b in w_by_level + kv_by_level if pc.kinds[i] == "offchip")
-    stream = offchip_bytes / pc.bw[_off(pc)] if offchip_bytes else 0.0
+    offchip_bytes = sum(b for i, b in w_by_level + kv_by_level if p.levels[i].kind == "offchip")
+    stream = 0.0
+    if offchip_bytes:
+        stream = offchip_bytes / p.levels[_level_index(p, "offchip")].read_bw_bytes_per_cycle
     best: OpCost | None = None
     for engine in ("cluster", "npu"):
         if engine == "npu" and not (op.npu_ok and p.npu.enabled and p.tiling.enabled and op.kind == LINEAR):
             continue
-        cost = _engine_cost(op, p, pc, engine, w_by_level, kv_by_level, stream)
+        cost = _engine_cost(op, p, engine, w_by_level, kv_by_level, stream)
         if best is None or cost.cycles < best.cycles:
             best = cost
     assert best is not None
     return best
 
 
-def _off(pc: _PC) -> int:
-    return pc.kinds.index("offchip")
-
-
-def _engine_cost(op: Op, p: Platform, pc: _PC, engine: str, w_by_level: list, kv_by_level: list,
-                 stream: float) -> OpCost:
+def _engine_cost(op: Op, p: Platform, engine: str, w_by_level: list[tuple[int, float]],
+                 kv_by_level: list[tuple[int, float]], stream: float) -> OpCost:
+    levels = p.levels
+    cl = p.cluster
     tiled = p.tiling.enabled
     if engine == "npu":
         compute = npu_compute_cycles(op, p)
-        fixed = p.cluster.kernel_overhead_cycles + p.npu.job_overhead_cycles
+        fixed = cl.kernel_overhead_cycles + p.npu.job_overhead_cycles
     else:
         compute = cluster_compute_cycles(op, p)
-        fixed = pc.fixed_cluster
+        fixed = cl.kernel_overhead_cycles + (cl.fork_join_cycles if cl.cores > 1 else 0.0)
     level_bytes: dict[int, float] = {}
     wmem_read = 0.0
     dma_bytes = float(op.act_bytes)
     for i, b in w_by_level:
         level_bytes[i] = level_bytes.get(i, 0.0) + b
-        if engine == "npu" and pc.kinds[i] == "weight":
-            wmem_read = max(wmem_read, b / pc.bw[i])  # read in place, no DMA
+        if engine == "npu" and levels[i].kind == "weight":
+            wmem_read = max(wmem_read, b / levels[i].read_bw_bytes_per_cycle)  # read in place, no DMA
         else:
             dma_bytes += b
     for i, b in kv_by_level:
         level_bytes[i] = level_bytes.get(i, 0.0) + b
         dma_bytes += b
-    act_level = pc.l2
+    act_level = _level_index(p, "l2")
     level_bytes[act_level] = level_bytes.get(act_level, 0.0) + op.act_bytes
+    stream_term = f"stream:{levels[_level_index(p, 'offchip')].name}" if stream else ""
     if tiled:
         tiles = n_tiles(op.weight_bytes + op.act_bytes + op.kv_bytes, p)
         overhead = fixed + tiles * p.tiling.tile_overhead_cycles
-        dma = dma_bytes / pc.dma_bw
-        level_bytes[pc.l1] = level_bytes.get(pc.l1, 0.0) + dma_bytes  # L1 side of the DMA
+        dma = dma_bytes / p.dma.l2_l1_bw_bytes_per_cycle
+        l1 = _level_index(p, "l1")
+        level_bytes[l1] = level_bytes.get(l1, 0.0) + dma_bytes  # L1 side of the DMA
         terms = [(f"compute:{engine}", compute), ("dma:l2-l1", dma)]
         if stream:
-            terms.append((f"stream:{pc.names[_off(pc)]}", stream))
+            terms.append((stream_term, stream))
         if wmem_read:
             terms.append(("read:weight_mem", wmem_read))
         body = max(t for _, t in terms) if p.tiling.double_buffering else sum(t for _, t in terms)
     else:
         tiles = 1
         overhead = fixed
-        slow = compute * p.cluster.l2_access_slowdown
+        slow = compute * cl.l2_access_slowdown
         terms = [(f"compute:{engine}", slow)]
         if stream:
-            terms.append((f"stream:{pc.names[_off(pc)]}", stream))
+            terms.append((stream_term, stream))
         body = sum(t for _, t in terms)
-    bound_name, bound_val = max(terms, key=lambda t: t[1])
+    bound_name = max(terms, key=lambda t: t[1])[0]
     if overhead > body:
         bound_name = "overhead"
     return OpCost(
@@ -195,7 +174,7 @@ def _engine_cost(op: Op, p: Platform, pc: _PC, engine: str, w_by_level: list, kv
         compute_cycles=compute,
         overhead_cycles=overhead,
         transfer_cycles=tuple((n, v) for n, v in terms[1:]),
-        level_bytes=tuple((pc.names[i], int(round(b))) for i, b in sorted(level_bytes.items())),
+        level_bytes=tuple((levels[i].name, int(round(b))) for i, b in sorted(level_bytes.items())),
         n_tiles=tiles,
         macs=int(op.macs * op.compute_density) if op.kind != ELTWISE else 0,
     )
@@ -208,9 +187,10 @@ def _eltwise(name: str, group: str, elements: int, cpe: float, act_bytes_per_el:
               act_bytes=int(math.ceil(elements * act_bytes_per_el)))
 
 
-def _linear_ops(layer: LayerShape, hidden: int, proj: str, fmt: TensorFormat, tokens: int, act_bits: int,
-                group: str, npu_act_bits: int) -> list[Op]:
-    pb = next(x for x in layer_proj_bytes(layer, hidden) if x.name == proj)
+def _linear_ops(layer: LayerShape, pb: ProjBytes, tokens: int, act_bits: int, group: str,
+                npu_act_bits: int) -> list[Op]:
+    """The projection ``pb`` of ``layer``, then its adapter's two matmuls when unmerged."""
+    proj, fmt = pb.name, layer.fmt(pb.name)
     sp = layer.sparsity
     density = sp.density if sp.n_m is not None else 1.0
     a = act_bits / 8
@@ -242,17 +222,18 @@ def layer_static_ops(layer: LayerShape, hidden: int, tokens: int, act_bits: int,
     ga, gm = f"layers.{idx}.attn", f"layers.{idx}.mlp"
     q, kv = layer.n_heads * layer.head_dim, layer.n_kv_heads * layer.head_dim
     npu_a = p.npu.activation_bits
+    q_pb, k_pb, v_pb, o_pb, gate_pb, up_pb, down_pb = layer_proj_bytes(layer, hidden)
     attn: list[Op] = [_eltwise("attn_norm", ga, tokens * hidden, cl.cycles_per_element_norm, 2 * a)]
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        attn += _linear_ops(layer, hidden, proj, layer.fmt(proj), tokens, act_bits, ga, npu_a)
+    for pb in (q_pb, k_pb, v_pb):
+        attn += _linear_ops(layer, pb, tokens, act_bits, ga, npu_a)
     attn.append(_eltwise("rope", ga, tokens * (q + kv), cl.cycles_per_element_rope, 2 * a))
-    attn += _linear_ops(layer, hidden, "o_proj", layer.fmt("o_proj"), tokens, act_bits, ga, npu_a)
+    attn += _linear_ops(layer, o_pb, tokens, act_bits, ga, npu_a)
     attn.append(_eltwise("attn_residual_add", ga, tokens * hidden, cl.cycles_per_element_add, 3 * a))
     mlp: list[Op] = [_eltwise("mlp_norm", gm, tokens * hidden, cl.cycles_per_element_norm, 2 * a)]
-    for proj in ("gate_proj", "up_proj"):
-        mlp += _linear_ops(layer, hidden, proj, layer.fmt(proj), tokens, act_bits, gm, npu_a)
+    for pb in (gate_pb, up_pb):
+        mlp += _linear_ops(layer, pb, tokens, act_bits, gm, npu_a)
     mlp.append(_eltwise("act_mul", gm, tokens * layer.intermediate, cl.cycles_per_element_act, 3 * a))
-    mlp += _linear_ops(layer, hidden, "down_proj", layer.fmt("down_proj"), tokens, act_bits, gm, npu_a)
+    mlp += _linear_ops(layer, down_pb, tokens, act_bits, gm, npu_a)
     mlp.append(_eltwise("mlp_residual_add", gm, tokens * hidden, cl.cycles_per_element_add, 3 * a))
     return attn, mlp
 
@@ -301,8 +282,6 @@ def embedding_ops(shape: ModelShape, p: Platform, tokens: int) -> list[Op]:
     wherever the embedding is placed (its own group when untied, the shared one when tied)."""
     if not shape.vocab_size or tokens <= 0:
         return []
-    from slmsearch.hwmodel.memory import matrix_bytes
-
     fmt = shape.embedding_format
     v, s = matrix_bytes(1, shape.hidden, fmt)
     group = "embedding+lm_head" if shape.tie_word_embeddings else "embedding"
@@ -319,8 +298,6 @@ def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
     ops = [_eltwise("final_norm", "norms", shape.hidden, p.cluster.cycles_per_element_norm, 2 * a)]
     if shape.vocab_size:
         fmt = shape.head_format
-        from slmsearch.hwmodel.memory import matrix_bytes
-
         v, s = matrix_bytes(shape.vocab_size, shape.hidden, fmt)
         group = "embedding+lm_head" if shape.tie_word_embeddings else "lm_head"
         ops.append(Op("lm_head", LINEAR, group, tokens=1, inner=shape.hidden, outputs=shape.vocab_size,
@@ -331,4 +308,4 @@ def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
 
 
 __all__ = ["Op", "OpCost", "op_cost", "cluster_compute_cycles", "npu_compute_cycles", "n_tiles",
-           "layer_static_ops", "layer_context_ops", "head_ops", "embedding_ops", "causal_pairs", "ATTN_PROJS"]
+           "layer_static_ops", "layer_context_ops", "head_ops", "embedding_ops", "causal_pairs"]

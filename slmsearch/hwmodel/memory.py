@@ -13,7 +13,6 @@ Code and runtime buffers are not counted (platform levels reserve space for them
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 from slmsearch.hwmodel.shape import ATTN_PROJS, LayerShape, ModelShape, TensorFormat
@@ -46,8 +45,8 @@ class ProjBytes:
         return self.weights + self.scales_zeros + self.sparsity_metadata + self.adapter
 
 
-@functools.lru_cache(maxsize=4096)
 def layer_proj_bytes(layer: LayerShape, hidden: int) -> tuple[ProjBytes, ...]:
+    """Bytes of the seven projections of ``layer``, in execution order."""
     out = []
     for name, i, o in layer.proj_dims(hidden):
         fmt = layer.fmt(name)
@@ -73,12 +72,6 @@ def matrix_bytes(rows: int, cols: int, fmt: TensorFormat) -> tuple[int, int]:
     return _ceil_div(rows * cols * fmt.weight_bits, 8), fmt.scale_zero_bytes(cols, rows)
 
 
-def kv_cache_bytes(shape: ModelShape, context_len: int) -> int:
-    """K and V for ``context_len`` positions in every layer."""
-    per_pos_bits = sum(2 * layer.n_kv_heads * layer.head_dim for layer in shape.layers) * shape.kv_cache_bits
-    return _ceil_div(per_pos_bits * context_len, 8)
-
-
 def peak_activation_bytes(shape: ModelShape, tokens: int, attended: int) -> int:
     """Largest live activation set of one forward pass over ``tokens`` new tokens that attend to
     ``attended`` positions: residual stream + max over operators of (inputs + outputs)."""
@@ -87,12 +80,7 @@ def peak_activation_bytes(shape: ModelShape, tokens: int, attended: int) -> int:
     a = shape.activation_bits
     h = shape.hidden
     best = 0
-    seen = set()
     for layer in shape.layers:
-        key = (layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.intermediate)
-        if key in seen:
-            continue
-        seen.add(key)
         q = layer.n_heads * layer.head_dim
         kv = layer.n_kv_heads * layer.head_dim
         qkv = tokens * (h + q + 2 * kv)
@@ -117,7 +105,7 @@ class MemoryReport:
 
 @dataclass(frozen=True)
 class StaticBytes:
-    """Context-independent bytes of a shape (computed once per shape)."""
+    """Context-independent bytes of a shape."""
 
     by_kind: tuple[tuple[str, int], ...]
     weight_groups: tuple[tuple[str, int], ...]
@@ -129,9 +117,7 @@ class StaticBytes:
 
 
 def static_bytes(shape: ModelShape) -> StaticBytes:
-    cached = shape._cache.get("static_bytes")
-    if cached is not None:
-        return cached
+    """Weights, metadata and adapters by kind, the placement groups, and KV-cache bits per position."""
     kinds = dict.fromkeys(KINDS[:8], 0)
     groups: list[tuple[str, int]] = []
     h = shape.hidden
@@ -164,9 +150,7 @@ def static_bytes(shape: ModelShape) -> StaticBytes:
             groups.append(("lm_head", hv + hs))
             groups.append(("embedding", ev + es))  # one row read per token: placed last
     kv_bits = sum(2 * layer.n_kv_heads * layer.head_dim for layer in shape.layers) * shape.kv_cache_bits
-    sb = StaticBytes(tuple(kinds.items()), tuple(groups), kv_bits)
-    shape._cache["static_bytes"] = sb
-    return sb
+    return StaticBytes(tuple(kinds.items()), tuple(groups), kv_bits)
 
 
 def memory_report(shape: ModelShape, context_len: int, prefill_len: int = 0) -> MemoryReport:

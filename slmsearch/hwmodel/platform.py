@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from slmsearch.errors import SlmsearchError
 
 PLATFORM_DIR = Path(__file__).parent / "platforms"
 LEVEL_KINDS = ("l1", "l2", "weight", "offchip")
-_ids = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -72,13 +70,6 @@ class Npu:
     job_overhead_cycles: float
     energy_pj_per_mac: float
 
-    def supports(self, weight_bits: int, activation_bits: int) -> bool:
-        return (
-            self.enabled
-            and self.min_weight_bits <= weight_bits <= self.max_weight_bits
-            and activation_bits <= self.activation_bits
-        )
-
     def macs_per_cycle(self, weight_bits: int) -> float:
         """Bit-serial weights: throughput scales with 8 / weight_bits."""
         return self.macs_per_cycle_8bit * 8.0 / max(weight_bits, self.min_weight_bits)
@@ -104,7 +95,7 @@ class OperatingPoint:
     background_power_w: float
 
 
-@dataclass(frozen=True, eq=False)  # identity: cheap to hash as a cache key
+@dataclass(frozen=True)
 class Platform:
     name: str
     description: str
@@ -115,21 +106,12 @@ class Platform:
     dma: Dma
     tiling: Tiling
     provenance: tuple[tuple[str, str], ...]  # (dotted key, "source: ..." | "assumed: ..." | "override")
-    uid: int = -1  # distinct per loaded object; keys per-platform caches
 
     def level(self, name: str) -> MemoryLevel:
         for lv in self.levels:
             if lv.name == name:
                 return lv
         raise SlmsearchError(f"platform {self.name} has no memory level {name!r}")
-
-    def levels_of(self, kind: str) -> tuple[MemoryLevel, ...]:
-        return tuple(lv for lv in self.levels if lv.kind == kind)
-
-    @property
-    def offchip(self) -> MemoryLevel | None:
-        off = self.levels_of("offchip")
-        return off[0] if off else None
 
     def provenance_of(self, key: str) -> str:
         return dict(self.provenance).get(key, "")
@@ -305,9 +287,4 @@ def _build(name: str, description: str, leaves: dict[str, dict[str, Any]], where
         (k, ("source: " + str(v["source"])) if "source" in v else ("assumed: " + str(v["assumed"])))
         for k, v in leaves.items()
     )
-    return Platform(name, description, op, tuple(levels), cluster, npu, dma, tiling, prov, next(_ids))
-
-
-def platform_values(platform: Platform) -> dict[str, str]:
-    """Dotted key -> provenance, for reports."""
-    return dict(platform.provenance)
+    return Platform(name, description, op, tuple(levels), cluster, npu, dma, tiling, prov)

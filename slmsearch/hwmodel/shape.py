@@ -9,8 +9,8 @@ checkpoint is read back into a shape by ``ModelShape.from_checkpoint`` (see chec
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,6 @@ MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 PROJS = ATTN_PROJS + MLP_PROJS
 
 SPARSITY_FORMATS = ("dense", "unstructured", "2:4", "4:8")
-_MEMO_MAX = 4096  # per layer object: derived layers and hardware-model records kept
-_object_new = object.__new__
-_object_setattr = object.__setattr__
 
 
 def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -55,23 +52,6 @@ class TensorFormat:
     scale_bits: int = 16
     zero_bits: int | None = None
     g_idx_bits: int = 0
-
-    # Written out (dataclass keeps an explicit __init__): plans build a TensorFormat per trial.
-    def __init__(self, weight_bits: int = 16, group_size: int | None = None, scale_bits: int = 16,
-                 zero_bits: int | None = None, g_idx_bits: int = 0) -> None:
-        d = self.__dict__
-        d["weight_bits"] = weight_bits
-        d["group_size"] = group_size
-        d["scale_bits"] = scale_bits
-        d["zero_bits"] = zero_bits
-        d["g_idx_bits"] = g_idx_bits
-        if (type(weight_bits) is int and 1 <= weight_bits <= 32
-                and (group_size is None or (type(group_size) is int and group_size > 0))
-                and type(scale_bits) is int and scale_bits >= 0
-                and (zero_bits is None or (type(zero_bits) is int and zero_bits >= 0))
-                and type(g_idx_bits) is int and g_idx_bits >= 0):
-            return  # the common case, checked in one expression; __post_init__ explains otherwise
-        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.weight_bits, int) and 1 <= self.weight_bits <= 32):
@@ -191,10 +171,6 @@ class LayerShape:
     adapter: Adapter | None = None
 
     def __post_init__(self) -> None:
-        nh, nkv, hd, inter = self.n_heads, self.n_kv_heads, self.head_dim, self.intermediate
-        if (type(nh) is int and type(nkv) is int and type(hd) is int and type(inter) is int
-                and nh > 0 and nkv > 0 and hd > 0 and inter > 0 and not nh % nkv and not self.proj_formats):
-            return  # the common case; the messages below otherwise
         for name in ("n_heads", "n_kv_heads", "head_dim", "intermediate"):
             _positive_int(name, getattr(self, name))
         if self.n_heads % self.n_kv_heads:
@@ -205,18 +181,6 @@ class LayerShape:
         for proj, _ in self.proj_formats:
             if proj not in PROJS:
                 raise SlmsearchError(f"unknown projection {proj!r} in proj_formats; use one of {PROJS}")
-
-    # Per-object memo (not a field: not compared, hashed, printed or pickled): the layers that
-    # transforms derive from this one, and the hardware model's per-(platform, ...) records.
-    # Shapes share layer objects, so a 30-layer uniform model pays for one layer.
-    def _memo(self) -> dict:
-        m = self.__dict__.get("_m")
-        if m is None:
-            m = self.__dict__["_m"] = {}
-        return m
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_m"}
 
     def fmt(self, proj: str) -> TensorFormat:
         for name, f in self.proj_formats:
@@ -257,7 +221,6 @@ class ModelShape:
     kv_cache_bits: int = 16
     activation_bits: int = 16
     name: str = ""
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         _positive_int("hidden", self.hidden)
@@ -320,123 +283,30 @@ class ModelShape:
 
         return shape_from_checkpoint(path)
 
-    # ---- layer runs ------------------------------------------------------------------------
-    def runs(self) -> tuple[tuple[LayerShape, int], ...]:
-        """The layers as (layer, count) runs of consecutive equal layers, in order. Transforms
-        hand the runs to the shape they build, so a uniform 30-layer model is one run, and each
-        transform maps one layer object per run (and reuses the result for an equal request)."""
-        r = self._cache.get("runs")
-        if r is None:
-            out: list[list[Any]] = []
-            for layer in self.layers:
-                if out and (out[-1][0] is layer or out[-1][0] == layer):
-                    out[-1][1] += 1
-                else:
-                    out.append([layer, 1])
-            r = self._cache["runs"] = tuple((lay, n) for lay, n in out)
-        return r
-
-    def __getstate__(self) -> dict:
-        d = dict(self.__dict__)
-        d["_cache"] = {}  # memos are keyed by per-process platform ids
-        return d
-
     # ---- transformations (pure) ------------------------------------------------------------
-    def _replace(self, **kw: Any) -> ModelShape:
-        return dataclasses.replace(self, **kw)
-
-    def _derive(self, runs: tuple[tuple[LayerShape, int], ...] | None, kw: dict[str, Any] | None = None
-                ) -> ModelShape:
-        """A copy with the fields in ``kw`` replaced and, when ``runs`` is given, layers rebuilt
-        from them. Inputs are already validated (fields of a valid shape, validated layers and
-        formats), so __init__/__post_init__ are skipped: transforms run once per search trial."""
-        d = self.__dict__.copy()
-        if kw is not None:
-            d.update(kw)
-        if runs is None:
-            runs = self._cache.get("runs") or self.runs()
-        elif len(runs) == 1:
-            d["layers"] = (runs[0][0],) * runs[0][1]
-        else:
-            layers: tuple[LayerShape, ...] = ()
-            for layer, n in runs:
-                layers += (layer,) * n
-            d["layers"] = layers
-        d["_cache"] = {"runs": runs}
-        new = _object_new(type(self))
-        _object_setattr(new, "__dict__", d)
-        return new
-
-    def _map_runs(self, key: tuple, make: Any) -> ModelShape:
-        """Every layer -> make(layer), computed once per distinct (layer object, key)."""
-        runs = self._cache.get("runs") or self.runs()
-        out: list[tuple[LayerShape, int]] = []
-        for layer, n in runs:
-            m = layer.__dict__.get("_m")
-            if m is None:
-                m = layer._memo()
-            new = m.get(key)
-            if new is None:
-                if len(m) >= _MEMO_MAX:
-                    m.clear()
-                new = m[key] = make(layer)
-            if len(runs) == 1:
-                return self._derive(((new, n),))
-            if out and out[-1][0] is new:
-                out[-1] = (new, out[-1][1] + n)
-            else:
-                out.append((new, n))
-        return self._derive(tuple(out))
-
-    def _map_layers(self, **kw: Any) -> ModelShape:
-        return self._map_runs(("replace", tuple(sorted(kw.items()))), lambda layer: dataclasses.replace(layer, **kw))
+    def _with_each_layer(self, make: Callable[[LayerShape], LayerShape]) -> ModelShape:
+        return dataclasses.replace(self, layers=tuple(make(layer) for layer in self.layers))
 
     def drop_layers(self, indices: Iterable[int]) -> ModelShape:
-        n_layers = len(self.layers)
-        runs = self._cache.get("runs") or self.runs()
-        if type(indices) is range and len(runs) == 1 and len(indices) and indices.step > 0:
-            # the usual plan: drop range(n) of a uniform model
-            if indices[0] >= 0 and indices[-1] < n_layers:
-                kept = runs[0][1] - len(indices)
-                return self._derive(((runs[0][0], kept),) if kept else ())
         drop = set(indices)
-        if drop and not (all(type(i) is int for i in drop) and min(drop) >= 0 and max(drop) < n_layers):
-            bad = sorted(i for i in drop if not (isinstance(i, int) and 0 <= i < n_layers))
-            if bad:
-                raise SlmsearchError(f"layer indices to drop must be in 0..{n_layers - 1}, but got {bad}")
-        if not drop:
-            return self._derive(None)
-        if len(runs) == 1:
-            kept = runs[0][1] - len(drop)
-            return self._derive(((runs[0][0], kept),) if kept else ())
-        out: list[tuple[LayerShape, int]] = []
-        start = 0
-        for layer, n in runs:
-            kept = n - sum(1 for i in drop if start <= i < start + n)
-            start += n
-            if not kept:
-                continue
-            if out and out[-1][0] is layer:
-                out[-1] = (layer, out[-1][1] + kept)
-            else:
-                out.append((layer, kept))
-        return self._derive(tuple(out))
+        bad = sorted(i for i in drop if not (isinstance(i, int) and 0 <= i < self.n_layers))
+        if bad:
+            raise SlmsearchError(f"layer indices to drop must be in 0..{self.n_layers - 1}, but got {bad}")
+        return dataclasses.replace(self, layers=tuple(x for i, x in enumerate(self.layers) if i not in drop))
 
     def prune_structured(self, mlp_channels_removed: int, kv_groups_removed: int) -> ModelShape:
         """Remove the same MLP channels and KV groups (with their query heads) in every layer."""
         _positive_int("mlp_channels_removed", mlp_channels_removed, allow_zero=True)
         _positive_int("kv_groups_removed", kv_groups_removed, allow_zero=True)
-        start = 0
-        for layer, n in self.runs():
+        for idx, layer in enumerate(self.layers):
             if mlp_channels_removed >= layer.intermediate or kv_groups_removed >= layer.n_kv_heads:
                 raise SlmsearchError(
-                    f"layer {start} has intermediate={layer.intermediate}, n_kv_heads={layer.n_kv_heads}: "
+                    f"layer {idx} has intermediate={layer.intermediate}, n_kv_heads={layer.n_kv_heads}: "
                     f"cannot remove {mlp_channels_removed} MLP channels and {kv_groups_removed} KV groups "
                     f"(at least one of each must remain)"
                 )
-            start += n
 
-        def make(layer: LayerShape) -> LayerShape:
+        def pruned(layer: LayerShape) -> LayerShape:
             q_per_kv = layer.n_heads // layer.n_kv_heads
             return dataclasses.replace(
                 layer,
@@ -445,44 +315,38 @@ class ModelShape:
                 n_heads=layer.n_heads - kv_groups_removed * q_per_kv,
             )
 
-        return self._map_runs(("prune", mlp_channels_removed, kv_groups_removed), make)
+        return self._with_each_layer(pruned)
 
     def with_linear_format(self, fmt: TensorFormat) -> ModelShape:
-        key = (("linear_format", fmt.weight_bits, fmt.group_size, fmt.scale_bits, fmt.zero_bits, fmt.g_idx_bits)
-               if type(fmt) is TensorFormat else ("linear_format", fmt))  # ints hash in C
-        return self._map_runs(key, lambda layer: dataclasses.replace(layer, linear_format=fmt, proj_formats=()))
+        return self._with_each_layer(lambda layer: dataclasses.replace(layer, linear_format=fmt, proj_formats=()))
 
     def with_embedding_format(self, fmt: TensorFormat) -> ModelShape:
-        return self._derive(None, {"embedding_format": fmt, "lm_head_format": None})
+        return dataclasses.replace(self, embedding_format=fmt, lm_head_format=None)
 
     def with_sparsity(self, format: str, density: float | None = None) -> ModelShape:  # noqa: A002
+        """Every layer's sparsity; ``density`` defaults to N/M for an N:M format, else 1.0."""
         if density is None:
             if ":" in format and format in SPARSITY_FORMATS:
                 n, m = (int(x) for x in format.split(":"))
                 density = n / m
             else:
                 density = 1.0
-        density = float(density)
-        return self._map_runs(
-            ("sparsity", format, density), lambda layer: dataclasses.replace(layer, sparsity=Sparsity(format, density))
-        )
+        sparsity = Sparsity(format, float(density))
+        return self._with_each_layer(lambda layer: dataclasses.replace(layer, sparsity=sparsity))
 
     def with_adapter(self, rank: int, bits: int = 16) -> ModelShape:
-        return self._map_runs(
-            ("adapter", rank, bits),
-            lambda layer: dataclasses.replace(layer, adapter=Adapter(rank, bits) if rank else None),
-        )
+        """An unmerged adapter of ``rank`` on every layer (rank 0 removes it)."""
+        adapter = Adapter(rank, bits) if rank else None
+        return self._with_each_layer(lambda layer: dataclasses.replace(layer, adapter=adapter))
 
     def with_kv_cache_bits(self, bits: int) -> ModelShape:
-        return self._replace(kv_cache_bits=bits)
+        return dataclasses.replace(self, kv_cache_bits=bits)
 
     def with_activation_bits(self, bits: int) -> ModelShape:
-        return self._replace(activation_bits=bits)
+        return dataclasses.replace(self, activation_bits=bits)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("_cache", None)
-        return d
+        return dataclasses.asdict(self)
 
 
 # Reference shapes (docs, tests, validation). Dimensions from the models' config.json files and,

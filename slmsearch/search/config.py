@@ -9,11 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from slmsearch.errors import SlmsearchError
+from slmsearch.evals.settings import EvalSettings
+
+if TYPE_CHECKING:  # compress.calib imports torch, which this module must not (it is imported lazily)
+    from slmsearch.compress.calib import CalibSettings
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 SAMPLERS = ("nsga2", "tpe", "random")
@@ -24,9 +28,12 @@ GPTQ_BITS = (2, 3, 4, 8, 16)  # 16 = not quantized
 GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
 EMBEDDING_BITS = (16, 8, 4)
 WANDA_PATTERNS = ("none", "unstructured", "2:4", "4:8", "structured")
+GB = 10**9  # bytes in a GB: sizes in a study file are decimal, as budget_mb's MB is 1e6 bytes
 
 
 def _reject_unknown(section: str, raw: dict[str, Any], cls: type) -> None:
+    if not isinstance(raw, dict):
+        raise SlmsearchError(f"study section {section!r} must be a mapping, got {raw!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
@@ -150,8 +157,10 @@ class StudyConfig:
         Objective("decode_latency_s", "minimize"),
     )
     space: SpaceConfig = SpaceConfig()
-    calibration: dict[str, int] = field(default_factory=lambda: {"n_samples": 16, "seqlen": 256, "seed": 0})
-    evaluation: dict[str, Any] = field(default_factory=dict)  # EvalSettings fields
+    # calibration windows of every stage; a study file's section starts from CalibSettings' defaults
+    calibration: CalibSettings = field(default_factory=lambda: calibration_from({"n_samples": 16, "seqlen": 256, "seed": 0}))
+    # what each trial evaluates; metrics () = the objectives' quality metrics + wikitext_token_ppl (drives pruning)
+    evaluation: EvalSettings = EvalSettings(metrics=())
     pruning: PruningConfig = PruningConfig()
     sampler: str = "nsga2"
     population_size: int = 8  # NSGA-II generation size
@@ -160,7 +169,7 @@ class StudyConfig:
     trials: int = 8  # evaluated trials (over-budget rejections are extra and cost < 1 s each)
     timeout_s: float | None = None
     storage: str | None = None  # None = sqlite:///<runs dir>/<name>.db
-    cache_gb: float = 20.0  # stage-cache bound (LRU)
+    cache_gb: float = 20.0  # stage-cache bound (LRU), GB = 1e9 bytes
     heartbeat_s: int = 10  # a running trial's heartbeat period
     grace_s: int = 30  # a trial silent this long (its worker died) is marked FAILED and retried
     trust_remote_code: bool = False
@@ -180,26 +189,24 @@ class StudyConfig:
             )
         if self.context_len < 1:
             raise SlmsearchError(f"context_len must be >= 1, got {self.context_len}")
+        wanted = [o.metric for o in self.objectives if o.metric not in HW_OBJECTIVES]
+        if not self.evaluation.metrics:
+            metrics = tuple(dict.fromkeys(["wikitext_token_ppl", *wanted]))  # token ppl drives pruning
+            object.__setattr__(self, "evaluation", dataclasses.replace(self.evaluation, metrics=metrics))
+        missing = [m for m in wanted if m not in self.evaluation.metrics]
+        if missing:
+            raise SlmsearchError(
+                f"evaluation.metrics must include every quality objective; add {', '.join(missing)} or leave metrics out"
+            )
 
     @property
     def directions(self) -> list[str]:
         return [o.direction for o in self.objectives]
 
-    def eval_settings(self) -> Any:
-        from slmsearch.evals.settings import EvalSettings
-
-        wanted = tuple(dict.fromkeys(o.metric for o in self.objectives if o.metric not in HW_OBJECTIVES))
-        metrics = tuple(dict.fromkeys(("wikitext_token_ppl",) + wanted))  # token ppl drives pruning
-        return EvalSettings.from_dict({"metrics": list(metrics), **self.evaluation})
-
-    def calib_settings(self) -> Any:
-        from slmsearch.compress.calib import CalibSettings
-
-        known = {f.name for f in dataclasses.fields(CalibSettings)}
-        for key in self.calibration:
-            if key not in known:
-                raise SlmsearchError(f"unknown key {key!r} in study section 'calibration'; known keys: {', '.join(sorted(known))}")
-        return CalibSettings(**self.calibration)
+    @property
+    def cache_bytes(self) -> int:
+        """The stage cache's bound in bytes."""
+        return int(self.cache_gb * GB)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -207,13 +214,36 @@ class StudyConfig:
         return out
 
 
+def calibration_from(raw: dict[str, Any] | None) -> CalibSettings:
+    """A ``calibration`` section (or a stored one) as CalibSettings: missing keys take its
+    defaults, unknown keys are rejected by name."""
+    from slmsearch.compress.calib import CalibSettings
+
+    section = raw or {}
+    _reject_unknown("calibration", section, CalibSettings)
+    try:
+        return CalibSettings(**section)
+    except TypeError as exc:
+        raise SlmsearchError(f"study section 'calibration': {exc}") from None
+
+
+def evaluation_from(raw: dict[str, Any] | None) -> EvalSettings:
+    """An ``evaluation`` section (or a stored one) as EvalSettings: missing keys take its
+    defaults, except ``metrics``, which the study's objectives decide unless the section names
+    them; unknown keys are rejected by name."""
+    section = raw or {}
+    _reject_unknown("evaluation", section, EvalSettings)
+    try:
+        return EvalSettings.from_dict({"metrics": (), **section})
+    except TypeError as exc:
+        raise SlmsearchError(f"study section 'evaluation': {exc}") from None
+
+
 def _build(raw: dict[str, Any]) -> StudyConfig:
     _reject_unknown("study", raw, StudyConfig)
     data = dict(raw)
     if "space" in data:
         space = data["space"] or {}
-        if not isinstance(space, dict):
-            raise SlmsearchError("study section 'space' must be a mapping")
         _reject_unknown("space", space, SpaceConfig)
         data["space"] = SpaceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
     if "pruning" in data:
@@ -227,17 +257,14 @@ def _build(raw: dict[str, Any]) -> StudyConfig:
             _reject_unknown("objectives", item, Objective)
             objectives.append(Objective(**item))
         data["objectives"] = tuple(objectives)
+    if "calibration" in data:
+        data["calibration"] = calibration_from(data["calibration"])
     if "evaluation" in data:
-        from slmsearch.evals.settings import EvalSettings
-
-        EvalSettings.from_dict(data["evaluation"] or {})  # validates keys and values now
+        data["evaluation"] = evaluation_from(data["evaluation"])
     try:
-        config = StudyConfig(**data)
+        return StudyConfig(**data)
     except TypeError as exc:
         raise SlmsearchError(f"study file: {exc}") from None
-    config.calib_settings()
-    config.eval_settings()
-    return config
 
 
 def load_study_config(path_or_name: str | Path | None = None) -> StudyConfig:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from slmsearch.errors import SlmsearchError
-from slmsearch.search.pareto import LocatedStudy
+from slmsearch.search.storage import LocatedStudy, redact
 
 HOST = "127.0.0.1"
 
@@ -48,8 +48,6 @@ def serve(located: LocatedStudy, *, port: int = 8080, log: Callable[[str], Any] 
     """Serve optuna-dashboard for the study's storage on 127.0.0.1 until interrupted."""
     from optuna.storages import RDBStorage
     from optuna_dashboard import run_server
-
-    from slmsearch.search.study import redact
 
     port = check_port(port)
     storage = RDBStorage(located.url)  # plain: the dashboard only reads (and takes notes)

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from slmsearch.errors import SlmsearchError
-from slmsearch.search.pareto import LocatedStudy, label
-
-QUALITY_KEYS = ("wikitext_word_ppl", "wikitext_token_ppl", "triviaqa_exact_match", "triviaqa_answer_logprob", "early_token_ppl")
-HW_KEYS = ("footprint_mb", "decode_latency_s", "tokens_per_s", "energy_per_token_j")
+from slmsearch.search.config import GB, calibration_from, evaluation_from
+from slmsearch.search.pareto import label
+from slmsearch.search.storage import LocatedStudy, redact
+from slmsearch.search.trials import (
+    BASELINE_ATTR, EARLY_PPL_ATTR, EVAL_COUNTS_ATTR, FAILED, HW_ATTRS, OVER_BUDGET, PLAN_ATTR, QUALITY_ATTRS, REJECTED,
+    REJECTED_ATTR, RUNNING, SURPLUS, WAITING, pareto_trials, status,
+)
 
 
 @dataclass(frozen=True)
@@ -46,27 +49,26 @@ def exportable(trial: Any) -> None:
 
     n = trial.number
     hint = "export an evaluated trial within the budget, e.g. one that `slmsearch pareto` lists"
-    if "rejected" in trial.user_attrs or any(c > 0 for c in trial.constraints.values()):
-        reason = trial.user_attrs.get("rejected") or "footprint over budget"
+    outcome = status(trial)
+    if outcome in (REJECTED, OVER_BUDGET):
+        reason = trial.user_attrs.get(REJECTED_ATTR) or "footprint over budget"
         raise SlmsearchError(f"trial {n} was over budget ({reason}) and never compressed or evaluated; {hint}")
-    if trial.state == TrialState.FAIL:
+    if outcome in (FAILED, SURPLUS):
         raise SlmsearchError(f"trial {n} failed, so nothing was measured to stand behind; {hint}")
-    if trial.state == TrialState.PRUNED:
-        ppl = trial.user_attrs.get("early_token_ppl")
+    if trial.state == TrialState.PRUNED:  # pruned, or a repeat of a pruned plan
+        ppl = trial.user_attrs.get(EARLY_PPL_ATTR)
         at = f" (early token ppl {ppl:.1f})" if isinstance(ppl, (int, float)) else ""
         raise SlmsearchError(f"trial {n} was pruned by the early perplexity check{at}; {hint}")
-    if trial.state != TrialState.COMPLETE:
-        raise SlmsearchError(f"trial {n} is {trial.state.name.lower()}, not finished; wait for it or {hint}")
+    if outcome in (RUNNING, WAITING):
+        raise SlmsearchError(f"trial {n} is {outcome}, not finished; wait for it or {hint}")
     if trial.values is None or not all(math.isfinite(v) for v in trial.values):
         raise SlmsearchError(f"trial {n} has no finite objective values; {hint}")
-    if not isinstance(trial.user_attrs.get("plan"), dict):
+    if not isinstance(trial.user_attrs.get(PLAN_ATTR), dict):
         raise SlmsearchError(f"trial {n} has no recorded plan (user attribute 'plan'); it cannot be rebuilt")
 
 
 def select_trials(located: LocatedStudy, *, pareto: bool = False, numbers: tuple[int, ...] = ()) -> list[Any]:
     """The trials to export: the Pareto-optimal ones and/or the numbered ones (each checked)."""
-    from slmsearch.search.study import pareto_trials
-
     if not pareto and not numbers:
         raise SlmsearchError("say what to export: --pareto (every Pareto-optimal trial) or --trial N")
     trials = located.study.get_trials(deepcopy=False)
@@ -87,21 +89,10 @@ def select_trials(located: LocatedStudy, *, pareto: bool = False, numbers: tuple
     return [chosen[n] for n in sorted(chosen)]
 
 
-def _calib(config: dict[str, Any]) -> Any:
-    from slmsearch.compress.calib import CalibSettings
-
-    raw = config.get("calibration") or {}
-    try:
-        return CalibSettings(**raw) if raw else CalibSettings()  # as objective.run_trial builds it
-    except TypeError as exc:
-        raise SlmsearchError(f"the study's calibration settings {raw!r} are not understood ({exc})") from None
-
-
 def _checkpoint_format(folder: Path) -> str:
-    from slmsearch.compress.gptq import is_gptq_folder
-    from slmsearch.compress.pipeline import ADAPTER_DIR
+    from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, is_gptq_folder
 
-    adapter = (folder / ADAPTER_DIR / "adapter_config.json").is_file()
+    adapter = (folder / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file()
     if is_gptq_folder(folder):
         return "gptq+eora" if adapter else "gptq"
     return "hf+lora-adapter" if adapter else "hf"
@@ -109,7 +100,7 @@ def _checkpoint_format(folder: Path) -> str:
 
 def load_snippet(name: str, fmt: str, adapter_rank: int | None) -> list[str]:
     """Two lines of Python that load the folder ``name`` in format ``fmt``."""
-    from slmsearch.compress.pipeline import ADAPTER_DIR
+    from slmsearch.checkpoint import ADAPTER_DIR
     if fmt == "gptq+eora":
         return ["from gptqmodel import GPTQModel; from gptqmodel.adapter.adapter import Lora",
                 f'model = GPTQModel.load("{name}", adapter=Lora(path="{name}/{ADAPTER_DIR}", rank={adapter_rank}))']
@@ -128,32 +119,31 @@ def trial_record(located: LocatedStudy, trial: Any, *, data_dir: Path, fmt: str,
 
     import slmsearch
     from slmsearch.data import data_hashes
-    from slmsearch.search.study import redact
 
     a = trial.user_attrs
     cfg = located.config
-    evaluation = cfg.get("evaluation") or {}
+    calibration = calibration_from(cfg.get("calibration"))
+    evaluation = evaluation_from(cfg.get("evaluation"))
     return {
         "study": located.name,
         "storage": redact(located.url),
         "trial": trial.number,
-        "baseline": bool(a.get("baseline", False)),
+        "baseline": bool(a.get(BASELINE_ATTR, False)),
         "params": dict(trial.params),
-        "plan": a["plan"],
+        "plan": a[PLAN_ATTR],
         "objectives": dict(zip(located.objectives, trial.values)),
-        "metrics": {k: a[k] for k in QUALITY_KEYS if k in a},
-        "eval_counts": a.get("eval_counts", {}),
-        "eval_settings": evaluation,
+        "metrics": {k: a[k] for k in QUALITY_ATTRS if k in a},
+        "eval_counts": a.get(EVAL_COUNTS_ATTR, {}),
+        "eval_settings": evaluation.to_dict(),
         "hardware": {
             "platform": cfg.get("platform"), "platform_overrides": cfg.get("platform_overrides") or {},
             "context_len": cfg.get("context_len"), "budget_mb": cfg.get("budget_mb"),
-            **{k: a.get(k) for k in HW_KEYS}, "memory_bytes": a.get("memory_bytes"), "placement": a.get("placement"),
+            **{k: a.get(k) for k in HW_ATTRS}, "memory_bytes": a.get("memory_bytes"), "placement": a.get("placement"),
         },
         "seeds": {
-            "sampler": cfg.get("seed"), "calibration": (cfg.get("calibration") or {}).get("seed", 0),
-            "evaluation_fewshot": evaluation.get("seed", 1234),
+            "sampler": cfg.get("seed"), "calibration": calibration.seed, "evaluation_fewshot": evaluation.seed,
         },
-        "calibration": cfg.get("calibration") or {},
+        "calibration": calibration.to_dict(),
         "data_sha256": data_hashes(data_dir),
         "base_model": base,
         "base_fingerprint": fingerprint,
@@ -192,7 +182,7 @@ def model_card(record: dict[str, Any], name: str, adapter_rank: int | None) -> s
         *snippet,
         "```",
         "",
-        "Or `slmsearch.compress.pipeline.load_checkpoint(path)` for (model, tokenizer) in any format.",
+        "Or `slmsearch.checkpoint.load(path)` for (model, tokenizer) in any format.",
         "",
         "## Plan",
         "",
@@ -240,6 +230,7 @@ def export_trial(
     located: LocatedStudy, trial: Any, out_dir: Path, *, data_dir: Path, cache: Any = None, progress: bool = True,
 ) -> Exported:
     """Rebuild ``trial``'s checkpoint (stage cache first) into ``out_dir/trial-NNNN`` with its card."""
+    from slmsearch import checkpoint
     from slmsearch.compress import pipeline
     from slmsearch.compress.plan import Plan
     from slmsearch.fsutil import atomic_dir
@@ -250,12 +241,12 @@ def export_trial(
     if final.exists():
         return Exported(trial.number, final, written=False)
     cfg = located.config
-    plan = Plan.from_dict(trial.user_attrs["plan"])
+    plan = Plan.from_dict(trial.user_attrs[PLAN_ATTR])
     location = resolve_model(cfg.get("model"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     with atomic_dir(final) as tmp:
-        result = pipeline.run(plan, location, data_dir, _calib(cfg), cache=cache, out=tmp, progress=progress)
+        result = pipeline.run(plan, location, data_dir, calibration_from(cfg.get("calibration")), cache=cache, out=tmp, progress=progress)
         fmt = _checkpoint_format(tmp)
-        adapter_cfg = tmp / pipeline.ADAPTER_DIR / "adapter_config.json"
+        adapter_cfg = tmp / checkpoint.ADAPTER_DIR / checkpoint.ADAPTER_CONFIG_FILE
         rank = int(json.loads(adapter_cfg.read_text())["r"]) if adapter_cfg.is_file() else None
         record = trial_record(located, trial, data_dir=data_dir, fmt=fmt, base=location, fingerprint=model_fingerprint(location))
         (tmp / "trial.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
@@ -279,7 +270,8 @@ def export(
     if out.exists() and not out.is_dir():
         raise SlmsearchError(f"--out {str(out)!r} is a file; pass a folder")
     if cache is None:
-        cache = StageCache(max_bytes=int(float(located.config.get("cache_gb") or 20.0) * 1e9))
+        cache_gb = located.config.get("cache_gb")
+        cache = StageCache(max_bytes=int(float(cache_gb) * GB)) if cache_gb else StageCache()
     done = []
     for trial in trials:
         item = export_trial(located, trial, out, data_dir=folder, cache=cache, progress=progress)

@@ -17,16 +17,18 @@ from typing import Any
 
 from slmsearch import interrupt
 from slmsearch.search.config import HW_OBJECTIVES, StudyConfig
-from slmsearch.search.space import plan_summary, suggest_plan
-from slmsearch.search.workers import (
-    REPEAT_ATTR, SLOT_ATTR, SURPLUS_ATTR, SurplusTrial, claim_slot, counted, feasible_evaluated,
+from slmsearch.search.slots import SurplusTrial, claim_slot
+from slmsearch.search.space import suggest_plan
+from slmsearch.search.trials import (
+    BASELINE_ATTR, BASELINE_PPL_STUDY_ATTR, CACHE_HITS_ATTR, CONSTRAINT_KEY, EARLY_PPL_ATTR, EVAL_COUNTS_ATTR,
+    EVAL_SECONDS_ATTR, PLAN_ATTR, REJECTED_ATTR, REPEAT_ATTR, SLOT_ATTR, STAGE_SECONDS_ATTR, SURPLUS_ATTR, WORKER_ATTR,
+    counted, feasible_evaluated,
 )
 
 # Objective values of a trial rejected by the budget: finite, and worse than any real result.
 # The constraint (footprint over budget) already marks it infeasible for the sampler; these only
 # keep the trial COMPLETE so that the constraint is seen. Hardware objectives keep real values.
 REJECTED_VALUE = {"minimize": 1e6, "maximize": -1e6}
-CONSTRAINT_KEY = "footprint_over_budget_mb"
 # Which process ran a trial (host:pid), for studies shared by many workers.
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -40,13 +42,12 @@ class TrialContext:
     base_shape: Any
     platform: Any
     data_dir: Path
-    calib: Any
-    eval_settings: Any
     cache: Any
+    storage: Any = None  # the study's RDBStorage, for slot claims (None: one process, in memory)
     log: Any = print
     stage_calls: list[str] = field(default_factory=list)  # every stage the pipeline ran (tests count it)
     baseline_first_ppl: float | None = None
-    current: tuple[int, int] | None = None  # (number, trial id) of the trial running now, for Ctrl-C
+    current: int | None = None  # number of the trial running now, for Ctrl-C
 
 
 def hardware_attrs(estimate: Any) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def hardware_attrs(estimate: Any) -> dict[str, Any]:
     return {
         "footprint_mb": estimate.memory.total_bytes / 1e6,
         "memory_bytes": dict(estimate.memory.by_kind),
-        "placement": estimate.placement.to_dict() if hasattr(estimate.placement, "to_dict") else str(estimate.placement),
+        "placement": dict(estimate.placement),  # weight group -> memory level
         "decode_latency_s": decode.latency_s,
         "tokens_per_s": decode.tokens_per_s,
         "energy_per_token_j": decode.energy_j_per_token,
@@ -74,10 +75,10 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     from slmsearch.hwmodel import estimate
 
     config = ctx.config
-    ctx.current = (trial.number, trial._trial_id)
-    trial.set_user_attr("worker", WORKER)
+    ctx.current = trial.number
+    trial.set_user_attr(WORKER_ATTR, WORKER)
     plan = suggest_plan(trial, config.space, ctx.base_shape)
-    trial.set_user_attr("plan", plan.to_dict())
+    trial.set_user_attr(PLAN_ATTR, plan.to_dict())
     start = time.perf_counter()
     est = estimate(plan.shape(ctx.base_shape), ctx.platform, context_len=config.context_len)
     hw = hardware_attrs(est)
@@ -87,33 +88,33 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     with warnings.catch_warnings():  # a retried trial inherits its (identical) constraint: optuna warns, keeps it
         warnings.filterwarnings("ignore", message="The constraint value is ignored")
         trial.set_constraint(CONSTRAINT_KEY, over)
-    if over > 0 and trial.user_attrs.get("baseline"):
+    if over > 0 and trial.user_attrs.get(BASELINE_ATTR):
         # The uncompressed reference is evaluated whatever its size (pruning compares every trial
         # with it); the constraint keeps it out of the feasible Pareto set.
         trial.set_user_attr("over_budget", f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB")
     elif over > 0:
         reason = f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB"
-        trial.set_user_attr("rejected", reason)
+        trial.set_user_attr(REJECTED_ATTR, reason)
         trial.set_user_attr("seconds_total", time.perf_counter() - start)
         ctx.log(f"trial {trial.number}: rejected before compression ({reason})")
         return tuple(
             hw[o.metric] if o.metric in HW_OBJECTIVES else REJECTED_VALUE[o.direction] for o in config.objectives
         )
 
-    twin = find_twin(trial.study, trial.user_attrs["plan"], trial.number)
+    twin = find_twin(trial.study, trial.user_attrs[PLAN_ATTR], trial.number)
     if twin is not None:
         return answer_from_twin(trial, twin, ctx, start)
 
-    if not claim_slot(trial, config.trials):
+    if not claim_slot(trial, config.trials, ctx.storage):
         # Other workers already run or finished the last trials: end without work, not counted.
         trial.set_user_attr(SURPLUS_ATTR, f"all {config.trials} trials were taken when it started")
         raise SurplusTrial(f"trial {trial.number}: all {config.trials} trials taken by other workers")
-    ctx.log(f"trial {trial.number}: {plan_summary(plan.to_dict())} ({hw['footprint_mb']:.1f} MB)")
-    result = pipeline.run(plan, ctx.base_location, ctx.data_dir, ctx.calib, cache=ctx.cache, progress=True)
+    ctx.log(f"trial {trial.number}: {plan.label()} ({hw['footprint_mb']:.1f} MB)")
+    result = pipeline.run(plan, ctx.base_location, ctx.data_dir, config.calibration, cache=ctx.cache, progress=True)
     kinds = [stage.kind for stage in plan.effective().stages]
     ctx.stage_calls.extend(kinds[result.cache_hits :])
-    trial.set_user_attr("stage_seconds", result.stage_seconds)
-    trial.set_user_attr("cache_hits", kinds[: result.cache_hits])
+    trial.set_user_attr(STAGE_SECONDS_ATTR, result.stage_seconds)
+    trial.set_user_attr(CACHE_HITS_ATTR, kinds[: result.cache_hits])
     trial.set_user_attr("stage_reports", [r.to_dict() for r in result.reports])
     metrics = evaluate_staged(trial, ctx, result.checkpoint_dir)
     for key, value in metrics.items():
@@ -126,7 +127,8 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
 
 
 # What a repeat does not copy from its twin: what belongs to the run, not to the plan.
-_RUN_ATTRS = frozenset({"worker", "plan", SLOT_ATTR, "baseline", "seconds_total", "stage_seconds", "cache_hits", "stage_reports"})
+_RUN_ATTRS = frozenset({WORKER_ATTR, PLAN_ATTR, SLOT_ATTR, BASELINE_ATTR, "seconds_total", STAGE_SECONDS_ATTR, CACHE_HITS_ATTR,
+                        "stage_reports"})
 
 
 def find_twin(study: Any, plan: dict[str, Any], number: int) -> Any | None:
@@ -134,7 +136,7 @@ def find_twin(study: Any, plan: dict[str, Any], number: int) -> Any | None:
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.number != number and t.user_attrs.get("plan") == plan and counted(t):
+        if t.number != number and t.user_attrs.get(PLAN_ATTR) == plan and counted(t):
             return t
     return None
 
@@ -161,9 +163,9 @@ def best_feasible_early_ppl(study: Any, number: int) -> float | None:
     from optuna.trial import TrialState
 
     values = [
-        float(t.user_attrs["early_token_ppl"])
+        float(t.user_attrs[EARLY_PPL_ATTR])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.number != number and "early_token_ppl" in t.user_attrs and feasible_evaluated(t)
+        if t.number != number and EARLY_PPL_ATTR in t.user_attrs and feasible_evaluated(t)
     ]
     return min(values) if values else None
 
@@ -188,26 +190,26 @@ def evaluate_staged(trial: Any, ctx: TrialContext, checkpoint_dir: Path) -> dict
     other metrics. No window is scored twice."""
     import dataclasses
 
-    from slmsearch.compress.pipeline import load_checkpoint
+    from slmsearch import checkpoint
     from slmsearch.evals.runner import evaluate
     from slmsearch.evals.wikitext import token_perplexity
 
-    settings = ctx.eval_settings
+    settings = ctx.config.evaluation
     pruning = ctx.config.pruning
     start = time.perf_counter()
-    model, tokenizer = load_checkpoint(checkpoint_dir, dense=True)  # GPTQ: a dense copy in the kernel's dtype
+    model, tokenizer = checkpoint.load(checkpoint_dir, dense=True)  # GPTQ: a dense copy in the kernel's dtype
     out: dict[str, Any] = {}
 
     def decide(windows_done: int, ppl: float) -> None:
         interrupt.check()
-        if "early_token_ppl" in out:
+        if EARLY_PPL_ATTR in out:
             return
-        out["early_token_ppl"] = ppl
-        trial.set_user_attr("early_token_ppl", ppl)
-        if trial.user_attrs.get("baseline"):
+        out[EARLY_PPL_ATTR] = ppl
+        trial.set_user_attr(EARLY_PPL_ATTR, ppl)
+        if trial.user_attrs.get(BASELINE_ATTR):
             ctx.baseline_first_ppl = ppl
-            trial.study.set_user_attr("baseline_early_token_ppl", ppl)
-        baseline = ctx.baseline_first_ppl or trial.study.user_attrs.get("baseline_early_token_ppl")
+            trial.study.set_user_attr(BASELINE_PPL_STUDY_ATTR, ppl)
+        baseline = ctx.baseline_first_ppl or trial.study.user_attrs.get(BASELINE_PPL_STUDY_ATTR)
         reason = prune_reason(ppl, baseline, best_feasible_early_ppl(trial.study, trial.number), pruning)
         if reason:
             raise Pruned(reason)
@@ -225,6 +227,6 @@ def evaluate_staged(trial: Any, ctx: TrialContext, checkpoint_dir: Path) -> dict
     results = evaluate(model, tokenizer, ctx.data_dir, rest) if rest.metrics else {"counts": {}, "seconds": {}}
     out["wikitext_token_ppl"] = ppl
     out.update({k: v for k, v in results.items() if k not in {"counts", "seconds"}})
-    out["eval_counts"] = {"wikitext_token_windows": windows, **results["counts"]}
-    out["eval_seconds"] = {**results["seconds"], "total": time.perf_counter() - start}
+    out[EVAL_COUNTS_ATTR] = {"wikitext_token_windows": windows, **results["counts"]}
+    out[EVAL_SECONDS_ATTR] = {**results["seconds"], "total": time.perf_counter() - start}
     return out

@@ -1,8 +1,8 @@
-"""Find a study in its storage and list its Pareto-optimal trials as a table (md, csv or json).
+"""A study's Pareto-optimal trials as a table (md, csv or json).
 
 Read-only: nothing here writes to the storage. "Pareto-optimal" means feasible (within the
 budget), evaluated (COMPLETE, not rejected) and not dominated on the study's objectives, as
-:func:`slmsearch.search.study.pareto_trials` decides.
+:func:`slmsearch.search.trials.pareto_trials` decides.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import csv
 import io
 import json
 import math
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from slmsearch.compress.plan import Plan
 from slmsearch.errors import SlmsearchError
-from slmsearch.search.space import plan_summary
+from slmsearch.search.storage import LocatedStudy, objective_names
+from slmsearch.search.trials import BASELINE_ATTR, PLAN_ATTR, pareto_trials
 
 FORMATS = ("md", "csv", "json")
 # Hardware-model columns every table shows after the objectives, with their units.
@@ -35,74 +34,6 @@ UNITS = {
 }
 
 
-@dataclass(frozen=True)
-class LocatedStudy:
-    """A loaded study, where it lives (URL, never printed unredacted) and the config it ran with."""
-
-    study: Any
-    url: str
-    config: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return str(self.study.study_name)
-
-    @property
-    def objectives(self) -> list[str]:
-        return objective_names(self.study)
-
-
-def _sqlite_path(url: str) -> Path | None:
-    if not url.startswith("sqlite:///"):
-        return None
-    raw = url[len("sqlite:///"):]
-    return None if raw in ("", ":memory:") else Path(raw)
-
-
-def locate_study(study_file: str | None = None, storage: str | None = None, study_name: str | None = None) -> LocatedStudy:
-    """Load an existing study, read-only.
-
-    The storage is ``storage`` or the study file's (default ``studies/default.yaml``). The name is
-    ``study_name``, else the study file's name, else (with ``--storage`` alone) the only study there.
-    """
-    import optuna
-
-    from slmsearch.search.config import load_study_config
-    from slmsearch.search.study import open_storage, redact, storage_url
-
-    config = load_study_config(study_file) if (study_file is not None or storage is None) else None
-    url = storage or storage_url(config)  # type: ignore[arg-type]
-    path = _sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise SlmsearchError(
-            f"no study database at {str(path)!r}; run `slmsearch optimize` first, or pass --storage URL / --study FILE"
-        )
-    with warnings.catch_warnings():  # heartbeat options warn as experimental; a reader never beats
-        warnings.simplefilter("ignore")
-        rdb = open_storage(url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False)]
-    name = study_name or (config.name if config is not None else None)
-    if name is None:
-        if len(names) != 1:
-            listed = ", ".join(names) or "none"
-            raise SlmsearchError(f"storage {redact(url)!r} holds {len(names)} studies ({listed}); pass --study-name NAME")
-        name = names[0]
-    if name not in names:
-        listed = ", ".join(names) or "none"
-        raise SlmsearchError(f"no study {name!r} in {redact(url)!r} (studies there: {listed}); pass --study-name NAME")
-    study = optuna.load_study(study_name=name, storage=rdb)
-    stored = study.user_attrs.get("config")
-    return LocatedStudy(study=study, url=url, config=dict(stored) if isinstance(stored, dict) else (config.to_dict() if config else {}))
-
-
-def objective_names(study: Any) -> list[str]:
-    """The metric behind each objective value (``values_0``... when the study did not record them)."""
-    names = study.user_attrs.get("objectives")
-    if isinstance(names, list) and len(names) == len(study.directions):
-        return [str(n) for n in names]
-    return [f"values_{i}" for i in range(len(study.directions))]
-
-
 def label(metric: str) -> str:
     """A metric's display name with its unit."""
     return UNITS.get(metric, metric)
@@ -113,8 +44,8 @@ def trial_row(trial: Any, objectives: list[str]) -> dict[str, Any]:
     attrs = trial.user_attrs
     row: dict[str, Any] = {
         "trial": trial.number,
-        "plan": plan_summary(attrs.get("plan") or {}),
-        "baseline": bool(attrs.get("baseline", False)),
+        "plan": Plan.from_dict(attrs.get(PLAN_ATTR) or {}).label(),
+        "baseline": bool(attrs.get(BASELINE_ATTR, False)),
     }
     for i, metric in enumerate(objectives):
         row[metric] = trial.values[i] if trial.values is not None else attrs.get(metric)
@@ -126,8 +57,6 @@ def trial_row(trial: Any, objectives: list[str]) -> dict[str, Any]:
 def pareto_rows(study: Any) -> list[dict[str, Any]]:
     """The Pareto-optimal trials as rows, sorted by their first objective (best first)."""
     from optuna.study import StudyDirection
-
-    from slmsearch.search.study import pareto_trials
 
     objectives = objective_names(study)
     sign = 1.0 if study.directions[0] == StudyDirection.MINIMIZE else -1.0

@@ -18,18 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmsearch.compress.plan import CANONICAL_ORDER, Plan
 from slmsearch.errors import SlmsearchError
-from slmsearch.search.pareto import LocatedStudy, format_rows, label, pareto_rows
-from slmsearch.search.workers import REPEAT_ATTR, feasible_evaluated
+from slmsearch.search.pareto import format_rows, label, pareto_rows
+from slmsearch.search.storage import LocatedStudy, redact
+from slmsearch.search.trials import (
+    BASELINE_ATTR, CACHE_HITS_ATTR, EVAL_SECONDS_ATTR, EVALUATED, FAILED, HW_ATTRS, OVER_BUDGET, PLAN_ATTR, PRUNED,
+    QUALITY_ATTRS, REJECTED, STAGE_SECONDS_ATTR, feasible_evaluated, pareto_trials, status,
+)
 
 MIN_IMPORTANCE_TRIALS = 6  # PED-ANOVA wants a few trials in the top quantile; fewer says "not enough"
-STATUS_ORDER = ("evaluated", "over budget", "pruned", "failed")
-STATUS_MARKERS = {"evaluated": "o", "over budget": "X", "pruned": "v", "failed": "s"}
+# The outcomes the report shows (trials.status; a rejected trial shows as over budget). Repeats and
+# surplus trials did no work of their own, running and waiting ones have nothing measured yet.
+STATUS_ORDER = (EVALUATED, OVER_BUDGET, PRUNED, FAILED)
+STATUS_MARKERS = {EVALUATED: "o", OVER_BUDGET: "X", PRUNED: "v", FAILED: "s"}
 BITS_ORDER = (2, 3, 4, 8, 16)
 DPI = 110
 BITS, DEPTH, OUTCOME = "GPTQ weights", "layers dropped", "outcome"  # legend titles = column names
-HW_KEYS = ("footprint_mb", "decode_latency_s", "tokens_per_s", "energy_per_token_j")
-QUALITY_KEYS = ("early_token_ppl", "wikitext_word_ppl", "wikitext_token_ppl", "triviaqa_exact_match", "triviaqa_answer_logprob")
 
 
 @dataclass
@@ -53,54 +58,33 @@ class Report:
 
 # --- data ------------------------------------------------------------------------------------
 
-def _stage(plan: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for stage in plan.get("stages", []) or []:
-        if stage.get("stage") == kind:
-            return stage
-    return None
-
-
 def trials_frame(study: Any, objectives: list[str]) -> Any:
-    """One row per finished trial: status, baseline/Pareto flags, plan settings and every metric."""
+    """One row per trial with an outcome the report shows (``STATUS_ORDER``): status, baseline/Pareto
+    flags, the plan's label and per-stage columns (``Plan.columns``), and every metric."""
     import pandas as pd
-    from optuna.trial import TrialState
-
-    from slmsearch.search.space import plan_summary
-    from slmsearch.search.study import pareto_trials
 
     front = {t.number for t in pareto_trials(study)}
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if REPEAT_ATTR in t.user_attrs:
-            continue  # a plan sampled again, answered from its first trial: that trial is the row
-        if t.state == TrialState.COMPLETE:
-            status = "over budget" if "rejected" in t.user_attrs or any(c > 0 for c in t.constraints.values()) else "evaluated"
-        elif t.state == TrialState.PRUNED:
-            status = "pruned"
-        elif t.state == TrialState.FAIL:
-            status = "failed"
-        else:
-            continue  # running or waiting: nothing measured yet
+        outcome = status(t)
+        outcome = OVER_BUDGET if outcome == REJECTED else outcome
+        if outcome not in STATUS_ORDER:
+            continue
         a = t.user_attrs
-        plan = a.get("plan") or {}
-        depth, gptq, emb, wanda = (_stage(plan, k) for k in ("depth", "gptq", "embedding", "wanda"))
+        plan = Plan.from_dict(a.get(PLAN_ATTR) or {})
         row: dict[str, Any] = {
-            "trial": t.number, "status": status, "baseline": bool(a.get("baseline")), "pareto": t.number in front,
-            "plan": plan_summary(plan),
-            "gptq_bits": int(gptq["bits"]) if gptq else 16,
-            "drop_layers": int(depth.get("drop") or len(depth.get("indices") or ())) if depth else 0,
-            "embedding_bits": int(emb["bits"]) if emb else 16,
-            "wanda": (wanda or {}).get("pattern", "none"),
-            "stage_seconds": dict(a.get("stage_seconds") or {}),
-            "cache_hits": [str(h) for h in a["cache_hits"]] if isinstance(a.get("cache_hits"), list) else [],
-            "eval_seconds": float((a.get("eval_seconds") or {}).get("total", 0.0)),
+            "trial": t.number, "status": outcome, "baseline": bool(a.get(BASELINE_ATTR)), "pareto": t.number in front,
+            "plan": plan.label(), **plan.columns(),
+            "stage_seconds": dict(a.get(STAGE_SECONDS_ATTR) or {}),
+            "cache_hits": [str(h) for h in a[CACHE_HITS_ATTR]] if isinstance(a.get(CACHE_HITS_ATTR), list) else [],
+            "eval_seconds": float((a.get(EVAL_SECONDS_ATTR) or {}).get("total", 0.0)),
         }
-        for key in HW_KEYS + QUALITY_KEYS:
+        for key in HW_ATTRS + QUALITY_ATTRS:
             value = a.get(key)
-            usable = isinstance(value, (int, float)) and not isinstance(value, bool) and (key in HW_KEYS or status != "over budget")
+            usable = isinstance(value, (int, float)) and not isinstance(value, bool) and (key in HW_ATTRS or outcome != OVER_BUDGET)
             row[key] = float(value) if usable else math.nan
         for metric, value in zip(objectives, t.values or ()):
-            if status == "evaluated" and math.isnan(row.get(metric, math.nan)):
+            if outcome == EVALUATED and math.isnan(row.get(metric, math.nan)):
                 row[metric] = float(value)
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -202,7 +186,7 @@ def _front_2d(frame: Any, x: str, y: str, x_min: bool, y_min: bool) -> Any:
 
 def _mark_common(ax: Any, frame: Any, x: str, y: str, *, x_min: bool, y_min: bool) -> None:
     """Pareto rings, the 2-D front staircase and the baseline star on one axes."""
-    ev = frame[(frame["status"] == "evaluated")].dropna(subset=[x, y])
+    ev = frame[frame["status"] == EVALUATED].dropna(subset=[x, y])
     front = _front_2d(ev, x, y, x_min, y_min)
     if len(front) > 1:
         xs, ys = zip(*front)
@@ -264,8 +248,8 @@ def _budget_line(ax: Any, budget_mb: float | None) -> None:
 def _footprint_axis(ax: Any, frame: Any, budget_mb: float | None) -> None:
     """Footprint axis around the evaluated trials and the budget; over-budget trials as red ticks
     (those beyond the axis counted in a note)."""
-    ev = frame[frame["status"] == "evaluated"]["footprint_mb"].dropna()
-    rej = frame[frame["status"] == "over budget"]
+    ev = frame[frame["status"] == EVALUATED]["footprint_mb"].dropna()
+    rej = frame[frame["status"] == OVER_BUDGET]
     right = max([*ev, budget_mb or 0.0]) * 1.25 if len(ev) or budget_mb else None
     left = min(ev) * 0.9 if len(ev) else None
     if len(rej):
@@ -287,7 +271,7 @@ def fronts_figure(frame: Any, ppl: str, budget_mb: float | None) -> Figure:
     import seaborn as sns
 
     fig, axes = _new_figure(1, 3, 18.5, 5.6)
-    ev = frame[frame["status"] == "evaluated"]
+    ev = frame[frame["status"] == EVALUATED]
     panels = [
         ("footprint_mb", ppl, True, True, "footprint (MB)", label(ppl) + ", log scale", "quality vs footprint"),
         ("decode_latency_s", ppl, True, True, "decode latency (s/token, Siracusa model)", label(ppl) + ", log scale", "quality vs latency"),
@@ -333,7 +317,7 @@ def settings_figure(frame: Any, ppl: str, budget_mb: float | None) -> Figure:
 
     fig, axes = _new_figure(2, 2, 16.5, 10.5)
     statuses = [st for st in STATUS_ORDER if st in set(frame[OUTCOME])]
-    ev = frame[frame["status"] == "evaluated"].dropna(subset=[ppl])
+    ev = frame[frame["status"] == EVALUATED].dropna(subset=[ppl])
     depth_norm = (0, max(1, int(frame[DEPTH].max())))
     for row, (hue, kwargs) in enumerate(((BITS, {"palette": "viridis"}), (DEPTH, {"palette": "flare", "hue_norm": depth_norm}))):
         ax = axes[row][0]
@@ -383,9 +367,6 @@ def importance_figure(values: dict[str, dict[str, float]], reason: str, objectiv
                   "(optuna.importance, PED-ANOVA). " + (reason or ""), _png(fig))
 
 
-STAGE_ORDER = ("depth", "wanda", "lora", "embedding", "gptq", "eora")
-
-
 def stage_totals(frame: Any) -> dict[str, tuple[float, int]]:
     """Per stage (and ``evaluation``): total wall seconds over all trials and the number of cache hits."""
     out: dict[str, tuple[float, int]] = {}
@@ -396,7 +377,7 @@ def stage_totals(frame: Any) -> dict[str, tuple[float, int]]:
     evaluation = float(frame["eval_seconds"].sum()) if len(frame) else 0.0
     if evaluation:
         out["evaluation"] = (evaluation, 0)
-    rank = {s: i for i, s in enumerate((*STAGE_ORDER, "evaluation"))}
+    rank = {s: i for i, s in enumerate((*CANONICAL_ORDER, "evaluation"))}
     return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], 99)))
 
 
@@ -404,7 +385,7 @@ def stage_time_figure(frame: Any) -> Figure:
     """Seconds per stage for every trial that ran the pipeline, stacked; cache hits named."""
     import matplotlib as mpl
 
-    ran = frame[frame["status"].isin(["evaluated", "pruned", "failed"])]
+    ran = frame[frame["status"].isin([EVALUATED, PRUNED, FAILED])]
     ran = ran[ran["stage_seconds"].map(bool) | (ran["eval_seconds"] > 0)]
     fig, axes = _new_figure(1, 1, 13.0, max(3.0, 0.34 * len(ran) + 1.8))
     ax = axes[0][0]
@@ -413,9 +394,9 @@ def stage_time_figure(frame: Any) -> Figure:
         ax.text(0.5, 0.5, "no trial ran the compression pipeline", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     else:
-        kinds = [*STAGE_ORDER, *sorted({k for d in ran["stage_seconds"] for k in d} - set(STAGE_ORDER)), "evaluation"]
+        kinds = [*CANONICAL_ORDER, *sorted({k for d in ran["stage_seconds"] for k in d} - set(CANONICAL_ORDER)), "evaluation"]
         palette = mpl.colormaps["tab10"].colors
-        labels = [f"trial {t}" + (" (baseline)" if b else "") + ("" if st == "evaluated" else f" [{st}]")
+        labels = [f"trial {t}" + (" (baseline)" if b else "") + ("" if st == EVALUATED else f" [{st}]")
                   for t, b, st in zip(ran["trial"], ran["baseline"], ran["status"])]
         left = [0.0] * len(ran)
         for i, stage in enumerate(kinds):
@@ -448,8 +429,6 @@ def _counts(frame: Any) -> dict[str, int]:
 
 def _summary_items(located: LocatedStudy, frame: Any) -> list[tuple[str, str]]:
     from optuna.study import StudyDirection
-
-    from slmsearch.search.study import redact
 
     cfg = located.config
     directions = ["min" if d == StudyDirection.MINIMIZE else "max" for d in located.study.directions]

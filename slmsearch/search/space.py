@@ -3,14 +3,17 @@
 Only combinations that can run are sampled: group sizes that do not divide every quantized input
 dimension of the base model are removed from the choices up front (a fixed choice list keeps the
 samplers' bookkeeping valid), and structured pruning keeps dimensions multiples of the largest
-group size left.
+group size left. Each stage type turns the sampled parameters into its stage
+(``Stage.from_params``). Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from slmsearch.compress.plan import Plan
+from slmsearch.compress.geometry import allowed_kv_group_removals, undivided_inputs
+from slmsearch.compress.plan import CANONICAL_ORDER, STAGE_TYPES, Plan
+from slmsearch.compress.stage import Stage
 from slmsearch.errors import SlmsearchError
 from slmsearch.search.config import SpaceConfig
 
@@ -28,11 +31,11 @@ def base_dims(shape: Any) -> dict[str, int]:
 
 def valid_group_sizes(space: SpaceConfig, dims: dict[str, int]) -> tuple[int, ...]:
     """The space's group sizes that divide every quantized layer's input size (-1 always fits)."""
-    needed = (dims["hidden"], dims["attn_out"], dims["intermediate"])
-    groups = tuple(g for g in space.group_sizes if g == -1 or all(d % g == 0 for d in needed))
+    needed = {name: dims[name] for name in ("hidden", "attn_out", "intermediate")}
+    groups = tuple(g for g in space.group_sizes if not undivided_inputs(g, needed))
     if not groups:
         raise SlmsearchError(
-            f"no group size in {list(space.group_sizes)} divides the model's input sizes {list(needed)}; "
+            f"no group size in {list(space.group_sizes)} divides the model's input sizes {list(needed.values())}; "
             "add 32 or -1 (per channel) to space.group_sizes"
         )
     return groups
@@ -40,9 +43,7 @@ def valid_group_sizes(space: SpaceConfig, dims: dict[str, int]) -> tuple[int, ..
 
 def kv_group_choices(space: SpaceConfig, base_shape: Any, multiple: int) -> list[int]:
     """KV-group removals within ``space.kv_groups`` that the model's shapes allow (see
-    :func:`slmsearch.compress.wanda.allowed_kv_group_removals`); 0 is always among them."""
-    from slmsearch.compress.wanda import allowed_kv_group_removals
-
+    :func:`slmsearch.compress.geometry.allowed_kv_group_removals`); 0 is always among them."""
     layer = base_shape.layers[0]
     allowed = allowed_kv_group_removals(base_shape.hidden, layer.n_heads, layer.n_kv_heads, layer.head_dim, multiple)
     lo, hi = space.kv_groups
@@ -56,43 +57,17 @@ def structured_multiple(groups: tuple[int, ...], dims: dict[str, int]) -> int:
 
 
 def plan_from_params(params: dict[str, Any], space: SpaceConfig, dims: dict[str, int], n_layers: int) -> Plan:
-    """The plan a set of sampled parameters stands for (also used to rebuild a trial's plan)."""
-    stages: list[dict[str, Any]] = []
+    """The plan a set of sampled parameters stands for (also used to rebuild a trial's plan): each
+    stage type, in the canonical order, reads its parameters (``Stage.from_params``)."""
     drop = int(params.get("drop_layers", 0))
     if drop >= n_layers:
         raise SlmsearchError(f"cannot drop {drop} of {n_layers} layers; lower space.drop_layers")
-    if drop:
-        stages.append({"stage": "depth", "drop": drop, "by": space.depth_score})
-    pattern = params.get("wanda_pattern", "none")
-    if pattern == "structured":
-        fraction = float(params.get("structured_fraction", 0.0))
-        kv = int(params.get("kv_groups", 0))
-        if fraction > 0 or kv > 0:
-            stages.append({
-                "stage": "wanda", "pattern": "structured", "mlp_fraction": fraction, "kv_groups": kv,
-                "multiple": int(params.get("structured_multiple", 64)),
-            })
-    elif pattern in ("2:4", "4:8"):
-        n, m = (int(x) for x in pattern.split(":"))
-        stages.append({"stage": "wanda", "pattern": pattern, "sparsity": n / m})
-    elif pattern == "unstructured":
-        stages.append({"stage": "wanda", "pattern": "unstructured", "sparsity": float(params["sparsity"])})
-    rank = int(params.get("lora_rank", 0))
-    if rank and stages:  # recovery only after something was removed
-        stages.append({"stage": "lora", "rank": rank, "steps": int(params.get("lora_steps", 10)), "heldout": space.lora_heldout})
-    emb = int(params.get("embedding_bits", 16))
-    if emb != 16:
-        stages.append({"stage": "embedding", "bits": emb})
-    bits = int(params.get("gptq_bits", 16))
-    if bits != 16:
-        stages.append({
-            "stage": "gptq", "bits": bits, "group_size": int(params["group_size"]),
-            "act_order": bool(params.get("act_order", False)),
-        })
-        eora = int(params.get("eora_rank", 0))
-        if eora:
-            stages.append({"stage": "eora", "rank": eora})
-    return Plan.from_dict({"stages": stages})
+    stages: list[Stage] = []
+    for kind in CANONICAL_ORDER:
+        stage = STAGE_TYPES[kind].from_params(params, space, tuple(stages))
+        if stage is not None:
+            stages.append(stage)
+    return Plan(tuple(stages))
 
 
 def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any) -> Plan:
@@ -159,27 +134,3 @@ def baseline_params(space: SpaceConfig) -> dict[str, Any]:
                 f"the baseline needs {params[name]!r} in space.{field} so every trial can be compared to it"
             )
     return params
-
-
-def plan_summary(plan: dict[str, Any]) -> str:
-    """A short human label for a plan dict, e.g. ``drop4 wanda2:4 lora8 emb4 w3g64 eora16``."""
-    parts = []
-    for stage in plan.get("stages", []):
-        kind = stage.get("stage")
-        if kind == "depth":
-            parts.append(f"drop{stage.get('drop') or len(stage.get('indices') or ())}")
-        elif kind == "wanda":
-            if stage.get("pattern") == "structured":
-                parts.append(f"struct{stage.get('mlp_fraction', 0):.2f}/kv{stage.get('kv_groups', 0)}")
-            else:
-                parts.append(f"wanda{stage.get('pattern')}@{stage.get('sparsity', 0):.2f}")
-        elif kind == "lora":
-            parts.append(f"lora{stage.get('rank')}")
-        elif kind == "embedding":
-            parts.append(f"emb{stage.get('bits')}")
-        elif kind == "gptq":
-            group = stage.get("group_size")
-            parts.append(f"w{stage.get('bits')}g{'ch' if group == -1 else group}")
-        elif kind == "eora":
-            parts.append(f"eora{stage.get('rank')}")
-    return " ".join(parts) or "baseline"

@@ -1,109 +1,26 @@
-"""Create or resume a study and run it: storage, sampler, the budget check, the trial loop."""
+"""Create or resume a study and run it: the sampler, the budget check, the trial loop, the summary.
+
+Where the study lives is :mod:`slmsearch.search.storage`; what each stored trial is, :mod:`slmsearch.search.trials`.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import random
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 from slmsearch import interrupt
 from slmsearch.errors import SlmsearchError
 from slmsearch.search.config import StudyConfig
-from slmsearch.search.objective import CONSTRAINT_KEY, TrialContext, run_trial
+from slmsearch.search.objective import TrialContext, run_trial
+from slmsearch.search.slots import SurplusTrial, taken_slots
 from slmsearch.search.space import baseline_params, most_compressed_plan
-from slmsearch.search.workers import REPEAT_ATTR, SURPLUS_ATTR, SurplusTrial, counted, feasible_evaluated, taken_slots
-
-ENV_RUNS = "SLMSEARCH_RUNS"
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
-
-
-def runs_dir() -> Path:
-    """Where default study databases and outputs go: ``$SLMSEARCH_RUNS`` or ``./runs``."""
-    path = Path(os.environ.get(ENV_RUNS) or "runs")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def storage_url(config: StudyConfig) -> str:
-    """The study's storage URL (default: a SQLite file named after the study in the runs folder)."""
-    if config.storage:
-        return config.storage
-    return f"sqlite:///{(runs_dir() / f'{config.name}.db').resolve()}"
-
-
-def redact(url: str) -> str:
-    """A storage URL with any password replaced, safe to print (``user:pw@`` and ``?password=pw``)."""
-    url = re.sub(r"(://[^:/@]*):[^?#]*@", r"\1:***@", url)
-    return re.sub(r"([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
-
-
-def _secrets(url: str) -> list[str]:
-    """The password strings in a storage URL (to scrub them from driver messages)."""
-    from urllib.parse import parse_qs, unquote, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        found = [parts.password] if parts.password else []
-        found += [v for k, vs in parse_qs(parts.query).items() if k.lower() in ("password", "passwd", "pwd") for v in vs]
-    except ValueError:
-        return []
-    return [s for f in found for s in {f, unquote(f)} if s]
-
-
-def scrub(text: str, url: str) -> str:
-    """``text`` with the URL's passwords replaced by ``***``."""
-    for secret in _secrets(url):
-        text = text.replace(secret, "***")
-    return redact(text)
-
-
-def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 30) -> Any:
-    """An Optuna RDB storage with heartbeats, so that a killed worker's trial is failed and retried."""
-    import warnings
-
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme not in STORAGE_SCHEMES:
-        raise SlmsearchError(
-            f"storage URL scheme {scheme!r} is not supported; use sqlite:///path.db or postgresql://user@host/db"
-        )
-    engine_kwargs = None
-    if scheme.startswith("postgresql"):  # fail fast on an unreachable host instead of the TCP timeout
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    try:
-        for attempt in range(6):
-            try:
-                with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5.0, and relied upon here
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return RDBStorage(
-                        url,
-                        heartbeat_interval=heartbeat_interval,
-                        grace_period=grace_period,
-                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                        engine_kwargs=engine_kwargs,
-                    )
-            except Exception as exc:
-                # Workers started together on an empty database race to create Optuna's tables; the
-                # losers see "already exists" / a duplicate key, and the tables are there on retry.
-                if attempt == 5 or not _SCHEMA_RACE.search(f"{type(exc).__name__}: {exc}"):
-                    raise
-                time.sleep(0.5 + random.random() * (attempt + 1))
-    except Exception as exc:  # connection refused, bad credentials, missing driver...
-        first = scrub((str(exc).strip().splitlines() or [type(exc).__name__])[0], url)[:200]
-        raise SlmsearchError(f"cannot open storage {redact(url)!r} ({first}); check the URL and that the server runs") from None
-    finally:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    raise AssertionError("unreachable")
-
-
-_SCHEMA_RACE = re.compile(r"already exists|duplicate key|UniqueViolation|IntegrityError|deadlock", re.IGNORECASE)
+from slmsearch.search.storage import open_storage, redact, storage_url
+from slmsearch.search.trials import (
+    ANCHOR_ATTR, BASELINE_ATTR, CONFIG_STUDY_ATTR, EVALUATED, FAILED, OBJECTIVES_STUDY_ATTR, OVER_BUDGET,
+    PRUNED, REJECTED, REPEAT, SURPLUS, counted, pareto_trials, status,
+)
 
 
 def make_sampler(config: StudyConfig) -> Any:
@@ -128,16 +45,12 @@ def open_study(config: StudyConfig, storage: Any) -> Any:
         raise SlmsearchError(
             f"study {config.name!r} exists with other objectives; pass another --study-name or the same study file"
         )
-    if "config" not in study.user_attrs:
+    if CONFIG_STUDY_ATTR not in study.user_attrs:
         stored = config.to_dict()
         stored["storage"] = redact(stored["storage"]) if stored.get("storage") else None  # never a password
-        study.set_user_attr("config", stored)
-        study.set_user_attr("objectives", [o.metric for o in config.objectives])
+        study.set_user_attr(CONFIG_STUDY_ATTR, stored)
+        study.set_user_attr(OBJECTIVES_STUDY_ATTR, [o.metric for o in config.objectives])
     return study
-
-
-def n_counted(study: Any) -> int:
-    return sum(counted(t) for t in study.get_trials(deepcopy=False))
 
 
 def estimate_trial_seconds(config: StudyConfig) -> float:
@@ -146,7 +59,7 @@ def estimate_trial_seconds(config: StudyConfig) -> float:
     gptq_share = sum(b != 16 for b in space.gptq_bits) / len(space.gptq_bits)
     eora_share = gptq_share * sum(r > 0 for r in space.eora_ranks) / len(space.eora_ranks)
     lora_share = sum(r > 0 for r in space.lora_ranks) / len(space.lora_ranks) * 0.75
-    settings = config.eval_settings()
+    settings = config.evaluation
     # per window / page / question, measured in bench/trial_cost.py (docs/benchmarks.md §1)
     eval_s = 0.6 * (settings.token_windows or 580) + 4 * (settings.word_pages or 62) + 0.2 * (settings.triviaqa_limit or 1900)
     # GPTQ ~50 s and EoRA ~60 s per trial since gptqmodel's workers stopped oversubscribing the cores
@@ -157,11 +70,11 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
     """Run (or resume) the study until ``config.trials`` trials are evaluated; returns a summary."""
     import optuna
 
-    from slmsearch.compress.calib import CalibSettings
-    from slmsearch.compress.pipeline import StageCache
+    from slmsearch.compress.cache import StageCache
     from slmsearch.data import data_hashes, resolve_data_dir
-    from slmsearch.hwmodel import ModelShape, estimate, load_platform
+    from slmsearch.hwmodel import estimate, load_platform
     from slmsearch.models import check_tensors, resolve_model
+    from slmsearch.search.hardware import base_shape as model_base_shape
 
     data_dir = resolve_data_dir(config.data_dir)
     if data_dir is None:
@@ -170,8 +83,7 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
     platform = load_platform(config.platform, config.platform_overrides or None)
     location = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     check_tensors(location, trust_remote_code=config.trust_remote_code)  # before anything is written
-    # Deployed precision of unquantized weights is 16 bit, whatever the checkpoint stores.
-    base_shape = _base_shape(location, ModelShape)
+    base_shape = model_base_shape(location)  # as deployed: 16-bit, whatever the checkpoint stores
     smallest = min(
         estimate(most_compressed_plan(config.space, base_shape, pattern=p).shape(base_shape), platform,
                  context_len=config.context_len).memory.total_bytes / 1e6
@@ -185,20 +97,18 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
     url = storage_url(config)
     storage = open_storage(url, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s)
     study = open_study(config, storage)
-    done = n_counted(study)
+    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
     if not study.get_trials(deepcopy=False):
         # skip_if_exists: workers started together enqueue the baseline once (as far as timing allows).
-        study.enqueue_trial(baseline_params(config.space), user_attrs={"baseline": True}, skip_if_exists=True)
+        study.enqueue_trial(baseline_params(config.space), user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
         if config.anchors:
             from slmsearch.search.anchors import anchor_params, anchor_plan
-            from slmsearch.search.space import plan_summary
-
             def footprint_mb(shape: Any) -> float:
                 return estimate(shape, platform, context_len=config.context_len).memory.total_bytes / 1e6
 
             for params in anchor_params(config.space, base_shape, footprint_mb, config.budget_mb):
-                study.enqueue_trial(params, user_attrs={"anchor": True}, skip_if_exists=True)
-                log(f"anchor plan enqueued: {plan_summary(anchor_plan(params, config.space, base_shape).to_dict())}")
+                study.enqueue_trial(params, user_attrs={ANCHOR_ATTR: True}, skip_if_exists=True)
+                log(f"anchor plan enqueued: {anchor_plan(params, config.space, base_shape).label()}")
     per_trial = estimate_trial_seconds(config)
     remaining = max(0, config.trials - done)
     log(
@@ -208,8 +118,7 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
     )
     ctx = TrialContext(
         config=config, base_location=location, base_shape=base_shape, platform=platform, data_dir=data_dir,
-        calib=config.calib_settings() if config.calibration else CalibSettings(),
-        eval_settings=config.eval_settings(), cache=StageCache(max_bytes=int(config.cache_gb * 1e9)), log=log,
+        storage=storage, cache=StageCache(max_bytes=config.cache_bytes), log=log,
     )
     started = time.perf_counter()
     try:
@@ -262,6 +171,8 @@ def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None
     from tqdm.auto import tqdm
 
     config = ctx.config
+    # Optuna logs failed trials from its private module's logger (no public hook): if that name or
+    # the message changes, the Ctrl-C tests in tests/search/test_slots.py see a traceback and fail.
     logging.getLogger("optuna.study._optimize").addFilter(_QUIET_FILTER)
     trials = study.get_trials(deepcopy=False)
     done = sum(counted(t) for t in trials)
@@ -304,64 +215,30 @@ def _interrupted_message(study: Any, ctx: TrialContext) -> str:
     """Make sure the trial this worker ran is FAILED (not left RUNNING), and say so."""
     from optuna.trial import TrialState
 
-    if ctx.current is None:
+    number = ctx.current
+    if number is None:
         return "interrupted between trials; the storage is consistent; re-run the same command to resume"
-    number, trial_id = ctx.current
     try:
-        if study._storage.get_trial(trial_id).state == TrialState.RUNNING:
-            study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     except Exception:  # the storage went away too: the heartbeat check fails the trial later
         return f"interrupted; trial {number} will be marked failed after the grace period; re-run the same command to resume"
     return f"interrupted; trial {number} marked failed; re-run the same command to resume"
 
 
-def _base_shape(location: str, shape_cls: Any) -> Any:
-    """The base model's shape from its config: every weight dense and 16-bit, as deployed."""
-    path = Path(location)
-    if path.is_dir():
-        import json
-
-        return shape_cls.from_hf_config(json.loads((path / "config.json").read_text()))
-    from transformers import AutoConfig
-
-    return shape_cls.from_hf_config(AutoConfig.from_pretrained(location).to_dict())
-
-
 def summarize(study: Any, config: StudyConfig, *, stage_calls: list[str] | None = None, seconds: float = 0.0) -> dict[str, Any]:
-    """Counts by outcome and the feasible Pareto trials."""
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    rejected = [t for t in trials if "rejected" in t.user_attrs]
+    """Counts by outcome (:func:`trials.status`) and the feasible Pareto trials."""
+    statuses = [status(t) for t in study.get_trials(deepcopy=False)]
     return {
         "study": config.name,
-        "trials": len(trials),
-        "completed": sum(t.state == TrialState.COMPLETE and counted(t) for t in trials),
-        "repeats": sum(REPEAT_ATTR in t.user_attrs for t in trials),
-        "rejected_by_budget": len(rejected),
-        "pruned": sum(t.state == TrialState.PRUNED and counted(t) for t in trials),
-        "failed": sum(t.state == TrialState.FAIL and SURPLUS_ATTR not in t.user_attrs for t in trials),
-        "surplus": sum(SURPLUS_ATTR in t.user_attrs for t in trials),
+        "trials": len(statuses),
+        "completed": sum(s in (EVALUATED, OVER_BUDGET) for s in statuses),  # the baseline may be over budget
+        "repeats": statuses.count(REPEAT),
+        "rejected_by_budget": statuses.count(REJECTED),
+        "pruned": statuses.count(PRUNED),
+        "failed": statuses.count(FAILED),
+        "surplus": statuses.count(SURPLUS),
         "pareto": [t.number for t in pareto_trials(study)],
         "stage_calls": list(stage_calls or []),
         "seconds": seconds,
     }
 
-
-def pareto_trials(study: Any) -> list[Any]:
-    """Feasible, evaluated trials that no other such trial dominates."""
-    from optuna.study import StudyDirection
-    from optuna.trial import TrialState
-
-    feasible = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if feasible_evaluated(t) and t.values is not None and all(math.isfinite(v) for v in t.values)
-    ]
-    signs = [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in study.directions]
-
-    def dominates(a: Any, b: Any) -> bool:
-        av = [s * v for s, v in zip(signs, a.values)]
-        bv = [s * v for s, v in zip(signs, b.values)]
-        return all(x <= y for x, y in zip(av, bv)) and any(x < y for x, y in zip(av, bv))
-
-    return [t for t in feasible if not any(dominates(o, t) for o in feasible if o is not t)]

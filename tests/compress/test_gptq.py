@@ -14,35 +14,16 @@ from slmsearch.compress import kernels
 from slmsearch.compress.cache import StageCache
 from slmsearch.compress.calib import CalibSettings
 from slmsearch.compress.gptq import Gptq
-from slmsearch.compress.pipeline import load_checkpoint, run
+from slmsearch import checkpoint
+from slmsearch.compress.pipeline import run
 from slmsearch.compress.plan import Plan
 from slmsearch.errors import SlmsearchError
 
 LAYER = "model.layers.1.mlp.up_proj"
 
 
-@pytest.fixture(scope="module")
-def quantized(tiny_base, tmp_path_factory):
-    """The three plans, quantized from an empty working directory; ``plans["cwd_after"]`` lists
-    what the runs left in it."""
-    cache = StageCache(tmp_path_factory.mktemp("cache") / "stages")
-    settings = CalibSettings(**TINY_CALIB)
-    workdir = tmp_path_factory.mktemp("workdir")
-    plans = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(workdir)
-        for name, text in {
-            "gptq": "[{stage: gptq, bits: 4, group_size: 32}]",
-            "eora": "[{stage: gptq, bits: 4, group_size: 32}, {stage: eora, rank: 16}]",
-            "sparse": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32}]",
-        }.items():
-            plans[name] = run(Plan.from_yaml(text), str(tiny_base), DATA_DIR, settings, cache=cache)
-    plans["cwd_after"] = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
-    return plans
-
-
 def dequantized(folder, name=LAYER):
-    model, _ = load_checkpoint(folder)
+    model, _ = checkpoint.load(folder)
     module = dict(model.named_modules())[name]
     return module.dequantize_weight().T.float()  # [out, in]
 
@@ -63,22 +44,34 @@ def layer_inputs(tiny_base, name=LAYER):
     return dict(model.named_modules())[name].weight.detach(), torch.cat(seen)
 
 
+def output_error(weight, approx, inputs):
+    """Relative output error ``||X (W - A)^T||_F / ||X W^T||_F`` of a linear layer on inputs."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    return float(torch.linalg.norm(x @ (weight.float() - approx.float()).T) / torch.linalg.norm(x @ weight.float().T))
+
+
+def quantized_zero_fraction(model):
+    """Fraction of a GPTQ model's quantized weights that dequantize to exactly 0."""
+    weights = [m.dequantize_weight() for m in model.modules() if hasattr(m, "qweight")]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
 def test_gptq_beats_rtn_and_eora_helps(quantized, tiny_base):
     weight, x = layer_inputs(tiny_base)
-    rtn = kernels.output_error(weight, kernels.rtn_quantize(weight, 4, 32), x)
+    rtn = output_error(weight, kernels.rtn_quantize(weight, 4, 32), x)
     gptq_w = dequantized(quantized["gptq"].checkpoint_dir)
-    gptq = kernels.output_error(weight, gptq_w, x)
+    gptq = output_error(weight, gptq_w, x)
     adapter = load_file(str(quantized["eora"].checkpoint_dir / "adapter" / "adapter_model.safetensors"))
     a = next(v for k, v in adapter.items() if LAYER.split("model.")[1] in k and "lora_A" in k).float()
     b = next(v for k, v in adapter.items() if LAYER.split("model.")[1] in k and "lora_B" in k).float()
-    eora = kernels.output_error(weight, gptq_w + b @ a, x)
+    eora = output_error(weight, gptq_w + b @ a, x)
     assert gptq < rtn
     assert eora < gptq
 
 
 def test_reload_runs_forward_with_adapter(quantized):
     folder = quantized["eora"].checkpoint_dir
-    model, tok = load_checkpoint(folder)
+    model, tok = checkpoint.load(folder)
     module = dict(model.named_modules())[LAYER]
     assert module.adapter is not None and module.adapter.rank == 16
     with torch.no_grad():
@@ -91,15 +84,13 @@ def test_reload_runs_forward_with_adapter(quantized):
 
 def test_sparsity_survives_quantization(quantized):
     folder = quantized["sparse"].checkpoint_dir
-    model, _ = load_checkpoint(folder)
+    model, _ = checkpoint.load(folder)
     for name, module in model.named_modules():
         if hasattr(module, "qweight"):
             w = module.dequantize_weight()  # [in, out]
             assert int((w == 0).sum(0).min()) >= w.shape[0] // 2, name  # every row keeps its zeros
-    from slmsearch.compress.gptq import quantized_zero_fraction
-
-    assert quantized_zero_fraction(folder) >= 0.5
-    assert quantized_zero_fraction(quantized["gptq"].checkpoint_dir) < 0.2
+    assert quantized_zero_fraction(model) >= 0.5
+    assert quantized_zero_fraction(checkpoint.load(quantized["gptq"].checkpoint_dir)[0]) < 0.2
     report = quantized["sparse"].reports[-1]
     assert report.metrics["sparse_modules"] == 28
     meta = json.loads((folder / "slmsearch.json").read_text())
@@ -135,11 +126,11 @@ def test_eora_leaves_the_gptq_entry_it_starts_from_intact(quantized, tiny_base):
 
 @pytest.mark.parametrize("name", ["eora", "sparse"])
 def test_dense_evaluation_model_computes_the_quantized_model(quantized, name):
-    """``load_checkpoint(dense=True)``: plain Linears in the kernel's dtype with gptqmodel's
+    """``checkpoint.load(dense=True)``: plain Linears in the kernel's dtype with gptqmodel's
     dequantized weights and the EoRA adapter merged give the kernel model's logits."""
     folder = quantized[name].checkpoint_dir
-    kernel, _ = load_checkpoint(folder)
-    dense, _ = load_checkpoint(folder, dense=True)
+    kernel, _ = checkpoint.load(folder)
+    dense, _ = checkpoint.load(folder, dense=True)
     assert not any(hasattr(m, "qweight") for m in dense.modules())
     module = dict(dense.named_modules())[LAYER]
     assert isinstance(module, torch.nn.Linear) and module.weight.dtype == kernel.dtype

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from slmsearch.compress import kernels
+from slmsearch.compress.geometry import NM_PATTERNS
 from slmsearch.errors import SlmsearchError
 
 
@@ -46,7 +49,7 @@ def test_exact_per_row_counts(sparsity, cols):
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_exact_nm_counts(pattern):
-    n, m = kernels.NM_PATTERNS[pattern]
+    n, m = NM_PATTERNS[pattern]
     torch.manual_seed(1)
     weight = torch.randn(16, 64)
     mask = kernels.wanda_mask(weight, torch.rand(64), 0.0, n_m=(n, m))
@@ -97,10 +100,20 @@ def test_gptq_layout_4bit():
     assert word == 0x76543210
 
 
-def test_angular_distance():
+def test_angular_distance_sums_equal_brute_force():
+    torch.manual_seed(2)
     a = torch.randn(3, 5, 16)
-    assert kernels.angular_distance(a, a) == pytest.approx(0.0, abs=1e-3)
-    assert kernels.angular_distance(a, -a) == pytest.approx(1.0, abs=1e-3)
+    b = torch.randn(3, 5, 16)
+    sums = kernels.angular_distance_sums([a, a, -a, b])
+    assert sums.shape == (4, 4) and sums.dtype == torch.float64
+    assert torch.equal(sums.tril(), torch.zeros(4, 4, dtype=torch.float64))
+    assert sums[0, 1] == pytest.approx(0.0, abs=1e-2)  # the same states: 0 per token
+    assert sums[0, 2] == pytest.approx(15.0, abs=1e-2)  # opposite states: 1 per token, 15 tokens
+    brute = 0.0
+    for t in range(15):
+        x, y = a.reshape(15, 16)[t].double(), b.reshape(15, 16)[t].double()
+        brute += math.acos(float(x @ y / (x.norm() * y.norm()))) / math.pi
+    assert float(sums[0, 3]) == pytest.approx(brute, rel=1e-5)
 
 
 def test_masked_delta_and_scores():

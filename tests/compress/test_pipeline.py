@@ -1,4 +1,5 @@
-"""Pipeline and stage cache: hits, corrupt entries, LRU, output folder, shape invariant, no-op."""
+"""Pipeline over the stage cache: hits, corrupt entries rebuilt, output folder, shape invariant,
+no-op (the cache alone: test_cache.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, TINY_CALIB
-from slmsearch.compress.cache import MANIFEST, StageCache
+from slmsearch.compress.cache import StageCache
 from slmsearch.compress.calib import CalibSettings
-from slmsearch.compress.pipeline import compress_to_dir, load_checkpoint, run
+from slmsearch import checkpoint
+from slmsearch.compress.pipeline import compress_to_dir, run
 from slmsearch.compress.plan import Plan
 from slmsearch.errors import SlmsearchError
 
@@ -26,7 +28,7 @@ PLAN = Plan.from_dict(
 
 
 def logits(folder):
-    model, _ = load_checkpoint(folder)
+    model, _ = checkpoint.load(folder)
     with torch.no_grad():
         return model(torch.tensor([[1, 2, 3, 4, 5]])).logits
 
@@ -59,25 +61,6 @@ def test_corrupt_entry_is_rebuilt(tiny_base, tmp_path):
     again = run(PLAN, str(tiny_base), DATA_DIR, SETTINGS, cache=cache)
     assert again.cache_hits == 2
     torch.testing.assert_close(logits(again.checkpoint_dir), expected)
-
-
-def test_half_written_entry_is_ignored(tmp_path):
-    cache = StageCache(tmp_path / "stages")
-    (cache.root / "abc").mkdir()
-    (cache.root / "abc" / "model.safetensors").write_bytes(b"partial")
-    assert cache.get("abc") is None and not (cache.root / "abc").exists()
-
-
-def test_lru_eviction(tmp_path):
-    cache = StageCache(tmp_path / "stages", max_bytes=2500)
-    for key in ("a", "b", "c"):
-        cache.put(key, lambda d: (d / "w.bin").write_bytes(b"x" * 1000))
-        if key == "b":
-            assert cache.get("a") is not None  # touch a: b becomes the oldest
-    kept = {k for k, _, _ in cache.entries()}
-    assert kept == {"a", "c"}
-    assert cache.total_bytes() <= 2500
-    assert json.loads((cache.path("a") / MANIFEST).read_text())["bytes"] == 1000
 
 
 def test_compress_to_dir(tiny_base, tmp_path):
@@ -138,7 +121,7 @@ def test_kept_lora_adapter_reloads(tiny_base, tmp_path):
     result = run(plan, str(tiny_base), DATA_DIR, SETTINGS, out=tmp_path / "out")
     folder = result.checkpoint_dir
     assert (folder / "adapter" / "adapter_config.json").is_file()
-    model, _ = load_checkpoint(folder)
+    model, _ = checkpoint.load(folder)
     assert type(model).__name__.startswith("Peft")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -89,3 +89,24 @@ def test_shape_arithmetic():
     structured = Plan((Wanda(pattern="structured", mlp_fraction=0.25, kv_groups=1),)).shape(base)
     assert structured.layers[0].intermediate == 1536 - 384
     assert (structured.layers[0].n_kv_heads, structured.layers[0].n_heads) == (2, 6)
+    idle = Plan((DepthPrune(drop=0), Wanda(sparsity=0.0), LoraRecovery(rank=0, merge=False), EmbeddingQuant(bits=16), Eora(rank=0)))
+    assert idle.shape(base) == base
+
+
+def test_label_columns_and_meta_come_from_the_stages():
+    assert FULL.label() == "drop2 wandaunstructured@0.50 lora8 emb8 w4g64 eora16"
+    assert Plan(()).label() == "baseline"
+    assert FULL.columns() == {"drop_layers": 2, "wanda": "unstructured", "embedding_bits": 8, "gptq_bits": 4}
+    assert Plan(()).columns() == {"drop_layers": 0, "wanda": "none", "embedding_bits": 16, "gptq_bits": 16}
+    assert FULL.checkpoint_meta() == {
+        "sparsity": {"format": "unstructured", "density": 0.5},
+        "embedding": {"bits": 8, "group_size": None, "zero_bits": 0},
+        "adapter": {"rank": 16, "bits": 16},  # the merged LoRA declares nothing; EoRA does
+    }
+    # stages that do nothing declare nothing, as they change no shape
+    idle = Plan((Wanda(sparsity=0.0), LoraRecovery(rank=4, steps=0, merge=False), EmbeddingQuant(bits=16)))
+    assert idle.checkpoint_meta() == {"sparsity": {"format": "dense", "density": 1.0}}
+    assert Plan(()).checkpoint_meta() == idle.checkpoint_meta()
+    kept = Plan((Wanda(pattern="2:4"), LoraRecovery(rank=4, merge=False)))
+    assert kept.checkpoint_meta()["adapter"] == {"rank": 4, "bits": 16}
+    assert kept.checkpoint_meta()["sparsity"] == {"format": "2:4", "density": 0.5}

@@ -17,7 +17,8 @@ import torch
 from slmsearch.compress import kernels
 from slmsearch.compress.cache import StageCache
 from slmsearch.compress.calib import CalibSettings
-from slmsearch.compress.pipeline import load_checkpoint, run
+from slmsearch import checkpoint
+from slmsearch.compress.pipeline import run
 from slmsearch.compress.plan import Plan
 from slmsearch.fsutil import cache_dir
 
@@ -43,7 +44,7 @@ def ppl(model, tokenizer) -> float:
 
 def plan_ppl(cache, stages) -> float:
     result = run(Plan.from_dict(stages), None, DATA, CALIB, cache=cache)
-    return ppl(*load_checkpoint(result.checkpoint_dir))
+    return ppl(*checkpoint.load(result.checkpoint_dir))
 
 
 def test_wanda_beats_magnitude(cache):

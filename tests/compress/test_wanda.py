@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
 from slmsearch.compress.calib import CalibSettings, Calibration
-from slmsearch.compress.surgery import decoder_layers, prune_kv_groups, prune_mlp_channels
+from slmsearch.compress.surgery import decoder_layers, head_geometry, set_kv_groups, shrink_attention, shrink_mlp
 from slmsearch.compress.wanda import Wanda
 from slmsearch.errors import SlmsearchError
 
@@ -80,9 +80,11 @@ def test_structured_shrinks_and_reloads(model, calib, tmp_path):
 
 def test_structured_keep_everything_is_identical(model):
     before = logits(model)
-    n = len(decoder_layers(model))
-    prune_mlp_channels(model, [torch.arange(128)] * n)
-    prune_kv_groups(model, [torch.arange(2)] * n)
+    n_heads, n_kv, head_dim = head_geometry(model.config)
+    for layer in decoder_layers(model):
+        shrink_mlp(layer, torch.arange(128))
+        shrink_attention(layer, torch.arange(n_kv), rep=n_heads // n_kv, head_dim=head_dim)
+    set_kv_groups(model.config, n_kv, rep=n_heads // n_kv, head_dim=head_dim)
     assert torch.equal(logits(model), before)
 
 
@@ -101,13 +103,6 @@ def test_structured_multiple_rules(model, calib):
         Wanda(pattern="structured", kv_groups=2, multiple=16).apply(model, calib)
     with pytest.raises(SlmsearchError, match=r"kv_groups=1 is not allowed .* allowed \[0\]"):
         Wanda(pattern="structured", kv_groups=1, multiple=64).apply(model, calib)
-
-
-def test_allowed_kv_group_removals():
-    from slmsearch.compress.wanda import allowed_kv_group_removals
-
-    assert allowed_kv_group_removals(576, 9, 3, 64, 64) == (0, 1, 2)  # SmolLM2-135M
-    assert allowed_kv_group_removals(2048, 32, 8, 64, 64) == (0, 4, 6, 7)  # Llama-3.2-1B
 
 
 def test_settings_validated():

@@ -28,32 +28,3 @@ def test_exact_match_through_lm_eval(default_model, data_dir):
     out = exact_match(model, tok, data_dir, limit=8, shots=2, batch_size=8)
     assert out["triviaqa_questions"] == 8
     assert 0.0 <= out["triviaqa_exact_match"] <= 1.0
-
-
-def test_common_prefix_leaves_every_row_a_token():
-    from slmsearch.evals.prefix_lm import common_prefix
-
-    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == [1, 2]
-    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # a whole row is never the prefix
-    assert common_prefix([[7, 1], [8, 1]]) == []
-    assert common_prefix([]) == []
-
-
-def test_shared_prompt_cache_gives_lm_evals_own_answers(default_model, data_dir):
-    """The prefix-cached generation answers exactly as lm-eval's HFLM on the same prompts,
-    feeding the shared shots through the model once instead of once per question."""
-    from slmsearch.evals.lmeval import run_lm_eval
-
-    model, tok = default_model
-    runs = {
-        cached: run_lm_eval(model, tok, ["triviaqa"], data_dir=data_dir, num_fewshot=3, limit=8, batch_size=4,
-                            log_samples=True, prefix_cache=cached)
-        for cached in (True, False)
-    }
-    answers = {c: [s["filtered_resps"] for s in next(iter(r["samples"].values()))] for c, r in runs.items()}
-    assert len(answers[True]) == 8
-    assert answers[True] == answers[False]
-    stats = runs[True]["prefix_cache"]
-    assert stats["requests"] == 8 and stats["prefix_tokens"] >= 32
-    assert stats["suffix_tokens"] < stats["prefix_tokens"] * 8 / 2  # most prompt tokens were shared
-    assert runs[False]["prefix_cache"] == {}

@@ -42,6 +42,10 @@ def _write(tmp_path, text):
         ("budget_mb: -3\n", "positive number of MB"),
         ("evaluation: {windowz: 3}\n", "'windowz'"),
         ("calibration: {samples: 3}\n", "'samples'"),
+        ("calibration: {n_samples: 0}\n", "calibration needs n_samples >= 1"),
+        ("calibration: [16, 256]\n", "study section 'calibration' must be a mapping"),
+        ("evaluation: {metrics: [bleu]}\n", "unknown metric 'bleu'"),
+        ("evaluation: {metrics: [wikitext_token_ppl]}\n", "add wikitext_word_ppl, triviaqa_exact_match or leave metrics out"),
         ("objectives: [{metric: accuracy, direction: maximize}]\n", "'accuracy'"),
         ("sampler: cmaes\n", "'cmaes'"),
         ("space: {lora_heldout: -1}\n", "space.lora_heldout must be 0 (no report) to 4096 windows, got -1"),
@@ -59,3 +63,36 @@ def test_flags_override_the_file():
     assert (config.budget_mb, config.trials, config.sampler) == (32.0, 3, "tpe")
     with pytest.raises(SlmsearchError, match="positive"):
         with_overrides(config, budget_mb=-1.0)
+
+
+def test_calibration_and_evaluation_are_typed_settings():
+    from slmsearch.compress.calib import CalibSettings
+    from slmsearch.evals.settings import EvalSettings
+    from slmsearch.search.config import StudyConfig
+
+    default = load_study_config(None)
+    assert default.calibration == CalibSettings(n_samples=16, seqlen=256, seed=0)
+    assert isinstance(default.evaluation, EvalSettings) and default.evaluation.token_windows == 4
+    # metrics: token ppl (it drives pruning), then the objectives' quality metrics, once each
+    assert default.evaluation.metrics == ("wikitext_token_ppl", "wikitext_word_ppl", "triviaqa_exact_match")
+    assert StudyConfig().calibration == default.calibration and StudyConfig().evaluation.metrics == default.evaluation.metrics
+    assert with_overrides(default, trials=3).evaluation == default.evaluation
+    assert with_overrides(default, trials=3).calibration == default.calibration
+
+
+def test_a_settings_section_starts_from_the_settings_defaults(tmp_path):
+    from slmsearch.compress.calib import CalibSettings
+
+    metrics = "[wikitext_word_ppl, triviaqa_exact_match, triviaqa_answer_logprob]"
+    config = load_study_config(_write(tmp_path, f"calibration: {{seqlen: 128}}\nevaluation: {{metrics: {metrics}}}\n"))
+    assert config.calibration == CalibSettings(seqlen=128)
+    assert config.evaluation.metrics == ("wikitext_word_ppl", "triviaqa_exact_match", "triviaqa_answer_logprob")  # as written
+    assert config.evaluation.token_windows == 8  # EvalSettings' default
+
+
+def test_sizes_are_decimal_gb_in_the_study_and_the_cache():
+    from slmsearch.compress.cache import DEFAULT_MAX_BYTES
+    from slmsearch.search.config import StudyConfig
+
+    assert StudyConfig(cache_gb=1.5).cache_bytes == 1_500_000_000
+    assert StudyConfig().cache_bytes == DEFAULT_MAX_BYTES == 20 * 10**9

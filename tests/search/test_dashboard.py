@@ -67,10 +67,16 @@ def test_dashboard_serves_the_study(tmp_path: Path) -> None:
         assert [t["number"] for t in detail["trials"]] == [0, 1, 2]
         assert [t["state"] for t in detail["trials"]] == ["Complete", "Complete", "Pruned"]
         assert {t["number"] for t in detail["best_trials"]} == {0}  # trial 1 is dominated
+        with urllib.request.urlopen(address, timeout=5) as response:  # the printed address is the dashboard's page
+            page = response.read().decode()
+        assert "<title>Optuna Dashboard</title>" in page and 'src="/static/bundle.js"' in page
+        with urllib.request.urlopen(f"{base}/static/bundle.js", timeout=5) as response:
+            assert len(response.read()) > 100_000  # the app itself, not an error page
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
-    assert proc.returncode is not None
+    with pytest.raises(OSError):  # stopped by its PID: nothing serves the port any more
+        _get(f"{base}/api/studies")
 
 
 def test_busy_port_is_a_user_error(tmp_path: Path) -> None:

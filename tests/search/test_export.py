@@ -25,10 +25,11 @@ def make_study(path: Path, *, token_ppl: float = 40.0, data_dir: Path | None = N
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from slmsearch.search.config import StudyConfig
+    from slmsearch.search.config import StudyConfig, calibration_from, evaluation_from
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config = StudyConfig(name="exp", budget_mb=64.0, calibration=CALIBRATION, evaluation=EVALUATION,
+    config = StudyConfig(name="exp", budget_mb=64.0, calibration=calibration_from(CALIBRATION),
+                         evaluation=evaluation_from(EVALUATION),
                          data_dir=str(data_dir) if data_dir else None)
     study = optuna.create_study(study_name="exp", storage=f"sqlite:///{path}",
                                 directions=["minimize", "maximize", "minimize"])
@@ -67,7 +68,7 @@ def test_refusals(tmp_path: Path, args: list[str], message: str) -> None:
 def test_failed_rebuild_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from slmsearch.compress import pipeline
     from slmsearch.search import export as export_mod
-    from slmsearch.search.pareto import locate_study
+    from slmsearch.search.storage import locate_study
 
     make_study(tmp_path / "exp.db")
 
@@ -97,15 +98,16 @@ def test_export_reproduces_recorded_perplexity(tmp_path: Path, data_dir: Path, m
     each with the README's two lines and score the same windows."""
     from slmsearch.compress.cache import StageCache
     from slmsearch.compress.calib import CalibSettings
-    from slmsearch.compress.pipeline import load_checkpoint, run
+    from slmsearch import checkpoint
+    from slmsearch.compress.pipeline import run
     from slmsearch.compress.plan import Plan
     from slmsearch.evals.wikitext import token_perplexity
     from slmsearch.search.export import export
-    from slmsearch.search.pareto import locate_study
+    from slmsearch.search.storage import locate_study
 
     warm = StageCache(root=tmp_path / "cache")
     result = run(Plan.from_dict(PLAN), None, data_dir, CalibSettings(**CALIBRATION), cache=warm)
-    model, tokenizer = load_checkpoint(result.checkpoint_dir)
+    model, tokenizer = checkpoint.load(result.checkpoint_dir)
     recorded, windows = token_perplexity(model, tokenizer, data_dir, seqlen=EVALUATION["token_seqlen"],
                                          n_windows=EVALUATION["token_windows"])
     assert windows == 2

@@ -156,7 +156,8 @@ def _dominates(a: list[float], b: list[float], signs: list[float]) -> bool:
 def test_pareto_rows_are_feasible_and_non_dominated(study_db: Path) -> None:
     from optuna.trial import TrialState
 
-    from slmsearch.search.pareto import locate_study, pareto_rows
+    from slmsearch.search.pareto import pareto_rows
+    from slmsearch.search.storage import locate_study
 
     located = locate_study(storage=f"sqlite:///{study_db}", study_name="demo")
     study = located.study
@@ -180,7 +181,8 @@ def test_pareto_rows_are_feasible_and_non_dominated(study_db: Path) -> None:
 
 
 def test_formats_parse(study_db: Path) -> None:
-    from slmsearch.search.pareto import format_rows, locate_study, pareto_rows
+    from slmsearch.search.pareto import format_rows, pareto_rows
+    from slmsearch.search.storage import locate_study
 
     located = locate_study(storage=f"sqlite:///{study_db}")  # the only study in the storage
     rows = pareto_rows(located.study)
@@ -223,7 +225,8 @@ def test_user_errors(tmp_path: Path, study_db: Path) -> None:
 
 
 def test_empty_front_still_prints_a_table(tmp_path: Path) -> None:
-    from slmsearch.search.pareto import format_rows, locate_study, pareto_rows
+    from slmsearch.search.pareto import format_rows, pareto_rows
+    from slmsearch.search.storage import locate_study
 
     build_study(tmp_path / "tight.db", n_trials=3, budget_mb=1.0, name="tight")
     located = locate_study(storage=f"sqlite:///{tmp_path / 'tight.db'}")

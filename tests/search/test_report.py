@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slmsearch.search.pareto import locate_study
+    from slmsearch.search.storage import locate_study
     from slmsearch.search.report import write_report
 
     root = tmp_path_factory.mktemp("report")
@@ -62,7 +62,7 @@ def test_markdown_twin(report_dir: Path) -> None:
 
 
 def test_few_trials_say_so(tmp_path: Path) -> None:
-    from slmsearch.search.pareto import locate_study
+    from slmsearch.search.storage import locate_study
     from slmsearch.search.report import importances, write_report
 
     build_study(tmp_path / "few.db", n_trials=4, budget_mb=300.0, name="few")
@@ -86,8 +86,7 @@ def test_cli_report(tmp_path: Path) -> None:
 @pytest.mark.skipif(_chromium() is None, reason="no chromium binary: install it with `apt-get install -y chromium`")
 def test_chromium_loads_every_image(report_dir: Path) -> None:
     """Render in headless Chromium: every <img> decodes (naturalWidth > 0); keep a screenshot."""
-    binary = _chromium()
-    assert binary is not None
+    binary = str(_chromium())
     probe = report_dir / "probe.html"  # a copy with a script that writes the image count into the DOM
     probe.write_text((report_dir / "report.html").read_text(encoding="utf-8").replace(
         "</body>",
@@ -100,6 +99,9 @@ def test_chromium_loads_every_image(report_dir: Path) -> None:
     match = re.search(r'data-images="(\d+)/(\d+)"', dom.stdout)
     assert match, f"chromium did not run the probe: {dom.stderr[-500:]}"
     assert match.group(1) == match.group(2) == "4"
+    rendered = re.sub(r"<[^>]+>", " ", dom.stdout)  # the text the browser laid out
+    for text in ("slmsearch report: demo", "Pareto fronts", "Time per stage", "Pareto table", "64 MB"):
+        assert text in rendered, text
     shot = Path(os.environ.get("SLMSEARCH_SCREENSHOT_DIR") or report_dir) / "report.png"
     subprocess.run(_chromium_cmd(binary, f"--screenshot={shot}", "--window-size=1280,4000", "--hide-scrollbars",
                                  (report_dir / "report.html").as_uri()),

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,7 +15,9 @@ import pytest
 from optuna.trial import TrialState
 
 from slmsearch.search.config import load_study_config
-from slmsearch.search.study import open_storage, optimize, pareto_trials
+from slmsearch.search.storage import open_storage
+from slmsearch.search.study import optimize
+from slmsearch.search.trials import pareto_trials
 
 TINY_STUDY = """
 name: tiny
@@ -216,3 +217,18 @@ def test_repeated_plan_is_answered_from_its_first_trial(tmp_path, tiny_checkpoin
     assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 3 + len(repeats)
     assert all(trials[t.user_attrs["repeat_of"]].user_attrs["plan"] == t.user_attrs["plan"] for t in repeats)
     assert 2 not in [t.number for t in pareto_trials(optuna.load_study(study_name="tiny", storage=config.storage))]
+
+
+
+@pytest.mark.parametrize("reader", ["pareto", "report", "export", "dashboard"])
+def test_the_readers_do_not_import_the_runner(reader):
+    """They read a study through storage.py and trials.py, at module level or inside a function."""
+    import ast
+
+    import slmsearch.search
+
+    source = (Path(slmsearch.search.__file__).parent / f"{reader}.py").read_text()
+    imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
+    assert "slmsearch.search.study" not in imported and "slmsearch.search.objective" not in imported
+    assert "slmsearch.search.storage" in imported

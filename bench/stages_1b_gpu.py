@@ -1,6 +1,9 @@
 """In-memory stages at Llama-3.2-1B shape on a GPU (random weights: timing, memory, mechanics).
 
-    python3 tests/compress/gpu_check.py DATA_DIR OUT.json [tiny]
+    .venv/bin/python bench/stages_1b_gpu.py DATA_DIR OUT.json [tiny]
+
+Prints one JSON line per stage (seconds, peak GPU memory, the stage's metrics; for two stages a
+save/reload check) and writes them all to OUT.json.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import byte_tokenizer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "compress"))
+from conftest import byte_tokenizer  # noqa: E402  (the tests' 256-symbol tokenizer: ids fit any vocabulary)
 
 from slmsearch.compress.calib import CalibSettings, Calibration  # noqa: E402
 from slmsearch.compress.depth import DepthPrune  # noqa: E402
@@ -66,7 +69,7 @@ def main(data_dir: str, out: str, size: str = "1b") -> None:
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
                "metrics": {k: v for k, v in report.metrics.items() if not isinstance(v, list) or len(v) < 20}}
         if name.startswith("wanda structured") or name.startswith("depth drop2 angular"):
-            folder = Path("/tmp/gpu_check_ckpt")
+            folder = Path("/tmp/slmsearch-stages-1b-gpu-ckpt")
             model.save_pretrained(folder)
             again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(dev).eval()
             prompt = torch.tensor([[3, 14, 15, 92, 65]], device=dev)

@@ -1,6 +1,4 @@
 from slmsearch.hwmodel import load_platform
-from slmsearch.hwmodel.report import format_report, hw_report
-from slmsearch.hwmodel.shape import smollm2_135m
 from slmsearch.hwmodel.validate import (FIT_ROWS, ROWS, _get, fit, format_validation_table, held_out_error_pct,
                                         validation_table)
 
@@ -27,11 +25,3 @@ def test_fitted_values_in_the_platform_file_are_what_the_fit_finds():
         assert abs(v / _get(base, k) - 1) < 0.05, k
     assert set(FIT_ROWS) < {r.name for r in ROWS}
 
-
-def test_hw_report_is_json_and_formats():
-    import json
-
-    d = hw_report(smollm2_135m(), "siracusa", context_len=256, prefill_len=16)
-    json.dumps(d)
-    text = format_report(d)
-    assert "memory" in text and "placement" in text and "decode" in text and "prefill" in text

@@ -1,6 +1,6 @@
 """Measure each stage alone on the default model (SmolLM2-135M): token ppl, size, wall time.
 
-Run under the heavy lock:  flock /tmp/slmsearch-heavy.lock .venv/bin/python tests/compress/measure_default.py OUT.json
+Run under the heavy lock:  flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/stages_default_model.py OUT.json [NAME ...]
 Prints one JSON line per configuration and writes them all to OUT.json.
 """
 
@@ -16,7 +16,8 @@ import torch
 from slmsearch.compress import kernels
 from slmsearch.compress.cache import StageCache
 from slmsearch.compress.calib import CalibSettings
-from slmsearch.compress.pipeline import load_checkpoint, run
+from slmsearch import checkpoint
+from slmsearch.compress.pipeline import run
 from slmsearch.compress.plan import Plan
 from slmsearch.evals.wikitext import token_perplexity
 
@@ -63,19 +64,22 @@ def hw_bytes(folder: Path) -> int | None:
         return None
 
 
-def zero_fraction(model, folder: Path) -> float:
-    from slmsearch.compress.gptq import is_gptq_folder, quantized_zero_fraction
-
-    if is_gptq_folder(folder):
-        return quantized_zero_fraction(folder)
+def zero_fraction(model) -> float:
+    """Fraction of the decoder Linear weights that are exactly zero. A GPTQ module's dequantized
+    weight is zero exactly where its integer equals its group's zero point."""
     zeros = total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            w = module.weight
-        else:
-            continue
-        zeros += int((w == 0).sum())
-        total += w.numel()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if ".layers." not in name:
+                continue
+            if hasattr(module, "dequantize_weight"):  # gptqmodel's quantized Linear (its EoRA adapter not added)
+                w = module.dequantize_weight()
+            elif isinstance(module, torch.nn.Linear):
+                w = module.weight
+            else:
+                continue
+            zeros += int((w == 0).sum())
+            total += w.numel()
     return zeros / max(total, 1)
 
 
@@ -88,7 +92,7 @@ def main(out_path: str, only: list[str]) -> None:
         t0 = time.perf_counter()
         result = run(Plan.from_dict(stages), None, DATA, CALIB, cache=cache, progress=True)
         wall = time.perf_counter() - t0
-        model, tok = load_checkpoint(result.checkpoint_dir)
+        model, tok = checkpoint.load(result.checkpoint_dir)
         t1 = time.perf_counter()
         with torch.no_grad():
             ppl, n = token_perplexity(model, tok, DATA, seqlen=SEQLEN, n_windows=WINDOWS)
@@ -98,7 +102,7 @@ def main(out_path: str, only: list[str]) -> None:
             "windows": f"{n}x{SEQLEN}",
             "safetensors_bytes": size_bytes(result.checkpoint_dir),
             "hwmodel_static_bytes": hw_bytes(result.checkpoint_dir),
-            "zero_fraction": round(zero_fraction(model, result.checkpoint_dir), 4),
+            "zero_fraction": round(zero_fraction(model), 4),
             "pipeline_s": round(wall, 1),
             "stage_s": {k: round(v, 1) for k, v in result.stage_seconds.items()},
             "cache_hits": result.cache_hits,

@@ -19,7 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from postgres import PASSWORD, postgres_server  # noqa: F401  (a fixture)
-from slmsearch.search.workers import SLOT_ATTR, SURPLUS_ATTR
+from slmsearch.search.trials import REJECTED_ATTR, SLOT_ATTR, SURPLUS_ATTR
 
 WORKER_STUDY = """
 name: {name}
@@ -159,7 +159,8 @@ def test_sigkilled_worker_trial_fails_and_is_retried(tmp_path, tiny_checkpoint, 
 def test_sqlite_default_single_worker(tmp_path, tiny_checkpoint, data_dir, monkeypatch):
     """No --storage: a SQLite file in the runs folder; the count is exact; nothing is surplus."""
     from slmsearch.search.config import load_study_config
-    from slmsearch.search.study import optimize, storage_url
+    from slmsearch.search.storage import storage_url
+    from slmsearch.search.study import optimize
 
     monkeypatch.setenv("SLMSEARCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SLMSEARCH_RUNS", str(tmp_path / "runs"))
@@ -282,54 +283,41 @@ def test_ctrl_c_during_gptq_stops_a_background_worker(tmp_path, small_checkpoint
     assert not any((cache / "stages").glob("*/quantize_config.json"))  # the interrupted GPTQ was not cached
 
 
-def test_unreachable_storage_is_one_clear_error(tmp_path, tiny_checkpoint, data_dir):
-    """Nothing listens on port 1: one line, the password redacted, exit code 2."""
-    from click.testing import CliRunner
+def _running_trials(storage_url: str, name: str, n: int) -> tuple[object, list]:
+    """The storage (its own connection pool, as another machine's) and ``n`` running trials on it."""
+    from slmsearch.search.storage import open_storage
 
-    from slmsearch.cli import main
-
-    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage="null", trials=1, name="away")
-    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/slmsearch"
-    result = CliRunner().invoke(main, ["optimize", "--study", str(study_file), "--storage", url])
-    out = result.output.strip()
-    assert result.exit_code == 2, out
-    assert len(out.splitlines()) == 1 and out.startswith("error: cannot open storage"), out
-    assert "postgres:***@127.0.0.1:1" in out and PASSWORD not in out
+    storage = open_storage(storage_url)
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
+    return storage, [study.ask() for _ in range(n)]
 
 
-def test_redact_hides_every_form_of_password():
-    from slmsearch.search.study import redact, scrub
+@pytest.mark.parametrize("locked", [True, False], ids=["under-the-study-lock", "one-process"])
+def test_slots_free_up_when_a_slot_holder_fails(tmp_path, locked):
+    from slmsearch.search.slots import claim_slot
 
-    assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
-    assert redact("postgresql://u:p@ss/w@h/db") == "postgresql://u:***@h/db"
-    assert redact("postgresql://h/db?user=u&password=pw&sslmode=require") == "postgresql://h/db?user=u&password=***&sslmode=require"
-    assert redact("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
-    assert "pw%21" not in scrub("auth failed for pw%21 and pw!", "postgresql://u:pw%21@h/db")
-    assert "pw!" not in scrub("auth failed for pw!", "postgresql://u:pw%21@h/db")
+    storage, trials = _running_trials(f"sqlite:///{tmp_path / 's.db'}", "slots", 4)
 
+    def claim(trial: object) -> bool:
+        return claim_slot(trial, 2, storage if locked else None)
 
-def _running_trials(storage_url: str, name: str, n: int) -> list:
-    from slmsearch.search.study import open_storage
-
-    study = optuna.create_study(study_name=name, storage=open_storage(storage_url), load_if_exists=True)
-    return [study.ask() for _ in range(n)]
-
-
-def test_slots_free_up_when_a_slot_holder_fails(tmp_path):
-    from slmsearch.search.workers import claim_slot
-
-    trials = _running_trials(f"sqlite:///{tmp_path / 's.db'}", "slots", 4)
-    assert [claim_slot(t, 2) for t in trials[:3]] == [True, True, False]
+    assert [claim(t) for t in trials[:3]] == [True, True, False]
     study = trials[0].study
     study.tell(trials[0], 1.0)  # counted: still takes its slot
-    assert not claim_slot(trials[3], 2)
+    assert not claim(trials[3])
     study.tell(trials[1], state=TrialState.FAIL)  # a failed slot holder frees its slot
-    assert claim_slot(trials[3], 2)
+    assert claim(trials[3])
     study.tell(trials[2], state=TrialState.FAIL)
     rejected = study.ask()
-    rejected.set_user_attr("rejected", "over budget")
+    rejected.set_user_attr(REJECTED_ATTR, "over budget")
     study.tell(rejected, 1.0)  # a budget rejection never takes a slot
-    assert not claim_slot(study.ask(), 2)
+    assert not claim(study.ask())
+    held = [t.number for t in optuna.load_study(study_name="slots", storage=storage).trials if t.user_attrs.get(SLOT_ATTR) == t.number]
+    assert held == [0, 1, 3]
+    if locked:  # a trial failed meanwhile (by a heartbeat check) takes no slot, though one is free
+        finished = study.ask()
+        study.tell(finished, state=TrialState.FAIL)
+        assert not claim_slot(finished, 3, storage) and claim_slot(study.ask(), 3, storage)
 
 
 @pytest.mark.postgres
@@ -337,13 +325,13 @@ def test_concurrent_claims_take_exactly_the_free_slots(postgres_server):
     """Eight claims at once from eight connections (as from eight machines): exactly three win."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from slmsearch.search.workers import claim_slot
+    from slmsearch.search.slots import claim_slot
 
     url = postgres_server.create_database()
     optuna.create_study(study_name="race", storage=url)
-    trials = [_running_trials(url, "race", 1)[0] for _ in range(8)]  # one storage (connection pool) each
+    claims = [_running_trials(url, "race", 1) for _ in range(8)]  # one storage (connection pool) each
     with ThreadPoolExecutor(8) as pool:
-        won = list(pool.map(lambda t: claim_slot(t, 3), trials))
+        won = list(pool.map(lambda c: claim_slot(c[1][0], 3, c[0]), claims))
     assert sum(won) == 3
     held = [t for t in optuna.load_study(study_name="race", storage=url).trials if t.user_attrs.get(SLOT_ATTR) == t.number]
     assert len(held) == 3

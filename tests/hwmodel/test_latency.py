@@ -1,0 +1,88 @@
+"""Per-operator latency: engine choice, the bounding resource, tiles, the operator list of a pass."""
+
+import dataclasses
+import json
+import math
+
+from slmsearch.hwmodel import TensorFormat, estimate, load_platform
+from slmsearch.hwmodel.latency import (LINEAR, Op, causal_pairs, cluster_compute_cycles, embedding_ops, n_tiles,
+                                       op_cost)
+from slmsearch.hwmodel.shape import smollm2_135m
+
+P = load_platform("siracusa")
+SRAM, L2, L3 = 1, 3, 4
+
+
+def test_report_rows_name_engine_and_bound():
+    e = estimate(smollm2_135m().with_linear_format(TensorFormat(8, 128)).with_activation_bits(8), P,
+                 context_len=64, prefill_len=64)
+    engines = {r.engine for r in e.prefill.ops}
+    assert engines == {"cluster", "npu"}  # 8-bit weights + 8-bit activations use N-EUREKA
+    assert all(r.bound for r in e.decode.ops)
+    assert e.decode.energy_j_per_token > 0 and e.decode.tokens_per_s > 0
+    json.dumps(e.to_dict())
+
+
+def test_a_pass_is_the_sum_of_its_operators():
+    e = estimate(smollm2_135m(), P, context_len=256, prefill_len=32)
+    for pas in (e.decode, e.prefill):
+        assert pas.cycles == sum(r.cycles for r in pas.ops)
+        assert pas.latency_s == pas.cycles / P.operating_point.freq_hz
+        assert math.isclose(sum(pas.cycles_by_bound.values()), pas.cycles, rel_tol=1e-12)
+        assert math.isclose(sum(pas.energy_by.values()), pas.energy_j, rel_tol=1e-12)
+    assert len([r for r in e.decode.ops if r.name == "q_proj"]) == 30
+
+
+def test_weights_streamed_from_offchip_bound_the_operator():
+    op = Op("down_proj", LINEAR, "layers.0.mlp", tokens=1, inner=1536, outputs=576, weight_bytes=1536 * 576 * 2,
+            act_bytes=(1536 + 576) * 2)
+    off = op_cost(op, P, ((L3, 1.0),), ())
+    stream = op.weight_bytes / P.level("l3").read_bw_bytes_per_cycle
+    assert off.bound == "stream:l3" and off.cycles >= stream
+    assert dict(off.transfer_cycles)["stream:l3"] == stream
+    half = op_cost(op, P, ((L2, 0.5), (L3, 0.5)), ())
+    on = op_cost(op, P, ((L2, 1.0),), ())
+    assert on.cycles < half.cycles < off.cycles
+    assert on.bound != "stream:l3" and dict(on.level_bytes)["l2"] == op.weight_bytes + op.act_bytes
+    assert on.engine == "cluster" and on.macs == 1536 * 576
+
+
+def test_npu_reads_weight_memory_in_place_when_it_is_faster():
+    op = Op("q_proj", LINEAR, "layers.0.attn", tokens=64, inner=576, outputs=576, operand_bits=8, weight_bits=8,
+            npu_ok=True, weight_bytes=576 * 576, act_bytes=64 * 2 * 576)
+    c = op_cost(op, P, ((SRAM, 1.0),), ())
+    assert c.engine == "npu" and "read:weight_mem" in dict(c.transfer_cycles)
+    cluster_only = op_cost(op, load_platform("siracusa", {"npu.enabled": 0}), ((SRAM, 1.0),), ())
+    assert cluster_only.engine == "cluster" and cluster_only.cycles > c.cycles
+
+
+def test_cluster_cycles_and_tiles_by_hand():
+    cl = P.cluster
+    op = Op("o_proj", LINEAR, "", tokens=1, inner=576, outputs=576, operand_bits=16)
+    per_core = math.ceil(576 / cl.cores)
+    assert cluster_compute_cycles(op, P) == per_core * (cl.output_overhead_cycles + math.ceil(576 / cl.macs_per_cycle(16)))
+    budget = P.tiling.l1_budget_bytes // 2  # double-buffered: half the budget per tile
+    assert n_tiles(1, P) == 1 and n_tiles(budget, P) == 1 and n_tiles(budget + 1, P) == 2
+    single = load_platform("siracusa", {"tiling.double_buffering": 0})
+    assert n_tiles(budget + 1, single) == 1
+
+
+def test_decode_reads_one_embedding_row_and_prefill_scores_the_full_matrix():
+    s = smollm2_135m()
+    for shape in (s, s.with_embedding_format(TensorFormat(4, None, zero_bits=0))):
+        e = estimate(shape, P, context_len=64, prefill_len=16)
+        row = [r for r in e.decode.ops if r.name == "embedding"]
+        assert len(row) == 1 and row[0].layer is None and row[0].cycles > 0
+        assert len([r for r in e.prefill.ops if r.name == "embedding"]) == 1
+    op = embedding_ops(s.with_embedding_format(TensorFormat(4, None, zero_bits=0)), P, 1)[0]
+    assert op.weight_bytes == 576 * 4 // 8 + 2  # one 4-bit row + its fp16 scale
+    untied = dataclasses.replace(s, tie_word_embeddings=False)
+    assert embedding_ops(untied, P, 3)[0].group == "embedding"
+    assert embedding_ops(untied, P, 3)[0].weight_bytes == 3 * 576 * 2
+    assert causal_pairs(1, 512) == 512 and causal_pairs(64, 64) == 64 * 64  # masked, not skipped
+    pre = estimate(s, P, context_len=64, prefill_len=64).prefill
+    scores = [r for r in pre.ops if r.name == "attn_scores"][0]
+    layer = s.layers[0]
+    assert scores.macs == layer.n_heads * layer.head_dim * 64 * 64
+    values = [r for r in pre.ops if r.name == "attn_values"][0]
+    assert values.macs == layer.n_heads * layer.head_dim * 64 * 64
