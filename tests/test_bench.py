@@ -134,3 +134,17 @@ def test_cache_bench_states_the_bound_a_cache_of_the_shared_stages_allows():
     assert "B - (A - shared) = +5.0 s" in line
     b_missed = {**b, "cache_hits": ["depth"], "stage_seconds": {"lora": 40.0, **b["stage_seconds"]}}
     assert "B re-ran lora" in shared_work_line(a, b_missed, shares=("depth", "lora"))
+
+
+def test_hwmodel_speed_bench_writes_its_figures(tmp_path):
+    """The hardware-model speed bench prices real plans and records its machine beside the figures."""
+    import json
+
+    import hwmodel_speed
+
+    out = tmp_path / "speed.json"
+    hwmodel_speed.main(["--n", "5", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["plans"] == 5 and record["cpu_model"]
+    assert 0 < record["ms_per_plan"]["median"] <= record["ms_per_plan"]["max"]
+    assert record["plan_shape_ms"]["median"] > 0 and record["estimate_ms"]["median"] > 0

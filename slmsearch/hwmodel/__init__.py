@@ -3,6 +3,7 @@
 Pure Python (PyYAML; numpy only to count zeros in a checkpoint). Never imports torch.
 """
 
+from slmsearch.hwmodel.deployment import Deployment
 from slmsearch.hwmodel.estimate import Estimate, OpRow, PassEstimate, estimate
 from slmsearch.hwmodel.memory import MemoryReport
 from slmsearch.hwmodel.placement import Placement
@@ -10,6 +11,6 @@ from slmsearch.hwmodel.platform import Platform, load_platform
 from slmsearch.hwmodel.shape import Adapter, LayerShape, ModelShape, Sparsity, TensorFormat
 
 __all__ = [
-    "Adapter", "Estimate", "LayerShape", "MemoryReport", "ModelShape", "OpRow", "PassEstimate",
+    "Adapter", "Deployment", "Estimate", "LayerShape", "MemoryReport", "ModelShape", "OpRow", "PassEstimate",
     "Placement", "Platform", "Sparsity", "TensorFormat", "estimate", "load_platform",
 ]

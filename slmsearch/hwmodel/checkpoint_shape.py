@@ -4,7 +4,8 @@ Read: config.json; safetensors headers (pure Python: 8-byte little-endian header
 GPTQ tensors (qweight/qzeros/scales/g_idx) with quantization_config / quantize_config.json;
 a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, in the checkpoint or in
 ``adapter/``); and ``slmsearch.json`` written by the compress pipeline for what the tensors cannot
-tell (fake-quantized embedding, sparsity format, KV/activation precision). Shapes, layer count,
+tell (fake-quantized embedding, sparsity format, KV/activation precision); a finished folder's
+packed embedding (``model.embed_tokens.rtn_codes`` + ``.rtn_scales``) is measured from its tensors. Shapes, layer count,
 per-layer heads and intermediate sizes, bit-widths and group sizes come from the tensors;
 a metadata number the tensors contradict is ignored. Tensor data is read (numpy) only to check a
 declared sparsity against the actual zeros.
@@ -18,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, META_FILE, QUANTIZE_CONFIG_FILE, read_meta
+from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, CODES, META_FILE, QUANTIZE_CONFIG_FILE, SCALES, read_meta
 from slmsearch.errors import SlmsearchError
 from slmsearch.hwmodel.shape import ATTN_PROJS, MLP_PROJS, Adapter, LayerShape, ModelShape, TensorFormat
 
@@ -113,10 +114,18 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
 
     # embedding / lm_head
     vocab = emb[1]["shape"][0] if emb else int(cfg.get("vocab_size", 0))
-    tied = "lm_head.weight" not in tensors and "lm_head.qweight" not in tensors
+    tied = not {"lm_head.weight", "lm_head.qweight", f"lm_head.{CODES}"} & set(tensors)
     emb_fmt = TensorFormat(weight_bits=_DTYPE_BITS.get(emb[1]["dtype"], 16)) if emb else TensorFormat()
     e_meta = meta.get("embedding") or {}
-    if e_meta.get("bits") is not None and int(e_meta["bits"]) < emb_fmt.weight_bits:
+    packed = tensors.get(f"model.embed_tokens.{CODES}")  # a finished folder's packed embedding (checkpoint.py)
+    if emb is None and packed is not None:
+        scales = tensors[f"model.embed_tokens.{SCALES}"][1]
+        vocab, groups = scales["shape"]
+        gs = e_meta.get("group_size")
+        emb_fmt = TensorFormat(weight_bits=packed[1]["shape"][1] * 8 // hidden,
+                               group_size=gs if gs and hidden // int(gs) == groups else (None if groups == 1 else hidden // groups),
+                               scale_bits=_DTYPE_BITS.get(scales["dtype"], 16), zero_bits=0)
+    elif e_meta.get("bits") is not None and int(e_meta["bits"]) < emb_fmt.weight_bits:
         emb_fmt = TensorFormat(weight_bits=int(e_meta["bits"]), group_size=e_meta.get("group_size"),
                                zero_bits=e_meta.get("zero_bits"))
     head_fmt = None

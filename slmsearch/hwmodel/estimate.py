@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from slmsearch.hwmodel.deployment import DEFAULT, Deployment
 from slmsearch.hwmodel.energy import pass_energy_j
 from slmsearch.hwmodel.latency import (Op, OpCost, embedding_ops, head_ops, layer_context_ops, layer_static_ops,
                                        op_cost)
@@ -76,6 +77,21 @@ class Estimate:
     placement_detail: Placement = field(repr=False)
     decode: PassEstimate
     prefill: PassEstimate | None
+    decode_first: PassEstimate | None = field(default=None, repr=False)  # first generated token
+    deployment: Deployment = DEFAULT
+
+    @property
+    def decode_avg_latency_s(self) -> float:
+        """Mean decode latency over a generation from the first token after the prompt to
+        ``context_len``: the per-token cost grows (nearly) linearly with the KV length, so the
+        mean of the first and the last step (``decode`` is the last, the worst case)."""
+        first = self.decode_first or self.decode
+        return (first.latency_s + self.decode.latency_s) / 2
+
+    @property
+    def decode_avg_energy_j(self) -> float:
+        first = self.decode_first or self.decode
+        return (first.energy_j + self.decode.energy_j) / 2
 
     def to_dict(self, with_ops: bool = True) -> dict[str, Any]:
         return {
@@ -88,6 +104,8 @@ class Estimate:
             "placement": self.placement_detail.to_dict(self.platform),
             "decode": self.decode.to_dict(with_ops),
             "prefill": self.prefill.to_dict(with_ops) if self.prefill else None,
+            "decode_avg": {"latency_s": self.decode_avg_latency_s, "energy_j_per_token": self.decode_avg_energy_j},
+            "deployment": self.deployment.to_dict(),
         }
 
 
@@ -97,12 +115,14 @@ def _check(context_len: int, prefill_len: int) -> None:
             raise SlmsearchError(f"{name} must be an integer >= 0, but got {v!r}")
 
 
-def _placement(shape: ModelShape, p: Platform, context_len: int, mem: MemoryReport) -> Placement:
+def _placement(shape: ModelShape, p: Platform, context_len: int, mem: MemoryReport,
+               dep: Deployment = DEFAULT) -> Placement:
     kv_layer = [
         -(-(2 * layer.n_kv_heads * layer.head_dim * shape.kv_cache_bits * context_len) // 8)
         for layer in shape.layers
     ]
-    return place(p, mem.weight_groups, kv_layer, mem.by_kind["activations_peak"])
+    return place(p, mem.weight_groups, kv_layer, mem.by_kind["activations_peak"],
+                 head_first=dep.weight_memory_first == "lm_head", kv_offchip=dep.kv_cache_level == "l3")
 
 
 def _run_pass(shape: ModelShape, p: Platform, pl: Placement, tokens: int, attended: int) -> PassEstimate:
@@ -145,18 +165,26 @@ def _run_pass(shape: ModelShape, p: Platform, pl: Placement, tokens: int, attend
                         by_bound, by_engine, tuple(rows))
 
 
-def estimate(shape: ModelShape, platform: Platform, *, context_len: int = 512, prefill_len: int = 0) -> Estimate:
-    """Memory, placement, decode step at ``context_len`` (attending to that many positions) and,
-    when ``prefill_len`` > 0, a prefill of that many tokens. The KV cache is sized for
-    max(context_len, prefill_len) positions."""
+def estimate(shape: ModelShape, platform: Platform, *, context_len: int = 512, prefill_len: int = 0,
+             deployment: Deployment | None = None) -> Estimate:
+    """Memory, placement, decode step at ``context_len`` (attending to that many positions; the
+    worst case of a generation) and, when ``prefill_len`` > 0, a prefill of that many tokens.
+    The KV cache is sized for max(context_len, prefill_len) positions. ``deployment`` chooses
+    activation precision, what fills the weight memories first and where the KV cache lives."""
     _check(context_len, prefill_len)
+    dep = deployment or DEFAULT
+    if dep.activation_bits is not None and dep.activation_bits != shape.activation_bits:
+        shape = shape.with_activation_bits(dep.activation_bits)
     ctx = max(context_len, prefill_len)
     mem = memory_report(shape, ctx, prefill_len)
-    pl = _placement(shape, platform, ctx, mem)
+    pl = _placement(shape, platform, ctx, mem, dep)
     decode = _run_pass(shape, platform, pl, 1, max(context_len, 1))
+    first_at = min(prefill_len + 1, max(context_len, 1))
+    decode_first = _run_pass(shape, platform, pl, 1, first_at) if first_at != max(context_len, 1) else None
     prefill = _run_pass(shape, platform, pl, prefill_len, prefill_len) if prefill_len else None
     return Estimate(shape, platform, context_len, prefill_len, mem,
-                    {name: pl.level_of(platform, name) for name, _, _ in pl.groups}, pl, decode, prefill)
+                    {name: pl.level_of(platform, name) for name, _, _ in pl.groups}, pl, decode, prefill,
+                    decode_first, dep)
 
 
 __all__ = ["Estimate", "OpRow", "PassEstimate", "estimate"]

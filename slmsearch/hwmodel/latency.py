@@ -8,6 +8,10 @@ One forward pass (a decode step or a prefill) is the sum over operators of
     body       = max(compute, dma_l2_l1, stream_l3, read_weight_mem)  (double-buffered tiles)
                = sum of the same terms                                (single buffer)
                = compute * l2_access_slowdown + stream_l3             (untiled: operands in L2)
+    stream_l3  = offchip bytes / L3 bandwidth + n_tiles * L3 first-word latency
+    compute    = MACs at the engine's rate (integer SIMD by operand width, fp16 SIMD when the
+                 activations are 16-bit) + dequantization of packed low-bit weights and their
+                 group scales when the activations are fp16 (weight-only quantization)
 
 and each operator runs on the engine (8-core cluster or N-EUREKA) that finishes it first among
 those that support its formats. The largest term names the resource that bounds the operator
@@ -43,6 +47,9 @@ class Op:
     operand_bits: int = 16  # max(weight or KV bits, activation bits): selects the SIMD width
     weight_bits: int = 16
     compute_density: float = 1.0  # fraction of MACs executed (N:M sparse kernels; causal attention)
+    floating: bool = False  # fp16 arithmetic (16-bit activations) instead of integer SIMD
+    dequant_weights: int = 0  # packed low-bit weights unpacked + scaled to fp16 before use
+    dequant_groups: int = 0  # their scale/zero groups (one scale load + convert each)
     npu_ok: bool = False
     weight_bytes: int = 0
     act_bytes: int = 0  # activations read + written
@@ -72,14 +79,26 @@ def cluster_compute_cycles(op: Op, p: Platform) -> float:
     """Cycles of the busiest core: outputs split over cores; each output costs
     output_overhead_cycles plus ceil(inner * density / SIMD MACs per cycle)."""
     cl = p.cluster
+    deq = dequant_cycles(op, p)
     if op.kind == ELTWISE:
-        return math.ceil(op.elements / cl.cores) * op.cycles_per_element
+        return math.ceil(op.elements / cl.cores) * op.cycles_per_element + deq
     outputs = op.batch * op.tokens * op.outputs
     if outputs == 0:
-        return 0.0
+        return deq
     per_core = math.ceil(outputs / min(cl.cores, outputs))
-    inner = math.ceil(op.inner * op.compute_density / cl.macs_per_cycle(op.operand_bits))
-    return per_core * (cl.output_overhead_cycles + inner)
+    inner = math.ceil(op.inner * op.compute_density / cl.macs_per_cycle(op.operand_bits, op.floating))
+    return per_core * (cl.output_overhead_cycles + inner) + deq
+
+
+def dequant_cycles(op: Op, p: Platform) -> float:
+    """Unpacking packed low-bit weights to fp16 on the cluster (split over the cores): each weight
+    costs dequant_cycles_per_weight, each scale/zero group one load + convert (cycles_per_element_add).
+    Zero for integer kernels, which consume the quantized weights directly."""
+    if not op.dequant_weights:
+        return 0.0
+    cl = p.cluster
+    return (math.ceil(op.dequant_weights / cl.cores) * cl.dequant_cycles_per_weight
+            + math.ceil(op.dequant_groups / cl.cores) * cl.cycles_per_element_add)
 
 
 def npu_compute_cycles(op: Op, p: Platform) -> float:
@@ -106,7 +125,9 @@ def op_cost(op: Op, p: Platform, weight_split: Split, kv_split: Split) -> OpCost
     offchip_bytes = sum(b for i, b in w_by_level + kv_by_level if p.levels[i].kind == "offchip")
     stream = 0.0
     if offchip_bytes:
-        stream = offchip_bytes / p.levels[_level_index(p, "offchip")].read_bw_bytes_per_cycle
+        off = p.levels[_level_index(p, "offchip")]
+        transfers = n_tiles(op.weight_bytes + op.act_bytes + op.kv_bytes, p) if p.tiling.enabled else 1
+        stream = offchip_bytes / off.read_bw_bytes_per_cycle + transfers * off.access_latency_cycles
     best: OpCost | None = None
     for engine in ("cluster", "npu"):
         if engine == "npu" and not (op.npu_ok and p.npu.enabled and p.tiling.enabled and op.kind == LINEAR):
@@ -194,9 +215,14 @@ def _linear_ops(layer: LayerShape, pb: ProjBytes, tokens: int, act_bits: int, gr
     sp = layer.sparsity
     density = sp.density if sp.n_m is not None else 1.0
     a = act_bits / 8
+    floating = act_bits >= 16
+    deq = floating and fmt.quantized
     ops = [Op(
         proj, LINEAR, group, tokens=tokens, inner=pb.in_features, outputs=pb.out_features,
         operand_bits=max(fmt.weight_bits, act_bits), weight_bits=fmt.weight_bits, compute_density=density,
+        floating=floating,
+        dequant_weights=sp.stored_values(pb.in_features * pb.out_features) if deq else 0,
+        dequant_groups=fmt.n_groups(pb.in_features, pb.out_features) if deq else 0,
         npu_ok=sp.format == "dense" and act_bits <= npu_act_bits,
         weight_bytes=pb.weights + pb.scales_zeros + pb.sparsity_metadata,
         act_bytes=int(math.ceil(tokens * (pb.in_features + pb.out_features) * a)),
@@ -205,10 +231,10 @@ def _linear_ops(layer: LayerShape, pb: ProjBytes, tokens: int, act_bits: int, gr
         r, ab = layer.adapter.rank, layer.adapter.bits
         half = pb.adapter // 2
         ops.append(Op(proj + ".lora_a", LINEAR, group, tokens=tokens, inner=pb.in_features, outputs=r,
-                      operand_bits=max(ab, act_bits), weight_bits=ab, npu_ok=act_bits <= npu_act_bits,
+                      operand_bits=max(ab, act_bits), weight_bits=ab, floating=act_bits >= 16, npu_ok=act_bits <= npu_act_bits,
                       weight_bytes=half, act_bytes=int(math.ceil(tokens * (pb.in_features + r) * a))))
         ops.append(Op(proj + ".lora_b", LINEAR, group, tokens=tokens, inner=r, outputs=pb.out_features,
-                      operand_bits=max(ab, act_bits), weight_bits=ab, npu_ok=act_bits <= npu_act_bits,
+                      operand_bits=max(ab, act_bits), weight_bits=ab, floating=act_bits >= 16, npu_ok=act_bits <= npu_act_bits,
                       weight_bytes=pb.adapter - half,
                       act_bytes=int(math.ceil(tokens * (r + 2 * pb.out_features) * a))))
     return ops
@@ -264,13 +290,14 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
     operand = max(act_bits, kv_bits)
     pairs = causal_pairs(tokens, attended)
     full = tokens * attended
+    floating = act_bits >= 16
     scores = Op("attn_scores", ATTN, g, batch=h, tokens=1, inner=hd, outputs=pairs,
-                operand_bits=operand, weight_bits=kv_bits,
+                operand_bits=operand, weight_bits=kv_bits, floating=floating,
                 act_bytes=int(math.ceil((tokens * h * hd + h * pairs) * a)),
                 kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
     softmax = _eltwise("softmax", g, h * pairs, p.cluster.cycles_per_element_softmax, 2 * a)
     values = Op("attn_values", ATTN, g, batch=h, tokens=tokens, inner=attended, outputs=hd,
-                operand_bits=operand, weight_bits=kv_bits,
+                operand_bits=operand, weight_bits=kv_bits, floating=floating,
                 compute_density=pairs / full if full and pairs != full else 1.0,
                 act_bytes=int(math.ceil((h * pairs + tokens * h * hd) * a)),
                 kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
@@ -286,9 +313,12 @@ def embedding_ops(shape: ModelShape, p: Platform, tokens: int) -> list[Op]:
     v, s = matrix_bytes(1, shape.hidden, fmt)
     group = "embedding+lm_head" if shape.tie_word_embeddings else "embedding"
     a = shape.activation_bits / 8
+    deq = shape.activation_bits >= 16 and fmt.quantized
     return [Op("embedding", ELTWISE, group, tokens=tokens, elements=tokens * shape.hidden,
                cycles_per_element=p.cluster.cycles_per_element_add,
                operand_bits=max(fmt.weight_bits, shape.activation_bits), weight_bits=fmt.weight_bits,
+               dequant_weights=tokens * shape.hidden if deq else 0,
+               dequant_groups=tokens * fmt.n_groups(shape.hidden, 1) if deq else 0,
                weight_bytes=tokens * (v + s), act_bytes=int(math.ceil(tokens * shape.hidden * a)))]
 
 
@@ -300,12 +330,17 @@ def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
         fmt = shape.head_format
         v, s = matrix_bytes(shape.vocab_size, shape.hidden, fmt)
         group = "embedding+lm_head" if shape.tie_word_embeddings else "lm_head"
+        deq = shape.activation_bits >= 16 and fmt.quantized
         ops.append(Op("lm_head", LINEAR, group, tokens=1, inner=shape.hidden, outputs=shape.vocab_size,
                       operand_bits=max(fmt.weight_bits, shape.activation_bits), weight_bits=fmt.weight_bits,
+                      floating=shape.activation_bits >= 16,
+                      dequant_weights=shape.vocab_size * shape.hidden if deq else 0,
+                      dequant_groups=fmt.n_groups(shape.hidden, shape.vocab_size) if deq else 0,
                       npu_ok=shape.activation_bits <= p.npu.activation_bits, weight_bytes=v + s,
                       act_bytes=int(math.ceil((shape.hidden + shape.vocab_size) * a))))
     return ops
 
 
 __all__ = ["Op", "OpCost", "op_cost", "cluster_compute_cycles", "npu_compute_cycles", "n_tiles",
-           "layer_static_ops", "layer_context_ops", "head_ops", "embedding_ops", "causal_pairs"]
+           "layer_static_ops", "layer_context_ops", "head_ops", "embedding_ops", "causal_pairs",
+           "dequant_cycles"]

@@ -86,8 +86,16 @@ def fill(sizes: list[int] | tuple[int, ...], capacities: list[tuple[int, int]]) 
     return out
 
 
+HEAD_GROUPS = ("embedding+lm_head", "lm_head")
+
+
 def place(platform: Platform, weight_groups: tuple[tuple[str, int], ...], kv_per_layer: list[int],
-          activation_bytes: int) -> Placement:
+          activation_bytes: int, *, head_first: bool = False, kv_offchip: bool = False) -> Placement:
+    """``head_first``: the output head's group fills the weight memories before the layers;
+    ``kv_offchip``: the KV cache goes to L3 (when there is one) and leaves L2 to weights."""
+    if head_first:
+        weight_groups = (tuple(g for g in weight_groups if g[0] in HEAD_GROUPS)
+                         + tuple(g for g in weight_groups if g[0] not in HEAD_GROUPS))
     levels = platform.levels
     l2 = next(i for i, lv in enumerate(levels) if lv.kind == "l2")
     off = next((i for i, lv in enumerate(levels) if lv.kind == "offchip"), None)
@@ -96,6 +104,8 @@ def place(platform: Platform, weight_groups: tuple[tuple[str, int], ...], kv_per
     overflow = l2_free < 0
     l2_free = max(0, l2_free)
     kv_caps = [(l2, l2_free)] + ([(off, 0)] if off is not None else [])
+    if kv_offchip and off is not None:
+        kv_caps = [(off, 0)]
     kv_split = fill(kv_per_layer, kv_caps)
     kv_in_l2 = sum(int(round(s * f)) for s, sp in zip(kv_per_layer, kv_split) for i, f in sp if i == l2)
     l2_free -= kv_in_l2

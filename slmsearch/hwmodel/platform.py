@@ -1,7 +1,10 @@
 """A hardware platform as data: a YAML file loaded into frozen, validated dataclasses.
 
-Every leaf of the YAML file is ``{value: X, source: "..."}`` or ``{value: X, assumed: "..."}``.
-Field names carry their unit (``size_bytes``, ``read_bw_bytes_per_cycle``, ``freq_hz``,
+Every leaf of the YAML file is ``{value: X, source: "..."}`` or ``{value: X, assumed: "..."}``,
+and every assumed value also states how far it may be off: ``range: [low, high]`` or
+``uncertainty_pct: P`` (a sourced value may carry one too). ``Platform.ranges`` lists them; the
+sensitivity table and the latency/energy ranges (sensitivity.py) move each value across its range.
+A leaf the model does not read is rejected, so nothing is loaded but unused. Field names carry their unit (``size_bytes``, ``read_bw_bytes_per_cycle``, ``freq_hz``,
 ``energy_pj_per_byte``, ``*_cycles``). ``load_platform`` accepts dotted-key overrides that replace
 any value before validation, e.g. ``{"memory.l3.read_bw_bytes_per_cycle": 2.0}``.
 """
@@ -9,6 +12,7 @@ any value before validation, e.g. ``{"memory.l3.read_bw_bytes_per_cycle": 2.0}``
 from __future__ import annotations
 
 import copy
+import math
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +32,9 @@ class MemoryLevel:
     kind: str  # l1 | l2 | weight | offchip
     size_bytes: int
     reserved_bytes: int
-    read_bw_bytes_per_cycle: float
+    read_bw_bytes_per_cycle: float  # weight and offchip levels (l1/l2 traffic is priced by dma.*)
     energy_pj_per_byte: float
+    access_latency_cycles: float = 0.0  # offchip only: first-word latency of one transfer
 
     @property
     def usable_bytes(self) -> int:
@@ -39,7 +44,9 @@ class MemoryLevel:
 @dataclass(frozen=True)
 class Cluster:
     cores: int
-    macs_per_cycle_per_core: tuple[tuple[int, float], ...]  # (operand bits, MACs/cycle/core), ascending bits
+    macs_per_cycle_per_core: tuple[tuple[int, float], ...]  # integer SIMD: (operand bits, MACs/cycle/core), ascending
+    fp16_macs_per_cycle_per_core: float  # floating point (fp16 activations), smallFloat SIMD
+    dequant_cycles_per_weight: float  # unpack + scale one packed low-bit weight to fp16 (weight-only quantization)
     kernel_overhead_cycles: float
     fork_join_cycles: float
     output_overhead_cycles: float
@@ -51,8 +58,11 @@ class Cluster:
     cycles_per_element_rope: float
     energy_pj_per_mac: float
 
-    def macs_per_cycle(self, bits: int) -> float:
-        """Peak MACs/cycle/core for operands of ``bits``: the narrowest SIMD width that holds them."""
+    def macs_per_cycle(self, bits: int, floating: bool = False) -> float:
+        """Peak MACs/cycle/core for operands of ``bits``: the narrowest integer SIMD width that holds
+        them, or the fp16 rate when the operation is floating point (16-bit activations)."""
+        if floating:
+            return self.fp16_macs_per_cycle_per_core
         for b, macs in self.macs_per_cycle_per_core:
             if bits <= b:
                 return macs
@@ -91,7 +101,6 @@ class Tiling:
 @dataclass(frozen=True)
 class OperatingPoint:
     freq_hz: float
-    soc_power_w: float
     background_power_w: float
 
 
@@ -106,6 +115,20 @@ class Platform:
     dma: Dma
     tiling: Tiling
     provenance: tuple[tuple[str, str], ...]  # (dotted key, "source: ..." | "assumed: ..." | "override")
+    ranges: tuple[tuple[str, float, float, float], ...] = ()  # (dotted key, value, low, high) of uncertain values
+    path: str = ""  # the file it was loaded from
+    overrides: tuple[tuple[str, float], ...] = ()  # what load_platform replaced
+
+    def with_overrides(self, changes: dict[str, float]) -> Platform:
+        """The same platform file loaded again with ``changes`` on top of this one's overrides."""
+        return load_platform(self.path, {**dict(self.overrides), **changes})
+
+    def assumed_ranges(self) -> tuple[tuple[str, float, float, float], ...]:
+        """(key, value, low, high) of every assumed value whose range is not a single point and that
+        was not overridden (an override is the user's number, not ours)."""
+        over = dict(self.overrides)
+        return tuple(r for r in self.ranges if r[2] != r[3] and r[0] not in over
+                     and self.provenance_of(r[0]).startswith("assumed"))
 
     def level(self, name: str) -> MemoryLevel:
         for lv in self.levels:
@@ -142,12 +165,20 @@ def _read_yaml(path: str, mtime_ns: int) -> Any:
 
 def _leaves(node: Any, prefix: str, out: dict[str, dict[str, Any]], where: str) -> None:
     if isinstance(node, dict) and "value" in node:
-        extra = set(node) - {"value", "source", "assumed"}
+        extra = set(node) - {"value", "source", "assumed", "range", "uncertainty_pct"}
         has = [k for k in ("source", "assumed") if k in node]
         if extra or len(has) != 1 or not str(node[has[0]]).strip():
             raise SlmsearchError(
                 f"{where}: {prefix} must be {{value: ..., source: '...'}} or {{value: ..., assumed: '...'}}"
                 f" with a non-empty reason, but got keys {sorted(node)}"
+            )
+        if "range" in node and "uncertainty_pct" in node:
+            raise SlmsearchError(f"{where}: {prefix} has both range and uncertainty_pct; keep one")
+        numeric = isinstance(node["value"], (int, float)) and not isinstance(node["value"], bool)
+        if has[0] == "assumed" and numeric and "range" not in node and "uncertainty_pct" not in node:
+            raise SlmsearchError(
+                f"{where}: {prefix} is assumed, so it needs range: [low, high] or uncertainty_pct: P "
+                f"(how far it may be off)"
             )
         out[prefix] = node
         return
@@ -158,13 +189,55 @@ def _leaves(node: Any, prefix: str, out: dict[str, dict[str, Any]], where: str) 
     raise SlmsearchError(f"{where}: {prefix} must be {{value: ..., source|assumed: '...'}}, but got {node!r}")
 
 
+def _range_of(key: str, node: dict[str, Any], where: str) -> tuple[float, float] | None:
+    """(low, high) of a leaf from ``range`` or ``uncertainty_pct``; None when it states neither."""
+    v = node["value"]
+    if "range" in node:
+        r = node["range"]
+        ok = isinstance(r, (list, tuple)) and len(r) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)
+        if not ok or not (r[0] <= v <= r[1]):
+            raise SlmsearchError(f"{where}: {key}.range must be [low, high] with low <= value ({v}) <= high, "
+                                 f"but got {r!r}")
+        return float(r[0]), float(r[1])
+    if "uncertainty_pct" in node:
+        u = node["uncertainty_pct"]
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 <= u < 100:
+            raise SlmsearchError(f"{where}: {key}.uncertainty_pct must be a number in [0, 100), but got {u!r}")
+        return float(v) * (1 - u / 100), float(v) * (1 + u / 100)
+    return None
+
+
+class _Used(dict):
+    """The leaves, remembering which keys the builder read (an unread leaf is an error)."""
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.read: set[str] = set()
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str) and dict.__contains__(self, key):
+            self.read.add(key)
+            return True
+        return False
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        if dict.__contains__(self, key):
+            self.read.add(key)
+        return dict.get(self, key, default)
+
+
 def _num(leaves: dict[str, dict[str, Any]], key: str, where: str, *, kind: type = float,
          minimum: float | None = 0.0, strictly: bool = False) -> Any:
     if key not in leaves:
         raise SlmsearchError(f"{where}: missing field {key}; add it as {{value: ..., source|assumed: '...'}}")
     v = leaves[key]["value"]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SlmsearchError(f"{where}: {key} must be a number, but got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SlmsearchError(f"{where}: {key} must be a finite number, but got {v!r}")
     if kind is int:
         if float(v) != int(v):
             raise SlmsearchError(f"{where}: {key} must be an integer, but got {v!r}")
@@ -205,14 +278,28 @@ def load_platform(name_or_path: str | Path = "siracusa", overrides: dict[str, fl
                 f"unknown platform override key {key!r}; keys look like 'memory.l3.read_bw_bytes_per_cycle' "
                 f"(see {where})"
             )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SlmsearchError(f"platform override {key}={value!r} must be a finite number (e.g. --set {key}=2)")
         leaves[key] = {"value": value, "source": f"override (file value {leaves[key]['value']!r})"}
-    return _build(name, description, leaves, where)
+    used = _Used(leaves)
+    plat = _build(name, description, used, where)
+    unused = sorted(set(leaves) - used.read)
+    if unused:
+        raise SlmsearchError(f"{where}: the model does not use {', '.join(unused)}; remove it from the file")
+    ranges = []
+    for key, node in leaves.items():
+        r = _range_of(key, node, where)
+        if r is not None:
+            ranges.append((key, float(node["value"]), r[0], r[1]))
+    import dataclasses
+
+    return dataclasses.replace(plat, ranges=tuple(ranges), path=str(path),
+                               overrides=tuple(sorted((overrides or {}).items())))
 
 
 def _build(name: str, description: str, leaves: dict[str, dict[str, Any]], where: str) -> Platform:
     op = OperatingPoint(
         freq_hz=_num(leaves, "operating_point.freq_hz", where, strictly=True),
-        soc_power_w=_num(leaves, "operating_point.soc_power_w", where),
         background_power_w=_num(leaves, "operating_point.background_power_w", where),
     )
     level_names = list(dict.fromkeys(k.split(".")[1] for k in leaves if k.startswith("memory.")))
@@ -224,14 +311,18 @@ def _build(name: str, description: str, leaves: dict[str, dict[str, Any]], where
         kind = leaves.get(f"{p}.kind", {}).get("value")
         if kind not in LEVEL_KINDS:
             raise SlmsearchError(f"{where}: {p}.kind must be one of {LEVEL_KINDS}, but got {kind!r}")
+        streamed = kind in ("weight", "offchip")  # l1/l2 traffic is priced by the cluster DMA
         levels.append(
             MemoryLevel(
                 name=ln,
                 kind=kind,
                 size_bytes=_num(leaves, f"{p}.size_bytes", where, kind=int),
                 reserved_bytes=_num(leaves, f"{p}.reserved_bytes", where, kind=int),
-                read_bw_bytes_per_cycle=_num(leaves, f"{p}.read_bw_bytes_per_cycle", where, strictly=True),
+                read_bw_bytes_per_cycle=(_num(leaves, f"{p}.read_bw_bytes_per_cycle", where, strictly=True)
+                                         if streamed else 0.0),
                 energy_pj_per_byte=_num(leaves, f"{p}.energy_pj_per_byte", where),
+                access_latency_cycles=(_num(leaves, f"{p}.access_latency_cycles", where)
+                                       if kind == "offchip" else 0.0),
             )
         )
     kinds = [lv.kind for lv in levels]
@@ -250,6 +341,8 @@ def _build(name: str, description: str, leaves: dict[str, dict[str, Any]], where
     cluster = Cluster(
         cores=_num(leaves, c + "cores", where, kind=int, minimum=1),
         macs_per_cycle_per_core=macs,
+        fp16_macs_per_cycle_per_core=_num(leaves, c + "fp16_macs_per_cycle_per_core", where, strictly=True),
+        dequant_cycles_per_weight=_num(leaves, c + "dequant_cycles_per_weight", where),
         **{f: _num(leaves, c + f, where) for f in (
             "kernel_overhead_cycles", "fork_join_cycles", "output_overhead_cycles",
             "cycles_per_element_add", "cycles_per_element_norm", "cycles_per_element_softmax",

@@ -4,17 +4,53 @@ from __future__ import annotations
 
 from typing import Any
 
+import itertools
+
+from slmsearch.hwmodel.deployment import ACTIVATION_BITS, KV_CACHE_LEVELS, WEIGHT_MEMORY_FIRST, Deployment
 from slmsearch.hwmodel.estimate import estimate
 from slmsearch.hwmodel.platform import Platform, load_platform
+from slmsearch.hwmodel.sensitivity import estimate_range, format_sensitivity, sensitivity
 from slmsearch.hwmodel.shape import ModelShape
+
+PAIR_MB = 1.0  # plans this close in footprint ...
+PAIR_RATIO = 1.2  # ... whose decode latency or energy differ by this factor are shown
+
+
+def deployment_pairs(shape: ModelShape, platform: Platform, context_len: int = 512) -> list[dict[str, Any]]:
+    """Every deployment of ``shape`` (activation bits x what fills the weight memories first x KV
+    level), and the pairs within PAIR_MB of each other whose decode latency or energy per token
+    differ by PAIR_RATIO or more, with what differs between them (the reason)."""
+    plans = []
+    for act, first, kv in itertools.product(ACTIVATION_BITS, WEIGHT_MEMORY_FIRST, KV_CACHE_LEVELS):
+        dep = Deployment(act, first, kv)
+        e = estimate(shape, platform, context_len=context_len, deployment=dep)
+        plans.append((dep, e.memory.total_bytes / 1e6, e.decode.latency_s, e.decode.energy_j_per_token))
+    out = []
+    for (d1, mb1, l1, e1), (d2, mb2, l2, e2) in itertools.combinations(plans, 2):
+        lat_ratio, en_ratio = max(l1, l2) / min(l1, l2), max(e1, e2) / min(e1, e2)
+        if abs(mb1 - mb2) <= PAIR_MB and max(lat_ratio, en_ratio) >= PAIR_RATIO:
+            reason = [f"{k}: {a} vs {b}" for k, a, b in zip(d1.to_dict(), d1.to_dict().values(), d2.to_dict().values())
+                      if a != b]
+            out.append({"a": d1.to_dict(), "b": d2.to_dict(), "footprint_mb": (mb1, mb2),
+                        "decode_latency_s": (l1, l2), "energy_per_token_j": (e1, e2),
+                        "latency_ratio": lat_ratio, "energy_ratio": en_ratio, "reason": "; ".join(reason)})
+    out.sort(key=lambda r: -max(r["latency_ratio"], r["energy_ratio"]))
+    return out
 
 
 def hw_report(shape: ModelShape, platform: Platform | str = "siracusa", context_len: int = 512,
-              prefill_len: int = 0) -> dict[str, Any]:
-    """JSON-able report of one shape on one platform (per-operator rows included)."""
+              prefill_len: int = 0, *, deployment: Deployment | None = None,
+              with_sensitivity: bool = True) -> dict[str, Any]:
+    """JSON-able report of one shape on one platform (per-operator rows included), with the
+    sensitivity table, the latency/energy ranges and the same-footprint deployment pairs."""
     p = load_platform(platform) if isinstance(platform, str) else platform
-    d = estimate(shape, p, context_len=context_len, prefill_len=prefill_len).to_dict(with_ops=True)
+    d = estimate(shape, p, context_len=context_len, prefill_len=prefill_len,
+                 deployment=deployment).to_dict(with_ops=True)
     d["assumptions"] = {k: v for k, v in p.provenance if v.startswith(("assumed", "source: override"))}
+    if with_sensitivity:
+        d["sensitivity"] = sensitivity(shape, p, context_len=context_len, deployment=deployment)
+        d["ranges"] = estimate_range(shape, p, context_len=context_len, deployment=deployment)
+        d["deployment_pairs"] = deployment_pairs(shape, p, context_len)
     return d
 
 
@@ -68,7 +104,26 @@ def format_report(d: dict[str, Any]) -> str:
     lines.append(f"  KV cache in {', '.join(pl['kv_cache_levels'])}; activations in {pl['activations_level']}")
     lines.append(f"  weights streamed from off-chip per token: {_mb(pl['offchip_weight_bytes_per_token']).strip()}; "
                  f"on chip: {pl['on_chip']}; fits: {pl['fits']}")
-    lines += [""] + _pass_lines("decode", d["decode"])
+    lines += [""] + _pass_lines("decode (last step: worst case)", d["decode"])
+    avg = d.get("decode_avg")
+    if avg:
+        lines.append(f"  averaged over a generation to this context: {avg['latency_s'] * 1e3:.3f} ms, "
+                     f"{avg['energy_j_per_token'] * 1e6:.1f} uJ/token")
     if d.get("prefill"):
         lines += [""] + _pass_lines("prefill", d["prefill"])
+    if d.get("ranges"):
+        (llo, lhi), (elo, ehi) = d["ranges"]["decode_latency_s_range"], d["ranges"]["energy_per_token_j_range"]
+        lines += ["", f"decode across every assumed value's range: latency {llo * 1e3:.3f} to {lhi * 1e3:.3f} ms, "
+                      f"energy {elo * 1e6:.1f} to {ehi * 1e6:.1f} uJ/token"]
+    if d.get("sensitivity") is not None:
+        lines += ["", format_sensitivity(d["sensitivity"])]
+    if d.get("deployment_pairs") is not None:
+        lines += ["", f"deployments within {PAIR_MB:g} MB of each other whose decode latency or energy differ by "
+                      f"{PAIR_RATIO - 1:.0%} or more:"]
+        for r in d["deployment_pairs"]:
+            (l1, l2), (e1, e2), (m1, m2) = r["decode_latency_s"], r["energy_per_token_j"], r["footprint_mb"]
+            lines.append(f"  {r['reason']}: {m1:.2f} / {m2:.2f} MB, {l1 * 1e3:.1f} / {l2 * 1e3:.1f} ms, "
+                         f"{e1 * 1e6:.0f} / {e2 * 1e6:.0f} uJ/token")
+        if not d["deployment_pairs"]:
+            lines.append("  (none for this model: its deployments price within 20% of each other)")
     return "\n".join(lines)

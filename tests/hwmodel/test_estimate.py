@@ -56,6 +56,12 @@ def test_compressing_never_increases_memory_or_latency(platform, name, variant, 
     mb, db, pb = _decode_and_mem(big, p)
     assert ms <= mb
     assert ds <= db * (1 + 1e-12)
+    if variant == "16->8 bit" and p.cluster.dequant_cycles_per_weight:
+        # weight-only quantization with fp16 activations unpacks every weight before use: in a
+        # compute-bound prefill that can cost more than the halved weight traffic saves (the
+        # decode above, traffic-bound, still gets faster); without that cost it never does
+        p = p.with_overrides({"cluster.dequant_cycles_per_weight": 0})
+        ps, pb = _decode_and_mem(small, p)[2], _decode_and_mem(big, p)[2]
     assert ps <= pb * (1 + 1e-12)
 
 

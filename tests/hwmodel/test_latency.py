@@ -37,8 +37,9 @@ def test_weights_streamed_from_offchip_bound_the_operator():
     op = Op("down_proj", LINEAR, "layers.0.mlp", tokens=1, inner=1536, outputs=576, weight_bytes=1536 * 576 * 2,
             act_bytes=(1536 + 576) * 2)
     off = op_cost(op, P, ((L3, 1.0),), ())
-    stream = op.weight_bytes / P.level("l3").read_bw_bytes_per_cycle
-    assert off.bound == "stream:l3" and off.cycles >= stream
+    l3 = P.level("l3")
+    stream = op.weight_bytes / l3.read_bw_bytes_per_cycle + off.n_tiles * l3.access_latency_cycles
+    assert off.bound == "stream:l3" and off.cycles >= stream and l3.access_latency_cycles > 0
     assert dict(off.transfer_cycles)["stream:l3"] == stream
     half = op_cost(op, P, ((L2, 0.5), (L3, 0.5)), ())
     on = op_cost(op, P, ((L2, 1.0),), ())
@@ -61,10 +62,15 @@ def test_cluster_cycles_and_tiles_by_hand():
     op = Op("o_proj", LINEAR, "", tokens=1, inner=576, outputs=576, operand_bits=16)
     per_core = math.ceil(576 / cl.cores)
     assert cluster_compute_cycles(op, P) == per_core * (cl.output_overhead_cycles + math.ceil(576 / cl.macs_per_cycle(16)))
-    budget = P.tiling.l1_budget_bytes // 2  # double-buffered: half the budget per tile
-    assert n_tiles(1, P) == 1 and n_tiles(budget, P) == 1 and n_tiles(budget + 1, P) == 2
-    single = load_platform("siracusa", {"tiling.double_buffering": 0})
-    assert n_tiles(budget + 1, single) == 1
+    fp = dataclasses.replace(op, floating=True)  # fp16 activations: the smallFloat rate, not int16 SIMD
+    assert cluster_compute_cycles(fp, P) == per_core * (cl.output_overhead_cycles + math.ceil(576 / cl.fp16_macs_per_cycle_per_core))
+    deq = dataclasses.replace(fp, dequant_weights=576 * 576, dequant_groups=576 * 576 // 128)
+    assert cluster_compute_cycles(deq, P) == cluster_compute_cycles(fp, P) + (
+        576 * 576 // cl.cores * cl.dequant_cycles_per_weight + 576 * 576 // 128 // cl.cores * cl.cycles_per_element_add)
+    double = load_platform("siracusa", {"tiling.double_buffering": 1})
+    budget = double.tiling.l1_budget_bytes // 2  # double-buffered: half the budget per tile
+    assert n_tiles(1, double) == 1 and n_tiles(budget, double) == 1 and n_tiles(budget + 1, double) == 2
+    assert n_tiles(budget + 1, P) == 1  # the packaged file is single-buffered
 
 
 def test_decode_reads_one_embedding_row_and_prefill_scores_the_full_matrix():
