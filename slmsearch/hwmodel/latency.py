@@ -3,8 +3,9 @@
 One forward pass (a decode step or a prefill) is the sum over operators of
 
     cycles(op) = overhead + body
-    overhead   = kernel_overhead_cycles (+ fork_join_cycles on >1 core) (+ NPU job overhead)
-                 + n_tiles * tile_overhead_cycles                      (tiled flow only)
+    overhead   = kernel_overhead_cycles (tiled flow) or untiled_kernel_overhead_cycles (untiled
+                 flow: a different code path, operands in L2) (+ fork_join_cycles on >1 core)
+                 (+ NPU job overhead) + n_tiles * tile_overhead_cycles  (tiled flow only)
     body       = max(compute, dma_l2_l1, stream_l3, read_weight_mem)  (double-buffered tiles)
                = sum of the same terms                                (single buffer)
                = compute * l2_access_slowdown + stream_l3             (untiled: operands in L2)
@@ -144,12 +145,13 @@ def _engine_cost(op: Op, p: Platform, engine: str, w_by_level: list[tuple[int, f
     levels = p.levels
     cl = p.cluster
     tiled = p.tiling.enabled
+    kernel_fixed = cl.kernel_overhead_cycles if tiled else cl.untiled_kernel_overhead_cycles
     if engine == "npu":
         compute = npu_compute_cycles(op, p)
-        fixed = cl.kernel_overhead_cycles + p.npu.job_overhead_cycles
+        fixed = kernel_fixed + p.npu.job_overhead_cycles
     else:
         compute = cluster_compute_cycles(op, p)
-        fixed = cl.kernel_overhead_cycles + (cl.fork_join_cycles if cl.cores > 1 else 0.0)
+        fixed = kernel_fixed + (cl.fork_join_cycles if cl.cores > 1 else 0.0)
     level_bytes: dict[int, float] = {}
     wmem_read = 0.0
     dma_bytes = float(op.act_bytes)

@@ -47,7 +47,8 @@ class Cluster:
     macs_per_cycle_per_core: tuple[tuple[int, float], ...]  # integer SIMD: (operand bits, MACs/cycle/core), ascending
     fp16_macs_per_cycle_per_core: float  # floating point (fp16 activations), smallFloat SIMD
     dequant_cycles_per_weight: float  # unpack + scale one packed low-bit weight to fp16 (weight-only quantization)
-    kernel_overhead_cycles: float
+    kernel_overhead_cycles: float  # fixed cost of one kernel in the tiled flow (tile loop, DMA set-up, call)
+    untiled_kernel_overhead_cycles: float  # fixed cost of one kernel in the untiled flow (operands in L2)
     fork_join_cycles: float
     output_overhead_cycles: float
     l2_access_slowdown: float
@@ -344,7 +345,7 @@ def _build(name: str, description: str, leaves: dict[str, dict[str, Any]], where
         fp16_macs_per_cycle_per_core=_num(leaves, c + "fp16_macs_per_cycle_per_core", where, strictly=True),
         dequant_cycles_per_weight=_num(leaves, c + "dequant_cycles_per_weight", where),
         **{f: _num(leaves, c + f, where) for f in (
-            "kernel_overhead_cycles", "fork_join_cycles", "output_overhead_cycles",
+            "kernel_overhead_cycles", "untiled_kernel_overhead_cycles", "fork_join_cycles", "output_overhead_cycles",
             "cycles_per_element_add", "cycles_per_element_norm", "cycles_per_element_softmax",
             "cycles_per_element_act", "cycles_per_element_rope", "energy_pj_per_mac")},
         l2_access_slowdown=_num(leaves, c + "l2_access_slowdown", where, minimum=1.0),

@@ -127,3 +127,28 @@ def format_report(d: dict[str, Any]) -> str:
         if not d["deployment_pairs"]:
             lines.append("  (none for this model: its deployments price within 20% of each other)")
     return "\n".join(lines)
+
+
+def reference_table(platform: str = "siracusa", context_len: int = 512) -> str:
+    """docs/hwmodel.md's "Reference models on Siracusa" table from the current model: SmolLM2-135M
+    and Llama-3.2-1B in fp16, with 4-bit g128 linear layers, and with 4 of them dropped too
+    (embedding fp16, decode at ``context_len``). ``python -c "from slmsearch.hwmodel.summary import
+    reference_table; print(reference_table())"`` regenerates it."""
+    from slmsearch.hwmodel.shape import TensorFormat, llama32_1b, smollm2_135m
+
+    p = load_platform(platform)
+    l3 = next(lv for lv in p.levels if lv.kind == "offchip")
+    q4 = TensorFormat(weight_bits=4, group_size=128)
+    lines = ["| model | format | footprint MB | streamed from L3 per token MB | decode tokens/s | mJ/token "
+             "| largest bound | fits 64 MB L3 |", "|---|---|---|---|---|---|---|---|"]
+    for name, base in (("SmolLM2-135M", smollm2_135m()), ("Llama-3.2-1B", llama32_1b())):
+        q = base.with_linear_format(q4)
+        for fmt, s in (("fp16", base), ("4-bit g128", q),
+                       ("4-bit g128, 4 layers dropped", q.drop_layers(range(base.n_layers - 4, base.n_layers)))):
+            e = estimate(s, p, context_len=context_len)
+            streamed = sum(r.level_bytes.get(l3.name, 0) for r in e.decode.ops)
+            bound = max(e.decode.cycles_by_bound.items(), key=lambda kv: kv[1])[0]
+            fits = "yes" if e.memory.total_bytes <= l3.size_bytes else "no"
+            lines.append(f"| {name} | {fmt} | {e.memory.total_bytes / 1e6:.1f} | {streamed / 1e6:.1f} | "
+                         f"{e.decode.tokens_per_s:.2f} | {1e3 * e.decode.energy_j_per_token:.1f} | {bound} | {fits} |")
+    return "\n".join(lines)

@@ -1,8 +1,10 @@
 """The model against every measured row we found, the fit of assumed values, and leave-one-out.
 
-Every row is a simulated (GVSoC) runtime from source B (pulp-platform/Deeploy
-docs/tutorials/introduction.md, tutorial solutions), on Deeploy's microLlama test network
-(8 layers, d 64, 16 heads x 4, FFN 256, int8; anchors.md section 2):
+Every row is a simulated (GVSoC) runtime on Siracusa from source B (pulp-platform/Deeploy,
+docs/tutorials/introduction.md at commit e20293c488b02e095c4c64854c6de43d4b532313, tutorial
+solutions). Model rows run Deeploy's microLlama test network (8 layers, d 64, 16 heads x 4,
+FFN 256, int8; anchors.md section 2; the same dimensions as the ONNX files in
+DeeployTest/Tests/Models/microLlama/INT8/):
 
   decode_1core       microLlama128: one autoregressive step, KV 128, untiled (all in L2), 1 core: 16.1 Mcycles
   decode_8core       same on 8 cores: 3.1 Mcycles
@@ -15,12 +17,35 @@ docs/tutorials/introduction.md, tutorial solutions), on Deeploy's microLlama tes
   decode64_cluster   same without N-EUREKA: 857 x 1.04 = 891 kcycles (the tutorial gives the
                      NPU speedup "~1.04", not the runtime: a derived row)
 
-Fit rows (FIT_ROWS, chosen before the other rows were added, and kept): the three cluster rows
-that the three fitted values (FIT_KEYS) must explain. Every other row is held out: never used to
-set a value. ``leave_one_out`` refits without each fit row and predicts it.
-Not rows: the Deeploy paper's 340 tokens/s and 490 uJ/token (arXiv 2408.04413, abstract): the
-dimensions of its TinyStories model could not be established from what we could read, and a
-row priced on stand-in dimensions tests the stand-in, not the model.
+Kernel rows (the tutorial's Part III, "Stacked speedup" table): one int8 LeakyReLU over
+(1, 16, 64, 64) = 65,536 elements, Tests/Kernels/Integer/LeakyReLU/Regular:
+
+  leaky_untiled_1core   untiled, scalar kernel, 1 core: 2,492,970 cycles
+  leaky_untiled_8core   untiled, scalar kernel, 8 cores: 313,541 cycles
+  leaky_tiled_scalar    tiled, L1 32,768 B, scalar kernel, 8 cores: 108,090 cycles
+  leaky_tiled_simd      tiled, L1 32,768 B, SIMD kernel, 8 cores: 43,005 cycles
+
+A kernel row is priced as one element-wise operator (latency.op_cost) of 65,536 elements that
+reads and writes 1 byte each. The SIMD kernel's cost per element is 1 cycle per core, from the
+tutorial's description of its loop (a word load, pv.sra.b, pv.max.b and a store: four
+instructions for four elements); the scalar kernel's is not published and is fitted
+(LOCAL_KEYS, on leaky_tiled_scalar only).
+
+Fit groups (FITS), fitted in order, each on its own named rows, the others held out:
+  tiled    cluster.kernel_overhead_cycles, cluster.output_overhead_cycles on prefill_l1_64k and
+           decode64_npu (the published tiled runtimes of microLlama with Deeploy's default L1 of
+           the tutorial's "good" configuration, one prefill and one decode)
+  untiled  cluster.untiled_kernel_overhead_cycles, cluster.l2_access_slowdown on decode_1core
+           and decode_8core (the only untiled model rows)
+  leaky    the scalar LeakyReLU's cycles per element on leaky_tiled_scalar
+``leave_one_out`` refits the left-out row's group on the other fit rows (starting from the
+low end of each value's range) and predicts it; a group with as many values as rows is
+underdetermined once a row is left out, which the table says.
+Not rows: the Deeploy paper's 340 tokens/s and 490 uJ/token (arXiv 2408.04413, abstract): its
+model's dimensions and clock are not in what we could read. Deeploy's microLlama has exactly the
+dimensions of the TinyStories-trained TinyLLama-v0 (8 layers, d 64, 16 heads, FFN 256, 32,000
+tokens; its published GGUF metadata), so the paper's model is likely microLlama plus a 32,000 x
+64 embedding and head, but that is an inference, not a published fact.
 ``roofline`` is a bare roofline (peak MACs, peak bandwidth) for contrast.
 """
 
@@ -28,18 +53,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slmsearch.hwmodel.estimate import estimate
+from slmsearch.hwmodel.latency import ELTWISE, Op, op_cost
 from slmsearch.hwmodel.platform import Platform, load_platform
 from slmsearch.hwmodel.shape import ModelShape, microllama
 
-FIT_KEYS = ("cluster.kernel_overhead_cycles", "cluster.output_overhead_cycles", "cluster.l2_access_slowdown")
-FIT_ROWS = ("decode_1core", "decode_8core", "prefill_l1_64k")
 NO_WMEM = {"memory.weight_sram.size_bytes": 0, "memory.weight_mram.size_bytes": 0}
 TILED_64K = {"tiling.l1_budget_bytes": 64000}
-SOURCE_B = "B: Deeploy docs/tutorials/introduction.md"
+UNTILED = {"tiling.enabled": 0, "npu.enabled": 0, **NO_WMEM}
+LEAKY_TILED = {"tiling.l1_budget_bytes": 32768, "npu.enabled": 0, **NO_WMEM}
+SOURCE_B = "B: Deeploy docs/tutorials/introduction.md @e20293c"
+LEAKY_ELEMENTS = 1 * 16 * 64 * 64
+LEAKY_SIMD_CPE = 1.0  # four instructions (load, pv.sra.b, pv.max.b, store) per four int8 elements
+
+# validation-only constants (properties of a test kernel, not of the platform), fitted like the others
+LOCAL_KEYS = ("local.leaky_scalar_cycles_per_element",)
+LOCAL_VALUES = {"local.leaky_scalar_cycles_per_element": 10.654}  # fitted (FITS "leaky")
+
+
+@dataclass(frozen=True)
+class FitGroup:
+    name: str
+    keys: tuple[str, ...]
+    rows: tuple[str, ...]
+
+
+FITS = (
+    FitGroup("tiled", ("cluster.kernel_overhead_cycles", "cluster.output_overhead_cycles"),
+             ("prefill_l1_64k", "decode64_npu")),
+    FitGroup("untiled", ("cluster.untiled_kernel_overhead_cycles", "cluster.l2_access_slowdown"),
+             ("decode_1core", "decode_8core")),
+    FitGroup("leaky", ("local.leaky_scalar_cycles_per_element",), ("leaky_tiled_scalar",)),
+)
+FIT_KEYS = tuple(k for g in FITS for k in g.keys if not k.startswith("local."))
+FIT_ROWS = tuple(r for g in FITS for r in g.rows)
 
 
 @dataclass(frozen=True)
@@ -50,33 +100,71 @@ class Row:
     unit: str  # Mcycles
     source: str
     overrides: dict[str, float]
-    mode: str  # decode | prefill
-    context_len: int
-    prefill_len: int
+    mode: str  # decode | prefill | kernel
+    context_len: int = 0
+    prefill_len: int = 0
     derived: bool = False  # computed from a published ratio, not a published runtime
+    cycles_per_element: float | str = 0.0  # kernel rows: a number, or a LOCAL_KEYS name
+    regime: str = field(default="")
 
 
 ROWS = (
     Row("decode_1core", "microLlama128 decode, KV 128, untiled L2, 1 core", 16.1, "Mcycles", SOURCE_B,
-        {"tiling.enabled": 0, "npu.enabled": 0, "cluster.cores": 1, **NO_WMEM}, "decode", 128, 0),
+        {**UNTILED, "cluster.cores": 1}, "decode", 128, 0, regime="untiled"),
     Row("decode_8core", "microLlama128 decode, KV 128, untiled L2, 8 cores", 3.1, "Mcycles", SOURCE_B,
-        {"tiling.enabled": 0, "npu.enabled": 0, **NO_WMEM}, "decode", 128, 0),
+        dict(UNTILED), "decode", 128, 0, regime="untiled"),
     Row("prefill_l1_64k", "microLlama64_parallel prefill 64, tiled, L1 64,000 B, 8 cores", 35.3, "Mcycles", SOURCE_B,
-        {**TILED_64K, "npu.enabled": 0, **NO_WMEM}, "prefill", 64, 64),
+        {**TILED_64K, "npu.enabled": 0, **NO_WMEM}, "prefill", 64, 64, regime="tiled"),
     Row("prefill_l1_8k", "microLlama64_parallel prefill 64, tiled, L1 8,000 B, 8 cores", 47.5, "Mcycles", SOURCE_B,
-        {"tiling.l1_budget_bytes": 8000, "npu.enabled": 0, **NO_WMEM}, "prefill", 64, 64),
+        {"tiling.l1_budget_bytes": 8000, "npu.enabled": 0, **NO_WMEM}, "prefill", 64, 64, regime="tiled"),
     Row("prefill_npu", "microLlama64_parallel prefill 64, L1 64,000 B, 8 cores + N-EUREKA, weights in L2",
-        28.6, "Mcycles", SOURCE_B, {**TILED_64K, **NO_WMEM}, "prefill", 64, 64),
+        28.6, "Mcycles", SOURCE_B, {**TILED_64K, **NO_WMEM}, "prefill", 64, 64, regime="tiled"),
     Row("prefill_npu_wmem", "same, weights in the N-EUREKA weight memory", 28.3, "Mcycles", SOURCE_B,
-        {**TILED_64K}, "prefill", 64, 64),
+        {**TILED_64K}, "prefill", 64, 64, regime="tiled"),
     Row("decode64_npu", "microLlama64 decode, KV 64, L1 64,000 B, 8 cores + N-EUREKA, weights in L2",
-        0.857, "Mcycles", SOURCE_B, {**TILED_64K, **NO_WMEM}, "decode", 64, 0),
+        0.857, "Mcycles", SOURCE_B, {**TILED_64K, **NO_WMEM}, "decode", 64, 0, regime="tiled"),
     Row("decode64_npu_wmem", "same, weights in the N-EUREKA weight memory", 0.780, "Mcycles", SOURCE_B,
-        {**TILED_64K}, "decode", 64, 0),
+        {**TILED_64K}, "decode", 64, 0, regime="tiled"),
     Row("decode64_cluster", "microLlama64 decode, KV 64, L1 64,000 B, 8 cores (857 kcycles x NPU speedup 1.04)",
         0.857 * 1.04, "Mcycles", SOURCE_B, {**TILED_64K, "npu.enabled": 0, **NO_WMEM}, "decode", 64, 0,
-        derived=True),
+        derived=True, regime="tiled"),
+    Row("leaky_untiled_1core", "int8 LeakyReLU, 65,536 elements, untiled L2, scalar kernel, 1 core", 2.49297,
+        "Mcycles", SOURCE_B, {**UNTILED, "cluster.cores": 1}, "kernel",
+        cycles_per_element="local.leaky_scalar_cycles_per_element", regime="untiled"),
+    Row("leaky_untiled_8core", "same, 8 cores", 0.313541, "Mcycles", SOURCE_B, dict(UNTILED), "kernel",
+        cycles_per_element="local.leaky_scalar_cycles_per_element", regime="untiled"),
+    Row("leaky_tiled_scalar", "same, tiled, L1 32,768 B, scalar kernel, 8 cores", 0.108090, "Mcycles", SOURCE_B,
+        dict(LEAKY_TILED), "kernel", cycles_per_element="local.leaky_scalar_cycles_per_element", regime="tiled"),
+    Row("leaky_tiled_simd", "same, tiled, L1 32,768 B, SIMD kernel (1 cycle per element per core), 8 cores",
+        0.043005, "Mcycles", SOURCE_B, dict(LEAKY_TILED), "kernel", cycles_per_element=LEAKY_SIMD_CPE,
+        regime="tiled"),
 )
+
+
+def _split(overrides: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(platform overrides, validation-local values) from one mapping."""
+    plat = {k: v for k, v in overrides.items() if not k.startswith("local.")}
+    local = {**LOCAL_VALUES, **{k: v for k, v in overrides.items() if k.startswith("local.")}}
+    return plat, local
+
+
+def _kernel_cycles(row: Row, p: Platform, local: dict[str, float]) -> float:
+    """One element-wise int8 operator reading and writing every element once."""
+    cpe = local[row.cycles_per_element] if isinstance(row.cycles_per_element, str) else row.cycles_per_element
+    op = Op("leaky_relu", ELTWISE, "", elements=LEAKY_ELEMENTS, cycles_per_element=cpe,
+            operand_bits=8, weight_bits=8, act_bytes=2 * LEAKY_ELEMENTS)
+    return op_cost(op, p, (), ()).cycles
+
+
+def predict(row: Row, values: dict[str, float] | None = None, platform: str = "siracusa",
+            shape: ModelShape | None = None) -> float:
+    """The model's cycles (in row.unit) for ``row`` with ``values`` (platform keys and LOCAL_KEYS)
+    overriding the platform file and LOCAL_VALUES."""
+    plat, local = _split(values or {})
+    p = load_platform(platform, {**plat, **row.overrides})
+    if row.mode == "kernel":
+        return _kernel_cycles(row, p, local) / 1e6
+    return _predict(row, p, shape or microllama())
 
 
 def _predict(row: Row, p: Platform, shape: ModelShape) -> float:
@@ -87,8 +175,8 @@ def _predict(row: Row, p: Platform, shape: ModelShape) -> float:
 
 
 def _roofline(row: Row, p: Platform, shape: ModelShape) -> float | None:
-    """max(MACs / (cores x 8-bit SIMD peak), weight bytes / L2 bandwidth), cycles."""
-    if row.unit != "Mcycles":
+    """max(MACs / (cores x 8-bit SIMD peak), weight bytes / L2 bandwidth), cycles; model rows only."""
+    if row.mode == "kernel":
         return None
     e = estimate(shape, p, context_len=row.context_len, prefill_len=row.prefill_len)
     pas = e.prefill if row.mode == "prefill" else e.decode
@@ -101,41 +189,53 @@ def _roofline(row: Row, p: Platform, shape: ModelShape) -> float | None:
     return max(macs / peak, weights / p.dma.l2_l1_bw_bytes_per_cycle) / 1e6
 
 
+def _group_of(name: str) -> FitGroup | None:
+    return next((g for g in FITS if name in g.rows), None)
+
+
 def validation_table(platform: str = "siracusa", fitted: dict[str, float] | None = None,
                      shape: ModelShape | None = None, loo: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """One dict per measured row: ``name``, ``role`` (fit | held_out), ``measured``, ``model``,
-    ``error`` (relative, signed), ``source``; fit rows also ``loo_model``/``loo_error`` when
-    ``loo`` (from :func:`leave_one_out`) is given."""
+    ``error`` (relative, signed), ``source``, ``regime`` (tiled | untiled), ``fit_group``; fit
+    rows also ``loo_model``/``loo_error`` when ``loo`` (from :func:`leave_one_out`) has them."""
     shape = shape or microllama()
     out = []
     for row in ROWS:
-        p = load_platform(platform, {**(fitted or {}), **row.overrides})
-        pred = _predict(row, p, shape)
-        roof = _roofline(row, p, shape)
+        pred = predict(row, fitted, platform, shape)
+        plat, _ = _split(fitted or {})
+        roof = _roofline(row, load_platform(platform, {**plat, **row.overrides}), shape)
+        group = _group_of(row.name)
         d: dict[str, Any] = {
-            "name": row.name, "role": "fit" if row.name in FIT_ROWS else "held_out", "setup": row.setup,
+            "name": row.name, "role": "fit" if group else "held_out", "setup": row.setup,
             "unit": row.unit, "measured": row.measured, "model": pred,
             "error": (pred - row.measured) / row.measured, "source": row.source, "derived": row.derived,
+            "regime": row.regime, "fit_group": group.name if group else None,
             "roofline": roof, "roofline_error": None if roof is None else (roof - row.measured) / row.measured,
         }
-        if loo is not None and row.name in loo:
+        if loo is not None and loo.get(row.name) is not None:
             d["loo_model"] = loo[row.name]
             d["loo_error"] = (loo[row.name] - row.measured) / row.measured
+            d["loo_underdetermined"] = group is not None and len(group.rows) - 1 < len(group.keys)
         out.append(d)
     return out
 
 
-def leave_one_out(platform: str = "siracusa", iters: int = 100) -> dict[str, float]:
-    """For each fit row: refit FIT_KEYS on the other fit rows, then predict the row left out."""
-    shape = microllama()
-    out = {}
-    for name in FIT_ROWS:
-        # start away from the full fit (the low end of each value's range): started at the file's
-        # values, which already fit every row, the search would not move and predict the row exactly
-        low = {k: lo for k, _, lo, _ in load_platform(platform).ranges if k in FIT_KEYS}
-        vals = fit(platform, rows=tuple(r for r in FIT_ROWS if r != name), iters=iters, start=low)
-        row = next(r for r in ROWS if r.name == name)
-        out[name] = _predict(row, load_platform(platform, {**vals, **row.overrides}), shape)
+def leave_one_out(platform: str = "siracusa", iters: int = 100) -> dict[str, float | None]:
+    """For each fit row: refit its group's values on the group's other fit rows (started from
+    the low end of each range, every other value as in the platform file) and predict it.
+    None when the group has no other row."""
+    base = load_platform(platform)
+    low = {k: lo for k, _, lo, _ in base.ranges}
+    out: dict[str, float | None] = {}
+    for g in FITS:
+        for name in g.rows:
+            others = tuple(r for r in g.rows if r != name)
+            if not others:
+                out[name] = None
+                continue
+            start = {k: low.get(k, _value(base, k) / 2) for k in g.keys}
+            vals = fit(platform, keys=g.keys, rows=others, iters=iters, start=start)
+            out[name] = predict(_row(name), vals, platform)
     return out
 
 
@@ -147,44 +247,58 @@ def held_out_error_pct(table: list[dict[str, Any]]) -> float:
 
 def format_validation_table(table: list[dict[str, Any]]) -> str:
     lines = []
-    for role, title in (("fit", "fit rows (the fitted values were set on these)"),
+    for role, title in (("fit", "fit rows (each fit group's values were set on its rows)"),
                         ("held_out", "held-out rows (never used to set a value)")):
-        head = f"{'row':<18} {'measured':>9} {'model':>9} {'error':>8} {'LOO model':>9} {'LOO err':>8} {'roof err':>9}  setup"
+        head = (f"{'row':<20} {'measured':>9} {'model':>9} {'error':>8} {'LOO model':>9} {'LOO err':>8} "
+                f"{'roof err':>9}  {'group':<8} setup")
         lines += [title, head, "-" * len(head)]
         for r in (x for x in table if x["role"] == role):
-            loo = f"{r['loo_model']:>9.4g} {100 * r['loo_error']:>+7.1f}%" if "loo_model" in r else f"{'':>9} {'':>8}"
+            if "loo_model" in r:
+                flag = "*" if r.get("loo_underdetermined") else " "
+                loo = f"{r['loo_model']:>9.4g} {100 * r['loo_error']:>+7.1f}%{flag}"
+            else:
+                loo = f"{'':>9} {'':>8} " if role == "held_out" else f"{'-':>9} {'-':>8} "
             rerr = "" if r["roofline_error"] is None else f"{100 * r['roofline_error']:+.0f}%"
             note = " [derived]" if r["derived"] else ""
-            lines.append(f"{r['name']:<18} {r['measured']:>9.4g} {r['model']:>9.4g} {100 * r['error']:>+7.1f}% "
-                         f"{loo} {rerr:>9}  {r['setup']}{note}")
+            grp = r["fit_group"] or r["regime"]
+            lines.append(f"{r['name']:<20} {r['measured']:>9.4g} {r['model']:>9.4g} {100 * r['error']:>+7.1f}% "
+                         f"{loo}{rerr:>9}  {grp:<8} {r['setup']}{note}")
         lines.append("")
     fit_err = [abs(r["error"]) for r in table if r["role"] == "fit"]
     held = [abs(r["error"]) for r in table if r["role"] == "held_out"]
     lines.append(f"cycles in Mcycles. mean |error|: fit rows {100 * sum(fit_err) / len(fit_err):.1f}%, "
                  f"held-out rows {held_out_error_pct(table):.1f}% (max {100 * max(held):.1f}%, {len(held)} rows)")
+    for regime in ("tiled", "untiled"):
+        h = [abs(r["error"]) for r in table if r["role"] == "held_out" and r["regime"] == regime]
+        if h:
+            lines.append(f"  held-out {regime} rows: mean {100 * sum(h) / len(h):.1f}%, "
+                         f"max {100 * max(h):.1f}% ({len(h)} rows)")
     loo = [abs(r["loo_error"]) for r in table if "loo_error" in r]
     if loo:
-        lines.append(f"leave-one-out mean |error| on the fit rows: {100 * sum(loo) / len(loo):.1f}%")
+        lines.append(f"leave-one-out mean |error| on the fit rows: {100 * sum(loo) / len(loo):.1f}% "
+                     "(* = underdetermined: the group has as many values as rows; - = no other row in the group)")
     return "\n".join(lines)
 
 
-def fit(platform: str = "siracusa", keys: tuple[str, ...] = FIT_KEYS, rows: tuple[str, ...] = FIT_ROWS,
+def fit(platform: str = "siracusa", keys: tuple[str, ...] | None = None, rows: tuple[str, ...] | None = None,
         iters: int = 400, start: dict[str, float] | None = None) -> dict[str, float]:
-    """Pattern search in log space minimising the squared log error over ``rows``.
-    Starts from the values in the platform file, or from ``start``."""
+    """Pattern search in log space minimising the squared log error of ``rows`` over ``keys``,
+    every other value as in the platform file (and LOCAL_VALUES). Without ``keys``/``rows``,
+    fits every group of FITS in order on its own rows and returns all their values."""
+    if keys is None or rows is None:
+        vals: dict[str, float] = {}
+        for g in FITS:
+            vals.update(fit(platform, g.keys, g.rows, iters, {**vals, **(start or {})}))
+        return vals
     base = load_platform(platform)
-    start = {k: (start or {}).get(k, _get(base, k)) for k in keys}
-    sel = [r for r in ROWS if r.name in rows]
-    shape = microllama()
+    fixed = {k: v for k, v in (start or {}).items() if k not in keys}
+    x0 = {k: (start or {}).get(k, _value(base, k)) for k in keys}
+    sel = [_row(r) for r in rows]
 
     def loss(vals: dict[str, float]) -> float:
-        s = 0.0
-        for r in sel:
-            p = load_platform(platform, {**vals, **r.overrides})
-            s += math.log(_predict(r, p, shape) / r.measured) ** 2
-        return s
+        return sum(math.log(predict(r, {**fixed, **vals}, platform) / r.measured) ** 2 for r in sel)
 
-    return _pattern_search(loss, start, iters)
+    return _pattern_search(loss, x0, iters)
 
 
 def _pattern_search(loss: Callable[[dict[str, float]], float], x: dict[str, float], iters: int) -> dict[str, float]:
@@ -206,6 +320,16 @@ def _pattern_search(loss: Callable[[dict[str, float]], float], x: dict[str, floa
     return x
 
 
+def _row(name: str) -> Row:
+    return next(r for r in ROWS if r.name == name)
+
+
+def _value(p: Platform, dotted: str) -> float:
+    if dotted.startswith("local."):
+        return LOCAL_VALUES[dotted]
+    return _get(p, dotted)
+
+
 def _get(p: Platform, dotted: str) -> float:
     obj: Any = p
     for part in dotted.split("."):
@@ -217,7 +341,7 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="hardware model vs measured rows (anchors.md section 2)")
-    ap.add_argument("--fit", action="store_true", help="refit the assumed values and print them")
+    ap.add_argument("--fit", action="store_true", help="refit the fitted values (FITS) and print them")
     ap.add_argument("--platform", default="siracusa")
     args = ap.parse_args()
     fitted = None
