@@ -6,6 +6,11 @@ tokenizer files), written by ``save_pretrained`` or, for a GPTQ model, by gptqmo
 
 - ``adapter/``: at most one adapter in PEFT's format (``adapter_config.json`` +
   ``adapter_model.safetensors``): EoRA beside a GPTQ model, or a LoRA kept unmerged;
+- ``embedding-packed.safetensors``: a quantized embedding (and untied lm_head) as packed codes and
+  16-bit scales (:func:`pack_codes`; ``<name>.rtn_codes`` uint8, ``<name>.rtn_scales`` fp16). A stage-cache
+  entry holds it beside the dense (dequantized) tensor the later stages read; a finished folder
+  (:func:`finish`: ``slmsearch compress --out``, ``slmsearch export``) holds only the packed one,
+  so the files are the size the memory model counts, and :func:`load` unpacks it bit for bit;
 - ``slmsearch.json`` (the meta file): what the tensors cannot tell the hardware model
   (a fake-quantized embedding's width, the sparsity format, the adapter), read by
   :mod:`slmsearch.hwmodel.checkpoint_shape`;
@@ -21,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +48,12 @@ QUANTIZE_CONFIG_FILE = "quantize_config.json"  # written by gptqmodel beside a G
 ADAPTER_DIR = "adapter"  # the one adapter folder: EoRA (GPTQ) or a kept LoRA (peft)
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's adapter config (``r`` is the rank)
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PACKED_EMBEDDING_FILE = "embedding-packed.safetensors"  # packed codes + scales of a quantized embedding
+PACKED_ATTR = "_slmsearch_packed"  # set on a model by EmbeddingQuant: {"embed"|"lm_head": PackedTensor}
+PACKED_NAMES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}  # safetensors prefixes (LLaMA names)
+# Tensor names <prefix>.rtn_codes / .rtn_scales: never GPTQ's ``.qweight``/``.scales``, which
+# gptqmodel looks for in every *.safetensors of a folder to decide that the embedding is quantized.
+CODES, SCALES = "rtn_codes", "rtn_scales"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
 
@@ -143,10 +156,211 @@ def copy_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
             shutil.copy2(src / name, dst / name)
 
 
+# the packed embedding --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedTensor:
+    """A round-to-nearest tensor as stored: uint8 ``codes`` ``[rows, cols]`` (one code a byte,
+    zero point ``2**(bits-1)``), ``scales`` ``[rows, groups]`` (fp16), and the bit-width."""
+
+    codes: Any
+    scales: Any
+    bits: int
+
+    def dense(self, dtype: Any) -> torch.Tensor:
+        """The weights, exactly as the stage set them (:func:`compress.kernels.rtn_dequantize`)."""
+        from slmsearch.compress.kernels import rtn_dequantize
+
+        return rtn_dequantize(self.codes, self.scales, self.bits, dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[rows, cols]`` below ``2**bits`` -> ``[rows, cols * bits / 8]`` bytes, the first
+    code of each byte in its low bits (``bits`` in 1, 2, 4, 8)."""
+    import torch
+
+    if bits not in (1, 2, 4, 8):
+        raise SlmsearchError(f"packed codes need bits in 1, 2, 4, 8, got {bits}")
+    per_byte = 8 // bits
+    rows, cols = codes.shape
+    if cols % per_byte:
+        raise SlmsearchError(f"{cols} columns do not pack into whole bytes at {bits} bits")
+    parts = codes.to(torch.uint8).reshape(rows, cols // per_byte, per_byte)
+    out = torch.zeros(rows, cols // per_byte, dtype=torch.uint8)
+    for k in range(per_byte):
+        out |= parts[:, :, k] << (k * bits)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of :func:`pack_codes`."""
+    import torch
+
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (k * bits)) & mask for k in range(per_byte)]
+    return torch.stack(parts, dim=2).reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def has_packed_embedding(folder: str | os.PathLike[str]) -> bool:
+    return (Path(folder) / PACKED_EMBEDDING_FILE).is_file()
+
+
+def write_packed(folder: str | os.PathLike[str], packed: dict[str, PackedTensor], dtype: str) -> None:
+    """Write ``embedding-packed.safetensors``; ``dtype`` is the dense tensors' (what :func:`load` restores)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, p in packed.items():
+        tensors[f"{PACKED_NAMES[key]}.{CODES}"] = pack_codes(p.codes, p.bits).contiguous()
+        tensors[f"{PACKED_NAMES[key]}.{SCALES}"] = p.scales.contiguous()
+    bits = {p.bits for p in packed.values()}
+    meta = {"format": "slmsearch-rtn-packed", "bits": str(bits.pop()), "dtype": dtype}
+    save_file(tensors, str(Path(folder) / PACKED_EMBEDDING_FILE), metadata=meta)
+
+
+def read_packed(folder: str | os.PathLike[str]) -> tuple[dict[str, PackedTensor], str]:
+    """({"embed"|"lm_head": PackedTensor}, the dense dtype's name) of a folder's packed embedding."""
+    from safetensors import safe_open
+
+    path = Path(folder) / PACKED_EMBEDDING_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "slmsearch-rtn-packed":
+            raise SlmsearchError(f"{path} is not a packed embedding (format {meta.get('format')!r})")
+        bits = int(meta["bits"])
+        out = {}
+        for key, prefix in PACKED_NAMES.items():
+            if f"{prefix}.{CODES}" in f.keys():
+                codes = unpack_codes(f.get_tensor(f"{prefix}.{CODES}"), bits)
+                out[key] = PackedTensor(codes, f.get_tensor(f"{prefix}.{SCALES}"), bits)
+    return out, meta.get("dtype", "bfloat16")
+
+
+def carry_packed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy ``src``'s packed embedding into ``dst`` (a folder stage's output, which gptqmodel wrote
+    with the dense embedding it read from ``src``)."""
+    if has_packed_embedding(src) and not has_packed_embedding(dst):
+        shutil.copy2(Path(src) / PACKED_EMBEDDING_FILE, Path(dst) / PACKED_EMBEDDING_FILE)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.safetensors") if p.name != PACKED_EMBEDDING_FILE)
+
+
+def _dense_names(folder: Path) -> list[str]:
+    """The dense tensors a packed embedding replaces (a tied model's stored lm_head too)."""
+    packed, _ = read_packed(folder)
+    names = [f"{PACKED_NAMES[k]}.weight" for k in packed]
+    config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+    if "lm_head" not in packed and config.get("tie_word_embeddings", True):
+        names.append("lm_head.weight")
+    return names
+
+
+def finish(folder: str | os.PathLike[str]) -> int:
+    """Make ``folder`` a finished checkpoint: where it holds a packed embedding, drop the dense copy
+    from the weight files (rewritten whole, their index updated), checking first that it equals
+    the unpacked codes bit for bit. Returns the bytes saved."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if not has_packed_embedding(folder):
+        return 0
+    packed, _ = read_packed(folder)
+    drop = set(_dense_names(folder))
+    before = sum(p.stat().st_size for p in _weight_files(folder))
+    dense_dtype = None
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            if not drop & set(f.keys()):
+                continue
+            meta = f.metadata()
+            keep = {n: f.get_tensor(n) for n in f.keys() if n not in drop}
+            for key, p in packed.items():
+                name = f"{PACKED_NAMES[key]}.weight"
+                if name in f.keys():
+                    dense = f.get_tensor(name)
+                    dense_dtype = dense.dtype
+                    if not torch.equal(p.dense(dense.dtype), dense):
+                        raise SlmsearchError(f"{path}: {name} differs from its packed codes; re-create the checkpoint")
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(keep, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    if dense_dtype is not None:  # record the dtype the dense copy had (gptqmodel may have changed it)
+        write_packed(folder, packed, str(dense_dtype).removeprefix("torch."))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data.get("weight_map", {}).items() if k not in drop}
+        write_text_atomic(index, json.dumps(data, indent=2))
+    return before - sum(p.stat().st_size for p in _weight_files(folder))
+
+
+def _needs_unpacking(folder: Path) -> bool:
+    if not has_packed_embedding(folder):
+        return False
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(f.keys())
+    return not any(f"{prefix}.weight" in names for prefix in PACKED_NAMES.values() if prefix != "lm_head")
+
+
+def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> Path:
+    """Make ``view`` (an empty folder) a loadable copy of a finished ``folder`` with a packed
+    embedding: links to every file, the weight files as shards of one index, and one more shard
+    with the unpacked embedding in its stored dtype. Transformers and gptqmodel load ``view``."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder, view = Path(folder).resolve(), Path(view)
+    view.mkdir(parents=True, exist_ok=True)
+    weights = _weight_files(folder)
+    for path in folder.iterdir():
+        if path in weights or path.name == PACKED_EMBEDDING_FILE or path.name.endswith(".safetensors.index.json"):
+            continue
+        (view / path.name).symlink_to(path)
+    n = len(weights) + 1
+    weight_map: dict[str, str] = {}
+    for i, path in enumerate(weights, 1):
+        shard = f"model-{i:05d}-of-{n:05d}.safetensors"
+        (view / shard).symlink_to(path)
+        with safe_open(str(path), framework="pt") as f:
+            weight_map.update(dict.fromkeys(f.keys(), shard))
+    packed, dtype = read_packed(folder)
+    shard = f"model-{n:05d}-of-{n:05d}.safetensors"
+    dense = {f"{PACKED_NAMES[k]}.weight": p.dense(getattr(torch, dtype)).contiguous() for k, p in packed.items()}
+    save_file(dense, str(view / shard), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(dense, shard))
+    index = {"metadata": {"total_size": sum(p.stat().st_size for p in weights)}, "weight_map": weight_map}
+    (view / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return view
+
+
+def disk_bytes(folder: str | os.PathLike[str]) -> dict[str, int]:
+    """Bytes on disk of a checkpoint folder: ``weights`` (every ``*.safetensors``, the adapter's
+    and the packed embedding's included) and ``other`` (config, tokenizer, records, card)."""
+    weights = other = 0
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                weights += path.stat().st_size
+            else:
+                other += path.stat().st_size
+    return {"weights": weights, "other": other}
+
+
 # saving and loading ----------------------------------------------------------------------------
 def save(model: Any, tokenizer: Any, folder: str | os.PathLike[str]) -> None:
-    """``save_pretrained`` of model + tokenizer (safetensors), and a kept LoRA adapter (set on the
-    model by :class:`slmsearch.compress.lora.LoraRecovery` with ``merge=False``) under ``adapter/``."""
+    """``save_pretrained`` of model + tokenizer (safetensors), a kept LoRA adapter (set on the
+    model by :class:`slmsearch.compress.lora.LoraRecovery` with ``merge=False``) under ``adapter/``,
+    and a quantized embedding's codes (set by :class:`slmsearch.compress.embedding.EmbeddingQuant`)
+    packed beside the dense weights (:func:`finish` drops the dense copy)."""
     from slmsearch.compress.lora import ADAPTER_ATTR
 
     folder = Path(folder)
@@ -160,6 +374,10 @@ def save(model: Any, tokenizer: Any, folder: str | os.PathLike[str]) -> None:
         (folder / ADAPTER_DIR).mkdir(exist_ok=True)
         adapter["config"].save_pretrained(str(folder / ADAPTER_DIR))
         save_file({k: v.contiguous() for k, v in adapter["state"].items()}, str(folder / ADAPTER_DIR / ADAPTER_WEIGHTS_FILE))
+    packed = getattr(model, PACKED_ATTR, None)
+    if packed:
+        embed = model.get_input_embeddings().weight
+        write_packed(folder, packed, str(embed.dtype).removeprefix("torch."))
 
 
 def load(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool = False) -> tuple[Any, Any]:
@@ -169,8 +387,9 @@ def load(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool 
     ``dtype`` is a plain model's; a GPTQ model computes in gptqmodel's dtype (bf16 on a CPU).
     ``dense``: a GPTQ model's quantized Linears become plain Linears in that dtype holding the
     dequantized weights, EoRA merged (:func:`dequantize_to_dense`): the kernel model's function
-    without its per-call dequantization. Evaluation uses it."""
-    import torch
+    without its per-call dequantization. Evaluation uses it.
+    A finished folder's packed embedding is unpacked (bit for bit what the stage computed) into a
+    temporary dense view that transformers or gptqmodel reads (:func:`dense_view`)."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -179,6 +398,19 @@ def load(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if _needs_unpacking(folder):  # a finished folder with a packed embedding: load a dense view of it
+        with tempfile.TemporaryDirectory(prefix="slmsearch-unpacked-") as tmp:
+            model = _load_model(dense_view(folder, tmp), folder, dtype, dense)
+    else:
+        model = _load_model(folder, folder, dtype, dense)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_model(source: Path, folder: Path, dtype: str, dense: bool) -> Any:
+    """The model of ``source`` (``folder`` itself or its dense view), adapters from ``folder``."""
+    import torch
+
     adapter_dir = folder / ADAPTER_DIR
     if is_gptq_folder(folder):
         from slmsearch.compress.gptqmodel_runtime import compute_device, gptqmodel_env
@@ -191,19 +423,18 @@ def load(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool 
         rank = adapter_rank(folder)
         if rank is not None:
             kwargs["adapter"] = Lora(path=str(adapter_dir), rank=rank)
-        model = GPTQModel.load(str(folder), device=compute_device(), **kwargs).model
+        model = GPTQModel.load(str(source), device=compute_device(), **kwargs).model
         if dense:
             dequantize_to_dense(model, model.dtype)  # the kernel's compute dtype (bf16 on a CPU)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=getattr(torch, dtype))
         if has_adapter(folder):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    return model, tokenizer
+    return model
 
 
 def dequantize_to_dense(model: torch.nn.Module, dtype: torch.dtype) -> int:

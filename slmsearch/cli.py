@@ -59,10 +59,38 @@ def out_of_space(exc: BaseException) -> str | None:
     return None
 
 
-@click.group()
+class _Group(click.Group):
+    """The command group, whose usage errors (a bad flag value, a missing option) are one
+    ``error:`` line and exit code 2 like every other bad input, instead of click's usage block."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `slmsearch`: the help, as click shows it
+                exc.show()
+                sys.exit(exc.exit_code)
+            where = f" (see `{exc.ctx.command_path} --help`)" if isinstance(exc, click.UsageError) and exc.ctx else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="slmsearch")
 def main() -> None:
     """Hardware-aware compression search for small LLaMA-family models."""
+    from slmsearch.interrupt import terminate_cleanly
+    from slmsearch.quiet import quiet_third_party
+
+    quiet_third_party()  # torchao's and torch's import-time log lines (slmsearch/quiet.py)
+
+    terminate_cleanly()  # SIGTERM: this process's temporary folders removed, exit 143
 
 
 def _model_option(func: F) -> F:
@@ -84,26 +112,31 @@ def _data_option(func: F) -> F:
 @main.command("eval")
 @_model_option
 @_data_option
-@click.option("--tasks", default="wikitext,triviaqa", show_default=True, help="Comma list of: wikitext, triviaqa.")
+# Each evaluation option defaults to the exported folder's own setting (its trial.json, so that the
+# model card's numbers are reproduced), else to the value in brackets (evals/command.py DEFAULTS).
+@click.option("--tasks", default=None, help="Comma list of: wikitext, triviaqa [export's metrics, else wikitext,triviaqa].")
 @click.option("--metrics", default=None, help="Comma list of metric names (default: all of the chosen tasks').")
-@click.option("--seqlen", default=512, show_default=True, help="Window length of wikitext_token_ppl.")
-@click.option("--windows", default="8", show_default=True, help="Token-ppl windows ('all' for the whole test split).")
-@click.option("--pages", default="4", show_default=True, help="WikiText pages for word ppl ('all' for 62).")
-@click.option("--max-length", default="2048", show_default=True, help="lm-eval rolling window ('model' for its maximum).")
-@click.option("--limit", default="100", show_default=True, help="TriviaQA questions ('all' for 1,900).")
-@click.option("--shots", default=5, show_default=True, help="TriviaQA few-shot examples.")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seqlen", type=int, default=None, help="Window length of wikitext_token_ppl [export's, else 512].")
+@click.option("--windows", default=None, help="Token-ppl windows, 'all' for the whole test split [export's, else 8].")
+@click.option("--pages", default=None, help="WikiText pages for word ppl, 'all' for 62 [export's, else 4].")
+@click.option("--max-length", default=None, help="lm-eval rolling window, 'model' for its maximum [export's, else 2048].")
+@click.option("--limit", default=None, help="TriviaQA questions, 'all' for 1,900 [export's, else 100].")
+@click.option("--shots", type=int, default=None, help="TriviaQA few-shot examples [export's, else 5].")
+@click.option("--batch-size", type=int, default=None, help="Sequences per forward pass [export's, else 8].")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--out", "out_path", default="eval.json", show_default=True, help="JSON file to write.")
 @user_errors
 def eval_cmd(
-    model: str | None, trust_remote_code: bool, data_dir: str | None, tasks: str, metrics: str | None,
-    seqlen: int, windows: str, pages: str, max_length: str, limit: str, shots: int, batch_size: int,
-    dtype: str, out_path: str,
+    model: str | None, trust_remote_code: bool, data_dir: str | None, tasks: str | None, metrics: str | None,
+    seqlen: int | None, windows: str | None, pages: str | None, max_length: str | None, limit: str | None,
+    shots: int | None, batch_size: int | None, dtype: str, out_path: str,
 ) -> None:
-    """Score a model: WikiText perplexities and TriviaQA (table + JSON)."""
+    """Score a model: WikiText perplexities and TriviaQA (table + JSON). On an exported folder, with
+    the study's evaluation settings unless a flag says otherwise."""
     from slmsearch.evals.command import run_eval
+    from slmsearch.outputs import check_output_file
 
+    check_output_file(out_path)  # before the model is loaded
     result = run_eval(
         model=model, trust_remote_code=trust_remote_code, data_dir=data_dir, tasks=tasks, metrics=metrics,
         seqlen=seqlen, windows=windows, pages=pages, max_length=max_length, limit=limit, shots=shots,
@@ -136,20 +169,18 @@ def optimize_cmd(
     import json
 
     from slmsearch.search.config import load_study_config, with_overrides
-    from slmsearch.search.study import optimize
+    from slmsearch.search.study import optimize_located
 
     config = with_overrides(
         load_study_config(study_file), budget_mb=budget_mb, name=study_name, trials=trials, timeout_s=timeout_s,
         storage=storage, sampler=sampler, seed=seed, model=model, platform=platform, data_dir=data_dir,
         trust_remote_code=trust_remote_code,
     )
-    summary = optimize(config, log=lambda m: click.echo(m, err=True))
+    summary, located = optimize_located(config, log=lambda m: click.echo(m, err=True))  # one storage handle
     summary.pop("stage_calls", None)
     click.echo(json.dumps(summary, indent=2))
     from slmsearch.search.pareto import pareto_table
-    from slmsearch.search.storage import locate_study, storage_url
 
-    located = locate_study(storage=storage_url(config), study_name=config.name)
     click.echo(f"\nPareto set of {config.name!r} (feasible, non-dominated):", err=True)
     click.echo(pareto_table(located, "md") if summary["pareto"] else "(empty: no feasible trial evaluated yet)")
     click.echo("next: slmsearch report | slmsearch dashboard | slmsearch export --pareto  (same --study/--storage)", err=True)
@@ -186,12 +217,17 @@ def hw_cmd(model: str | None, plan_file: str | None, platform: str, overrides: t
 
 
 @main.command("hw-validate")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list (name, role, measured, model, error, source).")
 @user_errors
-def hw_validate_cmd() -> None:
-    """The hardware model against every published Siracusa measurement (error per row)."""
-    from slmsearch.hwmodel.validate import format_validation_table, validation_table
+def hw_validate_cmd(as_json: bool) -> None:
+    """The hardware model against every published Siracusa measurement: fit rows, held-out rows,
+    leave-one-out errors."""
+    import json
 
-    click.echo(format_validation_table(validation_table()))
+    from slmsearch.hwmodel.validate import format_validation_table, leave_one_out, validation_table
+
+    table = validation_table(loo=leave_one_out())
+    click.echo(json.dumps(table, indent=1) if as_json else format_validation_table(table))
 
 
 @main.command("compress")
@@ -264,12 +300,14 @@ def dashboard_cmd(study_file: str | None, storage: str | None, study_name: str |
 @click.option("--trial", "numbers", type=int, multiple=True, metavar="N", help="Export trial N (repeatable).")
 @click.option("--out", "out_dir", required=True, metavar="DIR", help="Folder that receives one trial-NNNN/ folder per trial.")
 @_data_option
+@click.option("--trust-remote-code", is_flag=True, default=False,
+              help="Let the base model run its own code (never taken from the study's storage).")
 @user_errors
 def export_cmd(study_file: str | None, storage: str | None, study_name: str | None, pareto: bool,
-               numbers: tuple[int, ...], out_dir: str, data_dir: str | None) -> None:
+               numbers: tuple[int, ...], out_dir: str, data_dir: str | None, trust_remote_code: bool) -> None:
     """Write each chosen trial's compressed checkpoint with a model card (rebuilt from the stage cache)."""
     from slmsearch.search.export import export
     from slmsearch.search.storage import locate_study
 
     export(locate_study(study_file, storage, study_name), out_dir, pareto=pareto, numbers=numbers,
-           data_dir=data_dir, log=click.echo)
+           data_dir=data_dir, log=click.echo, trust_remote_code=trust_remote_code)

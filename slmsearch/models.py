@@ -109,6 +109,17 @@ def resolve_model(spec: str | os.PathLike[str] | None, *, trust_remote_code: boo
     return text
 
 
+def model_config(location: str) -> dict[str, Any]:
+    """The config of the model at ``location`` (a resolved folder or hub id), read without loading
+    a weight: its ``config.json``, or the hub's."""
+    path = Path(location)
+    if path.is_dir():
+        return dict(json.loads((path / "config.json").read_text()))
+    from transformers import AutoConfig
+
+    return dict(AutoConfig.from_pretrained(location).to_dict())
+
+
 def _safetensors_names(folder: Path) -> set[str] | None:
     """Tensor names in a folder's ``*.safetensors`` files, read from their JSON headers (no tensor
     data, no pickle); None when the folder has no safetensors file."""
@@ -123,7 +134,12 @@ def _safetensors_names(folder: Path) -> set[str] | None:
                 if not 0 < size <= 100_000_000:
                     raise ValueError(f"header size {size}")
                 header = json.loads(handle.read(size))
-        except (OSError, ValueError) as exc:
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+                expected = 8 + size + max(ends, default=0)
+                actual = file.stat().st_size
+                if actual < expected:
+                    raise ValueError(f"truncated: {actual} bytes, its header describes {expected}")
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise SlmsearchError(
                 f"checkpoint file {str(file)!r} is not a valid safetensors file ({exc}); re-create the checkpoint"
             ) from None

@@ -1,7 +1,9 @@
 """A real, throw-away PostgreSQL server for the many-worker tests.
 
 ``initdb`` into a temporary folder and ``pg_ctl start`` listening on 127.0.0.1 only (plus a Unix
-socket in that folder), stopped and removed at teardown. PostgreSQL refuses to run as root, so as
+socket in that folder), stopped and removed at teardown. Connections over TCP need the password
+(scram-sha-256, as the README's set-up), so a test can tell a password that was used from one that
+was ignored; URLs are written as the README writes them, ``postgresql://user:pw@host:port/db``. PostgreSQL refuses to run as root, so as
 root the server runs as the ``postgres`` user (created by Debian's ``postgresql`` package; made
 here if missing). The tests skip when the server binaries are absent, except under CI (``CI`` set),
 where they fail: ``.ci/run`` installs the package.
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-PASSWORD = "s3cret-Pw_never-printed"  # trust auth ignores it; tests check that it is never printed
+PASSWORD = "s3cret-Pw_never-printed"  # the superuser's; tests check that it is never printed
 
 
 def pg_bindir() -> Path | None:
@@ -60,23 +62,29 @@ class PostgresServer:
     port: int
     root: Path
 
-    def url(self, database: str, *, password: bool = True) -> str:
-        auth = f"postgres:{PASSWORD}" if password else "postgres"
-        return f"postgresql+psycopg2://{auth}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str, *, password: bool = True, user: str = "postgres") -> str:
+        """The README's form: ``postgresql://user[:password]@127.0.0.1:port/database``."""
+        auth = f"{user}:{PASSWORD}" if password else user
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self, prefix: str = "study") -> str:
-        """A fresh, empty database; returns its URL (with a password that must never be printed)."""
+    def sql(self, *statements: str) -> None:
+        """Run statements as the superuser, outside a transaction (CREATE DATABASE needs that)."""
         import psycopg2
 
-        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", password=PASSWORD, dbname="postgres")
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}"')
+                for statement in statements:
+                    cur.execute(statement)
         finally:
             conn.close()
-        return self.url(name)
+
+    def create_database(self, prefix: str = "study", owner: str = "postgres") -> str:
+        """A fresh, empty database; returns its URL (with a password that must never be printed)."""
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        self.sql(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+        return self.url(name, user=owner)
 
 
 @pytest.fixture(scope="session")
@@ -96,12 +104,15 @@ def postgres_server() -> Iterator[PostgresServer]:
         entry = pwd.getpwnam(user)
         os.chown(root, entry.pw_uid, entry.pw_gid)
         prefix = ["runuser", "-u", user, "--"]
-    data, log = root / "data", root / "server.log"
+    data, log, pwfile = root / "data", root / "server.log", root / "pwfile"
+    pwfile.write_text(PASSWORD + "\n")
+    if prefix:
+        os.chown(pwfile, entry.pw_uid, entry.pw_gid)
     port = _free_port()
     try:
         subprocess.run(
-            prefix + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                      "--no-sync", "--no-instructions"],
+            prefix + [str(bindir / "initdb"), "-D", str(data), "--auth-local=trust", "--auth-host=scram-sha-256",
+                      f"--pwfile={pwfile}", "-U", "postgres", "-E", "UTF8", "--no-sync", "--no-instructions"],
             check=True, capture_output=True, text=True, cwd=root,
         )
         options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off "

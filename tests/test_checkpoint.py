@@ -3,6 +3,7 @@ plain and a real GPTQ folder, the records and meta file, and copying without cac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -162,3 +163,123 @@ def test_copy_tokenizer_adds_only_the_missing_tokenizer_files(tmp_path):
     assert (dst / "tokenizer.json").read_text() == "dst's own"
     assert (dst / "tokenizer_config.json").read_text() == "from src"
     assert not (dst / "model.safetensors").exists()
+
+
+# the packed embedding ----------------------------------------------------------------------------
+@pytest.mark.parametrize("bits, group_size", [(4, None), (4, 32), (8, None)])
+def test_packed_codes_unpack_to_the_fake_quantized_weights_bit_for_bit(bits, group_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmsearch.compress.embedding import EmbeddingQuant
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    EmbeddingQuant(bits=bits, group_size=group_size).apply(model)
+    packed = getattr(model, checkpoint.PACKED_ATTR)["embed"]
+    stored = checkpoint.pack_codes(packed.codes, bits)
+    assert stored.dtype == torch.uint8 and stored.shape == (512, 64 * bits // 8)
+    assert torch.equal(checkpoint.unpack_codes(stored, bits), packed.codes)
+    assert packed.scales.dtype == torch.float16 and packed.scales.shape == (512, 64 // (group_size or 64))
+    weight = model.get_input_embeddings().weight.data
+    assert torch.equal(packed.dense(torch.bfloat16), weight)  # bit for bit, not close
+    assert int(packed.codes.max()) < 2**bits
+
+
+def _weight_bytes_counted(shape) -> int:
+    from slmsearch.hwmodel.memory import static_bytes
+
+    return static_bytes(shape).static_total  # weights + scales/zeros + sparsity metadata + adapters
+
+
+@pytest.fixture(scope="module")
+def packed_export(tiny_checkpoint: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A finished folder of a 4-bit-embedding plan, and the cache entry it was copied from."""
+    from slmsearch.compress.cache import StageCache
+    from slmsearch.compress.calib import CalibSettings
+    from slmsearch.compress.pipeline import run
+    from slmsearch.compress.plan import Plan
+
+    root = tmp_path_factory.mktemp("packed")
+    plan = Plan.from_dict([{"stage": "embedding", "bits": 4}])
+    cache = StageCache(root / "cache")
+    result = run(plan, str(tiny_checkpoint), data_dir, CalibSettings(n_samples=4, seqlen=32, batch=4),
+                 cache=cache, out=root / "out")
+    entry = next(p for p in (root / "cache").iterdir() if (p / checkpoint.CONFIG_FILE).is_file())
+    return plan, result.checkpoint_dir, entry
+
+
+def test_a_4bit_embedding_export_is_the_size_the_hardware_model_counts(packed_export, tiny_checkpoint):
+    """The weight files (every *.safetensors: the config, tokenizer and records are left out, as
+    the tiny model's tokenizer alone outweighs its weights) are within 10% of the bytes the memory
+    model counts for weights; the dense copy (fp32 here, 8x the packed codes) is gone."""
+    from slmsearch.hwmodel import ModelShape
+
+    plan, folder, entry = packed_export
+    counted = _weight_bytes_counted(plan.shape(ModelShape.from_checkpoint(tiny_checkpoint)))
+    on_disk = checkpoint.disk_bytes(folder)["weights"]
+    assert abs(on_disk - counted) <= 0.10 * counted, (on_disk, counted)
+    assert checkpoint.disk_bytes(entry)["weights"] > 3 * counted  # the cache entry keeps the dense copy
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert "model.embed_tokens.weight" not in f.keys()
+    measured = dataclasses.replace(ModelShape.from_checkpoint(folder), name="")
+    assert measured == dataclasses.replace(ModelShape.from_checkpoint(entry), name="")
+    assert measured.embedding_format.weight_bits == 4 and measured.embedding_format.zero_bits == 0
+
+
+def test_a_packed_folder_loads_to_the_model_the_stage_made(packed_export):
+    plan, folder, entry = packed_export
+    unpacked, _ = checkpoint.load(folder)
+    dense, _ = checkpoint.load(entry)
+    assert torch.equal(unpacked.get_input_embeddings().weight, dense.get_input_embeddings().weight)
+    assert unpacked.get_output_embeddings().weight.data_ptr() == unpacked.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(logits(unpacked), logits(dense), rtol=0, atol=0)
+
+
+def test_finish_refuses_a_dense_copy_that_differs_from_its_codes(packed_export, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, entry = packed_export
+    folder = tmp_path / "copy"
+    checkpoint.copy_folder(entry, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.embed_tokens.weight"][0, 0] += 1.0
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(SlmsearchError, match="differs from its packed codes"):
+        checkpoint.finish(folder)
+
+
+def test_a_packed_embedding_survives_gptq_and_loads_through_gptqmodel(tiny_checkpoint, data_dir, tmp_path, capfd):
+    """gptqmodel re-saves the dense embedding it read (in bf16); EoRA's gptqmodel load of the GPTQ
+    folder does not take the packed codes for a GPTQ embedding; the finished folder drops the dense
+    copy, and the dense view gptqmodel loads holds the unpacked codes in that dtype, bit for bit."""
+    from safetensors import safe_open
+
+    from slmsearch.compress.calib import CalibSettings
+    from slmsearch.compress.pipeline import run
+    from slmsearch.compress.plan import Plan
+    from slmsearch.hwmodel import ModelShape
+
+    plan = Plan.from_dict([{"stage": "embedding", "bits": 4, "group_size": 32},
+                           {"stage": "gptq", "bits": 4, "group_size": 32}, {"stage": "eora", "rank": 4}])
+    out = tmp_path / "out"
+    run(plan, str(tiny_checkpoint), data_dir, CalibSettings(n_samples=4, seqlen=32, batch=4), out=out)
+    err = capfd.readouterr().err.splitlines()
+    for stage in ("gptq", "eora"):  # one progress line per decoder layer
+        lines = [line.split(" (")[0] for line in err if line.startswith(f"[{stage}]")]
+        assert lines == [f"[{stage}] layer {i}/4" for i in range(1, 5)], err
+    assert sum("EoRA: covariance for" in line for line in err) == 0  # said once, shortened, if at all
+    assert checkpoint.is_gptq_folder(out) and checkpoint.has_packed_embedding(out) and checkpoint.has_adapter(out)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert not {"model.embed_tokens.weight", "lm_head.weight"} & set(f.keys())
+    packed, dtype = checkpoint.read_packed(out)
+    model, _ = checkpoint.load(out)
+    weight = model.get_input_embeddings().weight
+    assert str(weight.dtype) == f"torch.{dtype}"
+    assert torch.equal(weight.cpu(), packed["embed"].dense(weight.dtype))
+    assert torch.isfinite(logits(model)).all()
+    shape = ModelShape.from_checkpoint(out)
+    assert (shape.embedding_format.weight_bits, shape.embedding_format.group_size) == (4, 32)

@@ -156,3 +156,85 @@ def test_storage_passwords_never_printed(url):
     from slmsearch.search.storage import redact
 
     assert "hunter2" not in redact(url) and "***" in redact(url)
+
+
+@pytest.mark.parametrize("password", ["pa%3Fss", "p%23ss", "p%40ss", "pa?ss", "p#ss", "hunter2"])
+@pytest.mark.parametrize("template", ["postgresql://alice:{pw}@db.example:5432/s",
+                                      "postgresql+psycopg2://alice:{pw}@db.example/s?sslmode=require",
+                                      "mysql+pymysql://bob:{pw}@h/s?charset=utf8"])
+def test_the_url_password_field_is_replaced_whatever_it_holds(password, template):
+    from urllib.parse import unquote
+
+    from slmsearch.search.storage import redact, scrub
+
+    url = template.format(pw=password)
+    shown = redact(url)
+    assert "***" in shown and "db.example" in shown or "@h/" in shown
+    assert password not in shown and unquote(password) not in shown.split("@", 1)[0]
+    message = f"could not connect to {url}: password authentication failed (password={unquote(password)})"
+    scrubbed = scrub(message, url)
+    assert password not in scrubbed and f"password={unquote(password)}" not in scrubbed
+
+
+def test_a_password_in_the_query_is_replaced():
+    from slmsearch.search.storage import redact
+
+    assert redact("postgresql://u@h/db?password=pa%3Fss&x=1") == "postgresql://u@h/db?password=***&x=1"
+
+
+def test_a_short_password_is_not_starred_inside_words():
+    from slmsearch.search.storage import scrub
+
+    url = "postgresql://alice:im@h/db"
+    out = scrub(f"cannot import the driver for {url}; simple", url)
+    assert out == "cannot import the driver for postgresql://alice:***@h/db; simple"
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 200, "a b", "a\\b", "..", "/abs"])
+def test_a_study_name_that_is_not_a_file_name_is_one_error_line(tmp_path, monkeypatch, name):
+    from slmsearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLMSEARCH_RUNS", str(tmp_path / "runs"))
+    result = CliRunner().invoke(main, ["optimize", "--study-name", name, "--data-dir", str(tmp_path)])
+    out = result.output.strip()
+    assert result.exit_code == 2 and out.startswith("error:") and len(out.splitlines()) == 1, out
+    assert "study name" in out or "--study-name" in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, inside or outside runs/
+
+
+@pytest.mark.parametrize("name", ["my-study_2", "smollm2-135m-siracusa", "a.b"])
+def test_a_file_name_is_a_study_name(name):
+    from slmsearch.search.storage import check_study_name
+
+    assert check_study_name(name) == name
+
+
+def test_files_and_folders_are_written_with_the_users_umask(tmp_path):
+    from slmsearch.compress.cache import MANIFEST, StageCache
+    from slmsearch.fsutil import atomic_dir, write_json_atomic
+
+    previous = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "f").write_text("x")
+        entry = StageCache(tmp_path / "stages").put("k", lambda d: (d / "w.bin").write_bytes(b"x"))
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+        assert (entry / MANIFEST).stat().st_mode & 0o777 == 0o644 and entry.stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+        assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600  # a private umask stays private
+    finally:
+        os.umask(previous)
+
+
+def test_cached_depth_scores_are_recomputed_after_a_planted_change(tmp_path):
+    from slmsearch.fsutil import read_json_checked, write_json_checked
+
+    path = tmp_path / "depth-scores.json"
+    write_json_checked(path, {"version": 1, "angular": {"1": [0.1, 0.9]}})
+    assert read_json_checked(path) == {"version": 1, "angular": {"1": [0.1, 0.9]}}
+    path.write_text(path.read_text().replace("0.9", "0.0"))  # make layer 1 look redundant
+    assert read_json_checked(path) is None and not path.exists()

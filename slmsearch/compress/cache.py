@@ -6,6 +6,11 @@ entry is deleted and rebuilt, never loaded. The cache is bounded in bytes, least
 first (a hit touches the entry). Several processes may share the folder: entries appear by
 atomic rename, and eviction first renames an entry to a private trash name, so two processes
 never delete the same entry and no reader sees a half-deleted one under its key.
+
+Temporary folders in the cache root (an entry being written, ``.<key>.tmp-<pid>@<host>-*``; an
+entry being deleted, ``.trash-<pid>@<host>-*``) count against ``max_bytes`` while they exist; those
+of a process that is gone (killed during a write) are swept when a cache is opened
+(:func:`slmsearch.fsutil.sweep_stale`), never those of a live process sharing the folder.
 """
 
 from __future__ import annotations
@@ -20,13 +25,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from slmsearch.fsutil import atomic_dir, cache_dir, write_text_atomic
+from slmsearch.fsutil import atomic_dir, cache_dir, owner_tag, sweep_stale, write_text_atomic
 
 MANIFEST = "MANIFEST.json"
 LAST_USED = ".last_used"
 DEFAULT_MAX_BYTES = 20 * 10**9  # 20 GB (1e9 bytes, as a study's cache_gb): about 33 fp32 SmolLM2-135M checkpoints
 # Bump when what a stage writes changes, so entries from older code are never reused.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: a quantized embedding's 16-bit scales and packed codes (checkpoint.PACKED_EMBEDDING_FILE)
 
 
 def file_sha256(path: Path) -> str:
@@ -57,6 +62,32 @@ def write_manifest(folder: Path) -> int:
     return total
 
 
+def check_manifest(folder: Path) -> int | None:
+    """The folder's bytes when every file matches its ``MANIFEST.json`` (no file missing, changed
+    or added), else None. Reads every byte; changes nothing."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+        files = data["files"]
+        actual = {str(p.relative_to(folder)) for p in _files(folder)}
+        ok = actual == set(files) and all(
+            (folder / name).stat().st_size == info["size"] and file_sha256(folder / name) == info["sha256"]
+            for name, info in files.items()
+        )
+        return int(data.get("bytes", 0)) if ok else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it vanished meanwhile)."""
+    total = 0
+    for path in Path(folder).rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+    return total
+
+
 class StageCache:
     """Checkpoint folders keyed by :func:`entry_key`, LRU-bounded to ``max_bytes``."""
 
@@ -65,6 +96,7 @@ class StageCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
         self._verified: dict[str, tuple[float, int]] = {}  # key -> (manifest mtime, bytes)
+        self.swept = sweep_stale(self.root)  # left by a process killed during a write
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -86,21 +118,12 @@ class StageCache:
         stamp = manifest.stat().st_mtime
         if self._verified.get(key, (None, 0))[0] == stamp:
             return True
-        try:
-            data = json.loads(manifest.read_text())
-            files = data["files"]
-            actual = {str(p.relative_to(folder)) for p in _files(folder)}
-            ok = actual == set(files) and all(
-                (folder / name).stat().st_size == info["size"] and file_sha256(folder / name) == info["sha256"]
-                for name, info in files.items()
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
+        size = check_manifest(folder)
+        if size is None:
             self._discard(folder)
             self._verified.pop(key, None)
             return False
-        self._verified[key] = (stamp, int(data.get("bytes", 0)))
+        self._verified[key] = (stamp, size)
         return True
 
     def get(self, key: str) -> Path | None:
@@ -142,13 +165,18 @@ class StageCache:
                 continue
             yield folder.name, used, size
 
+    def pending_bytes(self) -> int:
+        """Bytes in the root's temporary folders (entries being written or deleted, by any process)."""
+        return sum(folder_bytes(p) for p in self.root.iterdir() if p.name.startswith(".") and p.is_dir())
+
     def total_bytes(self) -> int:
-        return sum(size for _, _, size in self.entries())
+        return sum(size for _, _, size in self.entries()) + self.pending_bytes()
 
     def evict(self, protect: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
-        """Remove least recently used entries until the cache fits ``max_bytes``."""
+        """Remove least recently used entries until the cache, its temporary folders included, fits
+        ``max_bytes``."""
         entries = sorted(self.entries(), key=lambda e: e[1])
-        total = sum(e[2] for e in entries)
+        total = sum(e[2] for e in entries) + self.pending_bytes()
         removed = []
         for key, _, size in entries:
             if total <= self.max_bytes:
@@ -162,7 +190,7 @@ class StageCache:
 
     def _discard(self, folder: Path) -> bool:
         """Rename to a private trash name (atomic, one winner), then delete."""
-        trash = folder.parent / f".trash-{folder.name}-{os.getpid()}-{time.monotonic_ns()}"
+        trash = folder.parent / f".trash-{owner_tag()}-{time.monotonic_ns()}-{folder.name}"
         try:
             os.rename(folder, trash)
         except OSError:

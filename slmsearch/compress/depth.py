@@ -11,7 +11,6 @@ Scores (computed once per (model, calibration) and cached as JSON):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range
 from slmsearch.errors import SlmsearchError
-from slmsearch.fsutil import write_json_atomic
+from slmsearch.fsutil import read_json_checked, write_json_checked
 
 if TYPE_CHECKING:
     import torch
@@ -117,20 +116,17 @@ def cached_importance_scores(model: Any, calib: Calibration, *, with_ppl: bool =
     if calib.score_dir is not None and calib.model_key:
         key = "-".join(f"{k}{v}" for k, v in calib.settings.key().items())
         path = Path(calib.score_dir) / f"depth-{calib.model_key[:24]}-{key}.json"
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                if (
-                    data.get("version") == SCORE_VERSION
-                    and data.get("n_layers") == len(decoder_layers(model))
-                    and (not with_ppl or "ppl" in data)
-                ):
-                    return data
-            except (OSError, ValueError):
-                pass
+        data = read_json_checked(path)  # None when missing or changed since written: recomputed
+        if (
+            data is not None
+            and data.get("version") == SCORE_VERSION
+            and data.get("n_layers") == len(decoder_layers(model))
+            and (not with_ppl or "ppl" in data)
+        ):
+            return data
     scores = importance_scores(model, calib, with_ppl=with_ppl)
     if path is not None:
-        write_json_atomic(path, scores)
+        write_json_checked(path, scores)
     return scores
 
 
@@ -187,6 +183,19 @@ class DepthPrune(Stage):
 
     def is_noop(self) -> bool:
         return self.n_dropped == 0
+
+    def check_fits(self, shape: ModelShape) -> None:
+        """At least one layer stays; explicit indices name layers of the model."""
+        if self.indices is None and self.drop >= shape.n_layers:
+            raise SlmsearchError(
+                f"depth.drop={self.drop} must be below the model's {shape.n_layers} layers (at least one stays)"
+            )
+        if self.indices is not None:
+            bad = sorted(i for i in self.indices if not 0 <= i < shape.n_layers)
+            if bad or len(set(self.indices)) >= shape.n_layers:
+                raise SlmsearchError(
+                    f"depth.indices={list(self.indices)} must name layers in 0..{shape.n_layers - 1} and keep at least one"
+                )
 
     def shape(self, shape: ModelShape) -> ModelShape:
         return shape.drop_layers(range(self.drop) if self.indices is None else self.indices)

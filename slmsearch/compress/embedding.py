@@ -1,9 +1,12 @@
 """Embedding / lm_head precision: keep 16-bit, or round-to-nearest per row at 8 or 4 bits.
 
-The weights are stored dequantized (the checkpoint stays a plain HF folder that every later stage
-and ``from_pretrained`` reads); ``slmsearch.json`` records the format, and the memory model counts
-the embedding at ``bits`` per weight plus one 16-bit scale per row. A tied embedding is quantized
-once (it is one tensor); an untied lm_head is quantized the same way.
+The model in memory (and a stage-cache entry, which later stages read) holds the dequantized
+weights; the codes and 16-bit scales they come from are set on the model
+(:data:`slmsearch.checkpoint.PACKED_ATTR`) and saved beside them by :func:`slmsearch.checkpoint.save`.
+A finished checkpoint (``slmsearch compress --out``, ``slmsearch export``) keeps only the packed
+codes + scales: what the memory model counts (``bits`` per weight plus one 16-bit scale per row or
+group, no zero points). A tied embedding is quantized once (it is one tensor); an untied lm_head is
+quantized the same way.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class EmbeddingQuant(Stage):
         return shape.with_embedding_format(TensorFormat(weight_bits=self.bits, group_size=self.group_size, zero_bits=0))
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """The weights are stored dequantized, so their width is declared. (Without this stage the
+        """A cache entry stores the weights dequantized, so their width is declared. (Without this stage the
         tensors' own dtype is the truth; hwmodel uses a declared width only when it is smaller.)"""
         return {"embedding": {"bits": self.bits, "group_size": self.group_size, "zero_bits": 0}}
 
@@ -60,7 +63,7 @@ class EmbeddingQuant(Stage):
     def apply(self, model: Any, calib: Any = None) -> StageReport:
         import torch
 
-        from slmsearch.compress.kernels import rtn_quantize
+        from slmsearch.checkpoint import PACKED_ATTR, PackedTensor
 
         metrics: dict[str, Any] = {"bits": self.bits}
         with Timer() as t, torch.no_grad():
@@ -71,11 +74,20 @@ class EmbeddingQuant(Stage):
                     raise SlmsearchError(
                         f"embedding.group_size={self.group_size} must divide the hidden size {embed.shape[1]}"
                     )
-                embed.data.copy_(rtn_quantize(embed.data, self.bits, self.group_size))
+                packed = {"embed": self._quantize(embed)}
                 metrics["embedding_rel_error"] = float((embed.data - original).norm() / original.norm())
                 head = model.get_output_embeddings()
                 tied = head is None or head.weight.data_ptr() == embed.data_ptr()
                 metrics["tied"] = tied
                 if not tied:
-                    head.weight.data.copy_(rtn_quantize(head.weight.data, self.bits, self.group_size))
+                    packed["lm_head"] = self._quantize(head.weight)
+                setattr(model, PACKED_ATTR, {k: PackedTensor(*v, bits=self.bits) for k, v in packed.items()})
         return StageReport(self.kind, self.to_dict(), t.seconds, metrics)
+
+    def _quantize(self, weight: Any) -> tuple[Any, Any]:
+        """Replace ``weight``'s values by their round-to-nearest grid values; (codes, fp16 scales)."""
+        from slmsearch.compress.kernels import rtn_codes, rtn_dequantize
+
+        codes, scales = rtn_codes(weight.data, self.bits, self.group_size)
+        weight.data.copy_(rtn_dequantize(codes, scales, self.bits, weight.dtype))
+        return codes.cpu(), scales.cpu()

@@ -60,6 +60,19 @@ class Gptq(Stage):
             if not isinstance(getattr(self, name), bool):
                 raise SlmsearchError(f"gptq.{name} must be true or false, got {getattr(self, name)!r}")
 
+    def check_fits(self, shape: ModelShape) -> None:
+        """The group size divides every quantized Linear's input size."""
+        if self.group_size == -1:
+            return
+        dims = {name: size for layer in shape.layers for name, size, _ in layer.proj_dims(shape.hidden)}
+        bad = undivided_inputs(self.group_size, dims)
+        if bad:
+            sizes = ", ".join(f"{size} ({', '.join(sorted(n for n, v in bad.items() if v == size))})" for size in sorted(set(bad.values())))
+            raise SlmsearchError(
+                f"gptq.group_size={self.group_size} must divide every Linear input size of the model, but not "
+                f"{sizes}; choose a group size that divides them (e.g. 32), or -1 (one group per output channel)"
+            )
+
     def shape(self, shape: ModelShape) -> ModelShape:
         """gptqmodel's symmetric v1 format: ``bits``-bit codes, a 16-bit scale and a ``bits``-bit
         zero point per group, and a 32-bit group index per input."""
@@ -98,8 +111,10 @@ class Gptq(Stage):
             zero_masks = _zero_masks(Path(src_dir)) if self.keep_sparsity else {}
             qcfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=True, device=runtime.compute_device())
             model = GPTQModel.load(str(src_dir), quantize_config=qcfg, dtype=torch.bfloat16)
+            model.layer_callback = runtime.layer_progress("gptq", _n_layers(Path(src_dir)))
             model.quantize(calibration_rows(calib), batch_size=calib.settings.batch, tokenizer=calib.tokenizer)
-            model.save(str(out_dir))
+            with runtime.stdout_to_nothing():  # gptqmodel prints the folder's files and whole config.json
+                model.save(str(out_dir))
             del model
             restored = restore_zeros_in_folder(Path(out_dir), zero_masks, self.bits) if zero_masks else 0
             copy_tokenizer(Path(src_dir), Path(out_dir))
@@ -151,7 +166,8 @@ class Eora(Stage):
                 from gptqmodel.adapter.adapter import Lora
 
                 runtime.limit_worker_threads()
-                with runtime.module_logs_out_of_the_working_directory():
+                with runtime.module_logs_out_of_the_working_directory(), \
+                        runtime.layer_progress_of_inner_models("eora", _n_layers(Path(src_dir))):
                     GPTQModel.adapter.generate(
                         adapter=Lora(path=str(Path(out_dir) / ADAPTER_DIR), rank=self.rank),
                         model_id_or_path=str(base_dir),
@@ -165,6 +181,10 @@ class Eora(Stage):
                 if not (Path(out_dir) / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file():
                     raise SlmsearchError(f"gptqmodel wrote no EoRA adapter under {Path(out_dir) / ADAPTER_DIR}")
         return StageReport(self.kind, self.to_dict(), t.seconds, {"rank": self.rank})
+
+
+def _n_layers(src: Path) -> int:
+    return int(json.loads((src / CONFIG_FILE).read_text())["num_hidden_layers"])
 
 
 def _check_group_divides(src: Path, group_size: int) -> None:

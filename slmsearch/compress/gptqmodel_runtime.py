@@ -53,6 +53,8 @@ def gptqmodel_log_level() -> str:
         from logbar import LogBar
 
         LogBar.shared().setLevel(level)
+        if not any(isinstance(f, OncePerKind) for f in LogBar.shared().filters):
+            LogBar.shared().addFilter(OncePerKind())
     except ImportError:
         return level
     except (ValueError, TypeError):
@@ -60,6 +62,32 @@ def gptqmodel_log_level() -> str:
             f"{LOG_LEVEL_ENV}={os.environ.get(LOG_LEVEL_ENV)!r} is not a log level; use DEBUG, INFO, WARNING or ERROR"
         ) from None
     return level
+
+
+# gptqmodel warnings repeated per module -> the one short line said instead, the first time
+REPEATED_WARNINGS: dict[str, str] = {
+    "EoRA: covariance for": "EoRA: module covariances are numerically rank deficient; gptqmodel uses a "
+                            "truncated pseudoinverse for them (said once, not per module)",
+}
+
+
+class OncePerKind(logging.Filter):
+    """Let a warning of :data:`REPEATED_WARNINGS` through once, shortened; drop its repeats (an
+    EoRA stage on the default model logged 154 such lines, one per module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        for start, short in REPEATED_WARNINGS.items():
+            if message.startswith(start):
+                if start in self.seen:
+                    return False
+                self.seen.add(start)
+                record.msg, record.args = short, ()
+        return True
 
 
 def no_progress_bars_off_a_terminal() -> None:
@@ -193,3 +221,55 @@ def limit_worker_threads() -> int:
 
 def compute_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def layer_progress(label: str, n_layers: int) -> Callable[..., None]:
+    """A gptqmodel layer callback (``model.layer_callback``: gptqmodel calls it when a decoder
+    layer is quantized, then again when it is packed) printing ``[gptq] layer i/n`` once per layer,
+    since gptqmodel's own per-module log is off at the default level (:func:`gptqmodel_log_level`)."""
+    from slmsearch.progress import Ticker
+
+    ticker = Ticker(label, n_layers, "layer", every_s=0)
+    seen: set[int] = set()
+    lock = threading.Lock()
+
+    def layer_complete(*, layer_idx: int, submodule_finalized: bool = False, **_: Any) -> None:
+        with lock:
+            if layer_idx in seen or layer_idx >= n_layers:
+                return
+            seen.add(layer_idx)
+            ticker.tick()
+
+    return layer_complete
+
+
+@contextmanager
+def stdout_to_nothing() -> Iterator[None]:
+    """Drop what gptqmodel ``print``s meanwhile: its ``save`` prints the saved folder's file names and
+    the whole ``generation_config.json`` and ``config.json`` (~100 lines per GPTQ stage), with no
+    setting to turn that off. Its logger (warnings, errors) is not stdout's and still shows."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+@contextmanager
+def layer_progress_of_inner_models(label: str, n_layers: int) -> Iterator[None]:
+    """:func:`layer_progress` for the models gptqmodel creates itself (EoRA's ``adapter.generate``
+    loads its own): the callback is set on gptqmodel's model class meanwhile (its looper reads
+    ``model.layer_callback``, which an instance without one finds on its class), then removed."""
+    from gptqmodel.models.base import BaseQModel
+
+    had = "layer_callback" in BaseQModel.__dict__
+    previous = BaseQModel.__dict__.get("layer_callback")
+    BaseQModel.layer_callback = staticmethod(layer_progress(label, n_layers))  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if had:
+            BaseQModel.layer_callback = previous  # type: ignore[attr-defined]
+        else:
+            del BaseQModel.layer_callback  # type: ignore[attr-defined]
+

@@ -132,6 +132,18 @@ def keep_lowest_removed(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
     return torch.sort(order[n_remove:]).values
 
 
+
+def _grouped(weight: torch.Tensor, bits: int, group_size: int | None, *, max_bits: int) -> torch.Tensor:
+    """``weight`` ``[rows, cols]`` as fp32 ``[rows, cols // group, group]`` (one group per row when
+    ``group_size`` is None or -1), after checking the width and that the group divides the row."""
+    if not 2 <= bits <= max_bits:
+        raise SlmsearchError(f"bits must satisfy 2 <= bits <= {max_bits}, got {bits}")
+    rows, cols = weight.shape
+    group = cols if group_size in (None, -1) else int(group_size)
+    if group <= 0 or cols % group:
+        raise SlmsearchError(f"group size {group_size} must divide the input size {cols}")
+    return weight.float().reshape(rows, cols // group, group)
+
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
     """Round-to-nearest symmetric quantization, returned dequantized (same shape and dtype).
 
@@ -139,18 +151,44 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None)
     ``group_size`` inputs, ``scale = 2 * max|w| / (2**bits - 1)``, integers ``q - 2**(bits-1)``
     with ``q`` in ``[0, 2**bits - 1]``, so zero is exactly representable.
     """
-    if not 2 <= bits <= 16:
-        raise SlmsearchError(f"bits must satisfy 2 <= bits <= 16, got {bits}")
+    w = _grouped(weight, bits, group_size, max_bits=16)
     rows, cols = weight.shape
-    group = cols if group_size in (None, -1) else int(group_size)
-    if group <= 0 or cols % group:
-        raise SlmsearchError(f"group size {group_size} must divide the input size {cols}")
-    w = weight.float().reshape(rows, cols // group, group)
     maxq = 2**bits - 1
     zero = (maxq + 1) / 2
     scale = (2 * w.abs().amax(dim=2, keepdim=True) / maxq).clamp_min(1e-12)
     q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
     return ((q - zero) * scale).reshape(rows, cols).to(weight.dtype)
+
+
+def rtn_codes(weight: torch.Tensor, bits: int, group_size: int | None = None,
+              scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric codes of ``weight`` ``[rows, cols]``: ``(codes, scales)``.
+
+    The grid of :func:`rtn_quantize` with each scale rounded to ``scale_dtype`` first (the 16-bit
+    scale a deployed tensor stores), so :func:`rtn_dequantize` of the two is the whole truth:
+    ``codes`` are uint8 in ``[0, 2**bits - 1]`` (``[rows, cols]``, zero point ``2**(bits-1)``
+    implicit), ``scales`` are ``[rows, cols // group]`` in ``scale_dtype``.
+    """
+    w = _grouped(weight, bits, group_size, max_bits=8)
+    rows, cols = weight.shape
+    maxq = 2**bits - 1
+    info = torch.finfo(scale_dtype)
+    smallest = info.tiny * info.eps  # the smallest positive (subnormal) value: an all-zero group stays 0
+    scales = (2 * w.abs().amax(dim=2) / maxq).to(scale_dtype).clamp_min(smallest)  # [rows, groups]
+    zero = 2 ** (bits - 1)
+    q = torch.clamp(torch.round(w / scales.float().unsqueeze(2)) + zero, 0, maxq)
+    return q.reshape(rows, cols).to(torch.uint8), scales
+
+
+def rtn_dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weights ``codes`` and ``scales`` (from :func:`rtn_codes`) stand for, in ``dtype``:
+    ``(code - 2**(bits-1)) * scale`` formed in fp32 and rounded once to ``dtype``."""
+    rows, cols = codes.shape
+    groups = scales.shape[1]
+    if scales.shape[0] != rows or cols % groups:
+        raise SlmsearchError(f"scales {tuple(scales.shape)} do not fit codes {tuple(codes.shape)}")
+    q = codes.float().reshape(rows, groups, cols // groups) - 2 ** (bits - 1)
+    return (q * scales.float().unsqueeze(2)).reshape(rows, cols).to(dtype)
 
 
 def angular_distance_sums(states: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -101,7 +101,13 @@ class LoraRecovery(Stage):
 
     def _train(self, model: Any, calib: Calibration) -> dict[str, Any]:
         import torch
+
+        from slmsearch.compress.gptqmodel_runtime import gptqmodel_env
+
+        gptqmodel_env()  # peft imports gptqmodel when installed: its INFO banner off before that import
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+        from slmsearch.progress import Ticker
 
         seed = calib.settings.seed
         train = calib.samples(self.steps * self.batch, seqlen=self.seqlen, seed=seed + TRAIN_SEED_OFFSET)
@@ -117,6 +123,7 @@ class LoraRecovery(Stage):
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         curve: list[float] = []
         peft_model.train()
+        ticker = Ticker("lora", self.steps, "step")  # a line at the first and last step, and every ~10 s
         for step in range(self.steps):
             ids = train[step * self.batch : (step + 1) * self.batch].to(params[0].device)
             loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -124,6 +131,7 @@ class LoraRecovery(Stage):
             loss.backward()
             optimizer.step()
             curve.append(float(loss.detach()))
+            ticker.tick(note=f"loss {curve[-1]:.3f}")
         peft_model.eval()
         del optimizer
         # One held-out loss after training, on the model that goes on: merged (below) or with the

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slmsearch.compress.cache import StageCache, entry_key
 from slmsearch.compress.calib import CalibSettings, Calibration
@@ -23,7 +22,15 @@ from slmsearch.compress.plan import Plan
 from slmsearch.compress.stage import StageReport
 from slmsearch import checkpoint, interrupt
 from slmsearch.errors import SlmsearchError
-from slmsearch.fsutil import atomic_dir
+from slmsearch.fsutil import atomic_dir, owned_tmp_dir, release, sweep_stale, write_text_atomic
+
+# Test-only: tests/search/test_slots.py sets this variable to a file path in the worker it kills or
+# interrupts; the worker writes that file when it reaches its first stage to compute, then blocks
+# there (answering Ctrl-C at once), so the test acts on a worker that is provably mid-trial.
+TEST_BLOCK_ENV = "SLMSEARCH_TEST_ONLY_BLOCK_IN_STAGE"
+
+if TYPE_CHECKING:
+    from slmsearch.hwmodel.shape import ModelShape
 
 _CALIB_TOKENS: dict[tuple[Any, ...], Any] = {}  # one entry: the last base model's calibration windows
 
@@ -81,6 +88,7 @@ def run(
     from slmsearch.models import load_model, model_fingerprint, resolve_model
 
     location = resolve_model(model_spec)
+    plan.check_fits(model_geometry(location))  # before any model is loaded or stage run
     fingerprint = model_fingerprint(location)
     work = plan.effective()
     stages = work.stages
@@ -106,7 +114,8 @@ def run(
     result = PipelineResult(Path(), reports[:start], cache_hits=start, plan=plan)
     _say(progress, f"{len(stages)} stage(s), {start} from cache")
 
-    scratch = Path(tempfile.mkdtemp(prefix="slmsearch-compress-"))
+    sweep_stale(prefixes=("slmsearch-",))  # scratch folders of killed processes in the temporary folder
+    scratch = owned_tmp_dir("slmsearch-compress-") if cache is None else None  # with a cache, stages go there
     try:
         current_dir: Path | None = start_dir if start_dir is not None else (Path(location) if Path(location).is_dir() else None)
         dense_dir: Path | None = None  # the folder gptq quantized (eora's base)
@@ -139,6 +148,7 @@ def run(
             prefix = Plan(stages[: i + 1])
             meta = checkpoint_meta(prefix, base=location, fingerprint=fingerprint, calib=calib)
             _say(progress, f"stage {i + 1}/{len(stages)}: {stage.kind} {stage.to_dict()}")
+            _test_only_block(stage.kind)
             interrupt.check()
             if not stage.works_on_dirs:
                 report = stage.apply(model, calibration)
@@ -147,7 +157,7 @@ def run(
                 next_is_dir = i + 1 < len(stages) and stages[i + 1].works_on_dirs
                 if cache is not None or next_is_dir:
                     fill = _fill_model(model, tokenizer, prefix, result.reports, meta)
-                    current_dir = cache.put(keys[i], fill) if cache is not None else _scratch_put(scratch, i, fill)
+                    current_dir = cache.put(keys[i], fill) if cache is not None else _scratch_put(scratch, i, fill)  # type: ignore[arg-type]
                 else:
                     current_dir = None  # in memory only
             else:
@@ -160,9 +170,10 @@ def run(
                 def fill(tmp: Path, stage: Any = stage, src: Path = current_dir, prefix: Plan = prefix, meta: dict[str, Any] = meta) -> None:
                     holder["r"] = stage.apply_dir(src, tmp, calibration, dense_dir)
                     interrupt.check()  # a Ctrl-C the library caught: do not commit its output
+                    checkpoint.carry_packed(src, tmp)  # a quantized embedding's codes, past gptqmodel
                     checkpoint.write_records(tmp, prefix, result.reports + [holder["r"]], meta)
 
-                current_dir = cache.put(keys[i], fill) if cache is not None else _scratch_put(scratch, i, fill)
+                current_dir = cache.put(keys[i], fill) if cache is not None else _scratch_put(scratch, i, fill)  # type: ignore[arg-type]
                 result.reports.append(holder["r"])
             result.stage_seconds[stage.kind] = result.reports[-1].seconds
             _say(progress, f"  {stage.kind}: {result.reports[-1].seconds:.1f} s")
@@ -177,18 +188,36 @@ def run(
                 out.rmdir()
             with atomic_dir(out) as tmp:
                 _write_checkpoint(tmp, current_dir, model, tokenizer, plan, result.reports, final_meta)
+                checkpoint.finish(tmp)  # a quantized embedding stored packed only: the size the footprint counts
             result.checkpoint_dir = out
         elif current_dir is not None and (cache is not None and current_dir.parent == cache.root):
             result.checkpoint_dir = current_dir
         elif not stages and current_dir is not None:
             result.checkpoint_dir = current_dir  # nothing to do: the base checkpoint itself
         else:
-            target = Path(tempfile.mkdtemp(prefix="slmsearch-ckpt-"))
+            target = owned_tmp_dir("slmsearch-ckpt-")  # the caller's until this process ends
             _write_checkpoint(target, current_dir, model, tokenizer, plan, result.reports, final_meta)
             result.checkpoint_dir = target
         return result
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+            release(scratch)
+
+
+def _test_only_block(kind: str) -> None:
+    """Test-only (see :data:`TEST_BLOCK_ENV`): write the marker file, then wait until killed or
+    interrupted. Does nothing unless the variable is set."""
+    marker = os.environ.get(TEST_BLOCK_ENV)
+    if not marker:
+        return
+    import json
+    import time
+
+    write_text_atomic(Path(marker), json.dumps({"pid": os.getpid(), "stage": kind}) + "\n")
+    while True:
+        interrupt.check()
+        time.sleep(0.05)
 
 
 def _fill_model(model: Any, tokenizer: Any, prefix: Plan, reports: list[StageReport], meta: dict[str, Any]) -> Any:
@@ -206,6 +235,15 @@ def _scratch_put(scratch: Path, index: int, fill: Any) -> Path:
     return folder
 
 
+def model_geometry(location: str) -> ModelShape:
+    """The shape of the model at ``location`` (a folder or a hub id) from its config alone: enough
+    to check a plan against (:meth:`Plan.check_fits`) without reading a weight."""
+    from slmsearch.hwmodel.shape import ModelShape
+    from slmsearch.models import model_config
+
+    return ModelShape.from_hf_config(model_config(location))
+
+
 def compress_to_dir(
     plan: Plan | str | os.PathLike[str],
     model_spec: str | os.PathLike[str] | None,
@@ -219,10 +257,17 @@ def compress_to_dir(
     """``slmsearch compress --plan plan.yaml --out DIR``: checkpoint + plan.json + reports.json +
     slmsearch.json in ``out_dir``, written atomically (nothing half-written on failure)."""
     from slmsearch.data import resolve_data_dir
+    from slmsearch.outputs import check_output_dir
 
+    check_output_dir(out_dir)  # first: a bad --out costs nothing
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     data = resolve_data_dir(data_dir)
     if data is None:
         raise SlmsearchError("compress needs the data folder (calibration text): pass --data-dir or set SLMSEARCH_DATA_DIR")
+    from slmsearch.models import check_tensors, resolve_model
+
+    location = resolve_model(model_spec)
+    plan.check_fits(model_geometry(location))  # the plan fits the model, and the model is whole,
+    check_tensors(location)  # before anything is loaded or printed
     return run(plan, model_spec, data, calib, cache=cache, out=Path(out_dir), progress=progress)

@@ -139,6 +139,15 @@ class Plan:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     # what the stages tell ------------------------------------------------------------------------
+    def check_fits(self, base_shape: ModelShape) -> None:
+        """Raise a SlmsearchError naming the first stage that cannot run on a model of
+        ``base_shape`` (too many layers dropped, a group size that does not divide, ...), by
+        arithmetic on the shapes each stage meets: before any model is loaded or stage run."""
+        shape = base_shape
+        for stage in self.effective().stages:
+            stage.check_fits(shape)
+            shape = stage.shape(shape)
+
     def shape(self, base_shape: ModelShape) -> ModelShape:
         """The ModelShape of this plan's output, by pure arithmetic on ``base_shape``: each stage
         that does something changes the shape in turn (no-op stages are skipped, as the pipeline

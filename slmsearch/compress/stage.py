@@ -97,6 +97,12 @@ class Stage:
         """True when the stage leaves the model unchanged (its output equals its input)."""
         return False
 
+    def check_fits(self, shape: ModelShape) -> None:
+        """Raise a SlmsearchError when this stage cannot run on a model of ``shape`` (its input's
+        shape), by arithmetic alone: ``Plan.check_fits`` calls it before any stage runs. The
+        default: every shape fits."""
+        return None
+
     # what the stage tells the rest of slmsearch ---------------------------------------------------
     def shape(self, shape: ModelShape) -> ModelShape:  # pragma: no cover - abstract
         """The hardware-model shape of this stage's output, given its input's ``shape`` (pure

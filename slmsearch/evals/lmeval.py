@@ -1,4 +1,13 @@
-"""Running lm-eval on an in-memory model, with the local task files or lm-eval's hub tasks."""
+"""Running lm-eval on an in-memory model, with the local task files or lm-eval's hub tasks.
+
+Nothing executable is read from the cache. The local tasks' configurations are built here from the
+packaged templates (``tasks/*.yaml.in``, read with the safe YAML loader) and handed to lm-eval as
+dicts; the WikiText task's hooks are lm-eval's own functions, imported from the installed package.
+The cache (``$SLMSEARCH_CACHE/evals/data-<sha>/``) holds only the derived data files (the page
+subset, the scored and few-shot TriviaQA rows), and they are checked byte for byte against what the
+verified data folder yields on every use: a changed, missing or extra file makes the folder be
+rebuilt, never read.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +15,17 @@ import hashlib
 import json
 import os
 import shutil
+import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from slmsearch.data import data_path, triviaqa_split
-from slmsearch.fsutil import atomic_dir, cache_dir
+from slmsearch.fsutil import atomic_dir, cache_dir, owner_tag
 
 TASK_TEMPLATES = Path(__file__).parent / "tasks"
 LOCAL_TASKS = {"wikitext": "slmsearch_wikitext", "triviaqa": "slmsearch_triviaqa"}
+_FILLS = {"@PAGES@": "pages.jsonl", "@SCORED@": "triviaqa_scored.jsonl", "@FEWSHOT@": "triviaqa_fewshot.jsonl"}
 
 
 def _offline_env() -> None:
@@ -21,44 +33,83 @@ def _offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def local_task_dir(data_dir: Path, *, word_pages: int | None, triviaqa_limit: int | None) -> Path:
-    """Write (once) the local task YAMLs and the derived data files into the cache; return the folder.
-
-    The data folder stays read-only: the page subset and the scored/few-shot TriviaQA files are
-    derived here, keyed by the data hashes and the limits.
-    """
-    pages_src = data_path(data_dir, "wikitext_test_pages")
-    templates = sorted(p for p in TASK_TEMPLATES.iterdir() if p.is_file())
-    key_src = json.dumps(  # the templates' contents too: an edited task file must not reuse an old folder
-        [str(pages_src), word_pages, triviaqa_limit, [(p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in templates]]
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    folder = cache_dir("evals") / f"tasks-{key}"
-    if (folder / "DONE").is_file():
-        return folder
+@lru_cache(maxsize=8)
+def _derived_files(data_dir: Path, word_pages: int | None, triviaqa_limit: int | None, stamp: tuple[Any, ...]) -> dict[str, bytes]:
+    """The derived data files' contents, from the verified data folder (``stamp``: its files' mtimes)."""
+    pages = data_path(data_dir, "wikitext_test_pages").read_text(encoding="utf-8").splitlines()
+    if word_pages is not None:
+        pages = pages[:word_pages]
     scored, fewshot = triviaqa_split(data_dir)
     if triviaqa_limit is not None:
         scored = scored[:triviaqa_limit]
+    return {
+        "pages.jsonl": ("\n".join(pages) + "\n").encode("utf-8"),
+        "triviaqa_scored.jsonl": "".join(json.dumps(r) + "\n" for r in scored).encode("utf-8"),
+        "triviaqa_fewshot.jsonl": "".join(json.dumps(r) + "\n" for r in fewshot).encode("utf-8"),
+    }
+
+
+def _matches(folder: Path, expected: dict[str, bytes]) -> bool:
+    """Exactly the expected files, byte for byte (nothing missing, changed or added)."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+        return names == set(expected) and all((folder / n).read_bytes() == data for n, data in expected.items())
+    except OSError:
+        return False
+
+
+def local_task_dir(data_dir: Path, *, word_pages: int | None, triviaqa_limit: int | None) -> Path:
+    """The folder of derived data files for these limits, in the cache, verified on every call.
+
+    The data folder stays read-only. The folder's name is the sha256 of its contents; a folder that
+    does not match byte for byte (changed, truncated, a file planted beside them) is removed and
+    written again.
+    """
+    stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(Path(data_dir).rglob("*")) if p.is_file())
+    expected = _derived_files(Path(data_dir), word_pages, triviaqa_limit, stamp)
+    key = hashlib.sha256(json.dumps({n: hashlib.sha256(d).hexdigest() for n, d in sorted(expected.items())}).encode())
+    folder = cache_dir("evals") / f"data-{key.hexdigest()[:16]}"
+    if _matches(folder, expected):
+        return folder
+    if folder.exists() or folder.is_symlink():
+        trash = folder.parent / f".trash-{owner_tag()}-{time.monotonic_ns()}-{folder.name}"
+        try:
+            os.rename(folder, trash)
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink()
+        except OSError:
+            pass  # another process replaced it meanwhile: checked again below
     with atomic_dir(folder) as tmp:
-        pages = pages_src.read_text(encoding="utf-8").splitlines()
-        if word_pages is not None:
-            pages = pages[:word_pages]
-        (tmp / "pages.jsonl").write_text("\n".join(pages) + "\n", encoding="utf-8")
-        for name, rows in (("triviaqa_scored.jsonl", scored), ("triviaqa_fewshot.jsonl", fewshot)):
-            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        shutil.copy(TASK_TEMPLATES / "wikitext_hooks.py", tmp / "wikitext_hooks.py")
-        fills = {
-            "@PAGES@": str(folder / "pages.jsonl"),
-            "@SCORED@": str(folder / "triviaqa_scored.jsonl"),
-            "@FEWSHOT@": str(folder / "triviaqa_fewshot.jsonl"),
-        }
-        for template in TASK_TEMPLATES.glob("*.yaml.in"):
-            text = template.read_text(encoding="utf-8")
-            for mark, value in fills.items():
-                text = text.replace(mark, value)
-            (tmp / template.name.removesuffix(".in")).write_text(text, encoding="utf-8")
-        (tmp / "DONE").write_text("ok\n")
+        for name, data in expected.items():
+            (tmp / name).write_bytes(data)
+    if not _matches(folder, expected):
+        raise RuntimeError(f"the derived evaluation files in {folder} keep changing while they are used")
     return folder
+
+
+def local_task_configs(data_dir: Path, *, word_pages: int | None, triviaqa_limit: int | None) -> dict[str, dict[str, Any]]:
+    """lm-eval task configurations (name -> dict) of the local tasks, over verified data files.
+
+    Built from the packaged templates with the safe YAML loader; the WikiText task's hooks are
+    lm-eval's own ``wikitext_detokenizer`` and ``process_results`` (what its ``wikitext`` task uses).
+    """
+    import yaml
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer
+
+    folder = local_task_dir(data_dir, word_pages=word_pages, triviaqa_limit=triviaqa_limit)
+    configs = {}
+    for template in sorted(TASK_TEMPLATES.glob("*.yaml.in")):
+        text = template.read_text(encoding="utf-8")
+        for mark, name in _FILLS.items():
+            text = text.replace(mark, str(folder / name))
+        config = yaml.safe_load(text)
+        if config["task"] == LOCAL_TASKS["wikitext"]:
+            config["doc_to_target"] = wikitext_detokenizer
+            config["process_results"] = process_results
+        configs[config["task"]] = config
+    return configs
 
 
 def run_lm_eval(
@@ -86,22 +137,21 @@ def run_lm_eval(
     """
     _offline_env() if data_dir is not None else None
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from slmsearch.evals.prefix_lm import PrefixCachedHFLM
+    from slmsearch.evals.prefix_lm import ProgressHFLM, ProgressPrefixCachedHFLM
 
     if data_dir is not None:
-        folder = local_task_dir(data_dir, word_pages=word_pages, triviaqa_limit=limit)
-        manager = TaskManager(include_path=str(folder), include_defaults=False)
-        names = [LOCAL_TASKS[t] for t in tasks]
+        configs = local_task_configs(data_dir, word_pages=word_pages, triviaqa_limit=limit)
+        manager = TaskManager(include_defaults=False)
+        names = [configs[LOCAL_TASKS[t]] for t in tasks]
         task_limit = None  # the derived files already hold exactly the scored rows
     else:
         manager = TaskManager()
-        names = list(tasks)
+        names = list(tasks)  # type: ignore[assignment]
         task_limit = limit
     device = str(next(model.parameters()).device)
-    lm_class = PrefixCachedHFLM if prefix_cache else HFLM
+    lm_class = ProgressPrefixCachedHFLM if prefix_cache else ProgressHFLM  # with "[lm-eval] ..." lines
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
     results = simple_evaluate(
         model=lm,

@@ -103,3 +103,50 @@ class PrefixCachedHFLM(HFLM):
         self.prefix_stats["requests"] += batch
         self.prefix_stats["suffix_tokens"] += int(suffix_mask.sum())
         return out
+
+
+class ProgressMixin:
+    """Put in front of an HFLM class: a ``[lm-eval]`` line every ~10 s while requests run
+    (lm-eval's own bar, drawn only on a terminal and updated per request, sat at 0% for minutes):
+    rolling-loglikelihood windows scored (pages asked) and generation requests answered."""
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        from slmsearch.progress import Ticker
+
+        self._ticker = Ticker("lm-eval", None, "loglikelihood windows", note_total=f"{len(requests)} pages")
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm)  # type: ignore[misc]
+        finally:
+            self._ticker = None
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        from slmsearch.progress import Ticker
+
+        self._ticker = Ticker("lm-eval", len(requests), "generation requests")
+        try:
+            return super().generate_until(requests, disable_tqdm)  # type: ignore[misc]
+        finally:
+            self._ticker = None
+
+    def _model_call(self, inps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = super()._model_call(inps, *args, **kwargs)  # type: ignore[misc]
+        ticker = getattr(self, "_ticker", None)
+        if ticker is not None and ticker.total is None:
+            ticker.tick(int(inps.shape[0]))
+        return out
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> torch.Tensor:
+        out = super()._model_generate(context, max_length, stop, **kwargs)  # type: ignore[misc]
+        ticker = getattr(self, "_ticker", None)
+        if ticker is not None and ticker.total is not None:
+            ticker.tick(int(context.shape[0]))
+        return out
+
+
+class ProgressPrefixCachedHFLM(ProgressMixin, PrefixCachedHFLM):
+    """:class:`PrefixCachedHFLM` with progress lines."""
+
+
+class ProgressHFLM(ProgressMixin, HFLM):
+    """lm-eval's ``HFLM`` with progress lines."""
+

@@ -38,6 +38,11 @@ class EvalSettings:
                 raise SlmsearchError(f"eval setting {name} must be >= 1, got {getattr(self, name)}")
         if self.triviaqa_shots < 0:
             raise SlmsearchError(f"triviaqa_shots must be >= 0, got {self.triviaqa_shots}")
+        for name in ("token_windows", "word_pages", "triviaqa_limit", "logprob_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SlmsearchError(f"eval setting {name} must be >= 1, or null for all, got {getattr(self, name)}")
+        if self.word_max_length is not None and self.word_max_length < 2:
+            raise SlmsearchError(f"eval setting word_max_length must be >= 2, or null for the model's maximum, got {self.word_max_length}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> EvalSettings:

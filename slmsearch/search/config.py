@@ -7,6 +7,7 @@ dataclass; a value out of range names itself and the rule it broke.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ import yaml
 
 from slmsearch.errors import SlmsearchError
 from slmsearch.evals.settings import EvalSettings
+from slmsearch.search.schema import check_section
 
 if TYPE_CHECKING:  # compress.calib imports torch, which this module must not (it is imported lazily)
     from slmsearch.compress.calib import CalibSettings
@@ -23,23 +25,20 @@ STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 SAMPLERS = ("nsga2", "tpe", "random")
 DIRECTIONS = ("minimize", "maximize")
 # Objective names: quality metrics from slmsearch.evals, or hardware-model outputs.
-HW_OBJECTIVES = ("decode_latency_s", "energy_per_token_j", "footprint_mb")
+HW_OBJECTIVES = ("decode_latency_s", "energy_per_token_j", "footprint_mb", "decode_avg_latency_s", "prefill_latency_s")
+# Deployment choices the hardware model prices (slmsearch.hwmodel.deployment); one value = not searched.
+ACTIVATION_BITS = (16, 8)
+WEIGHT_MEMORY_FIRST = ("layers", "lm_head")
+KV_CACHE_LEVELS = ("l2", "l3")
 GPTQ_BITS = (2, 3, 4, 8, 16)  # 16 = not quantized
 GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
 EMBEDDING_BITS = (16, 8, 4)
 WANDA_PATTERNS = ("none", "unstructured", "2:4", "4:8", "structured")
 GB = 10**9  # bytes in a GB: sizes in a study file are decimal, as budget_mb's MB is 1e6 bytes
-
-
-def _reject_unknown(section: str, raw: dict[str, Any], cls: type) -> None:
-    if not isinstance(raw, dict):
-        raise SlmsearchError(f"study section {section!r} must be a mapping, got {raw!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise SlmsearchError(
-                f"unknown key {key!r} in study section {section!r}; known keys: {', '.join(sorted(known))}"
-            )
+SEED_LIMIT = 2**32  # numpy's and Optuna's samplers take seeds in 0 .. 2**32 - 1
+# Settings that do not change what a study's trials mean: a resumed study may change them (each
+# change is recorded as a new run segment); any other change is refused (search/study.py).
+RUN_KEYS = ("trials", "timeout_s", "storage", "cache_gb", "heartbeat_s", "grace_s", "data_dir", "trust_remote_code")
 
 
 def _range(section: str, name: str, pair: Any, low: float, high: float) -> tuple[float, float]:
@@ -84,6 +83,10 @@ class SpaceConfig:
     act_order: tuple[bool, ...] = (False,)
     eora_ranks: tuple[int, ...] = (0, 8, 16, 32)  # only with GPTQ
     embedding_bits: tuple[int, ...] = (16, 8, 4)
+    # deployment choices (priced by the hardware model; quality is the fp16 checkpoint's)
+    activation_bits: tuple[int, ...] = (16,)  # 8 = integer activations: matrix work on N-EUREKA
+    weight_memory_first: tuple[str, ...] = ("layers",)  # what fills the NPU weight memories first
+    kv_cache_level: tuple[str, ...] = ("l2",)  # l2 (spills to l3) | l3
 
     def __post_init__(self) -> None:
         s = "space"
@@ -96,7 +99,7 @@ class SpaceConfig:
         object.__setattr__(self, "unstructured_sparsity", _range(s, "unstructured_sparsity", self.unstructured_sparsity, 0.0, 0.95))
         object.__setattr__(self, "lora_ranks", _choices(s, "lora_ranks", self.lora_ranks, tuple(range(0, 1025))))
         if not 1 <= self.lora_steps <= 100_000:
-            raise SlmsearchError(f"space.lora_steps must be >= 1, got {self.lora_steps}")
+            raise SlmsearchError(f"space.lora_steps must be an integer in 1..100000, got {self.lora_steps}")
         if not 0 <= self.lora_heldout <= 4096:
             raise SlmsearchError(f"space.lora_heldout must be 0 (no report) to 4096 windows, got {self.lora_heldout}")
         object.__setattr__(self, "gptq_bits", _choices(s, "gptq_bits", self.gptq_bits, GPTQ_BITS))
@@ -104,6 +107,10 @@ class SpaceConfig:
         object.__setattr__(self, "act_order", _choices(s, "act_order", self.act_order, (False, True)))
         object.__setattr__(self, "eora_ranks", _choices(s, "eora_ranks", self.eora_ranks, tuple(range(0, 4097))))
         object.__setattr__(self, "embedding_bits", _choices(s, "embedding_bits", self.embedding_bits, EMBEDDING_BITS))
+        object.__setattr__(self, "activation_bits", _choices(s, "activation_bits", self.activation_bits, ACTIVATION_BITS))
+        object.__setattr__(self, "weight_memory_first",
+                           _choices(s, "weight_memory_first", self.weight_memory_first, WEIGHT_MEMORY_FIRST))
+        object.__setattr__(self, "kv_cache_level", _choices(s, "kv_cache_level", self.kv_cache_level, KV_CACHE_LEVELS))
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class StudyConfig:
     platform_overrides: dict[str, float] = field(default_factory=dict)
     budget_mb: float = 64.0  # deployed footprint limit, MB = 1e6 bytes
     context_len: int = 512  # KV-cache length for memory and decode latency
+    prefill_len: int = 0  # prompt length priced as prefill_latency_s (its activations count in the footprint)
     objectives: tuple[Objective, ...] = (
         Objective("wikitext_word_ppl", "minimize"),
         Objective("triviaqa_exact_match", "maximize"),
@@ -175,18 +183,36 @@ class StudyConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget_mb, (int, float)) or self.budget_mb <= 0:
+        if not isinstance(self.budget_mb, (int, float)) or not math.isfinite(self.budget_mb) or self.budget_mb <= 0:
             raise SlmsearchError(f"budget must be a positive number of MB, got {self.budget_mb!r}; e.g. --budget-mb 64")
         if self.sampler not in SAMPLERS:
             raise SlmsearchError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.trials < 1:
-            raise SlmsearchError(f"trials must be >= 1, got {self.trials}")
+            raise SlmsearchError(f"trials (--trials) must be an integer >= 1, got {self.trials}")
+        if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise SlmsearchError(
+                f"timeout_s (--timeout) must be a positive number of seconds, or null for none, got {self.timeout_s!r}"
+            )
+        if self.population_size < 2:
+            raise SlmsearchError(f"population_size must be an integer >= 2 (NSGA-II's generation size), got {self.population_size}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise SlmsearchError(f"seed (--seed) must be an integer in 0..{SEED_LIMIT - 1}, got {self.seed}")
+        if not math.isfinite(self.cache_gb) or self.cache_gb <= 0:
+            raise SlmsearchError(f"cache_gb must be a positive number of GB (1e9 bytes), got {self.cache_gb!r}")
+        if not self.name:
+            raise SlmsearchError("name (--study-name) must be a non-empty string")
+        if not self.platform:
+            raise SlmsearchError("platform (--platform) must name a platform or a YAML file, got ''")
         if not self.objectives:
             raise SlmsearchError("a study needs at least one objective")
         if self.heartbeat_s < 1 or self.grace_s <= self.heartbeat_s:
             raise SlmsearchError(
                 f"need heartbeat_s >= 1 and grace_s > heartbeat_s, got {self.heartbeat_s} and {self.grace_s}"
             )
+        if not 0 <= self.prefill_len <= self.context_len:
+            raise SlmsearchError(f"prefill_len must be in 0..context_len ({self.context_len}), got {self.prefill_len}")
+        if self.prefill_len == 0 and any(o.metric == "prefill_latency_s" for o in self.objectives):
+            raise SlmsearchError("objective prefill_latency_s needs a prompt length: set prefill_len (e.g. 64)")
         if self.context_len < 1:
             raise SlmsearchError(f"context_len must be >= 1, got {self.context_len}")
         wanted = [o.metric for o in self.objectives if o.metric not in HW_OBJECTIVES]
@@ -216,55 +242,46 @@ class StudyConfig:
 
 def calibration_from(raw: dict[str, Any] | None) -> CalibSettings:
     """A ``calibration`` section (or a stored one) as CalibSettings: missing keys take its
-    defaults, unknown keys are rejected by name."""
+    defaults; unknown keys and values of the wrong type are rejected by name."""
     from slmsearch.compress.calib import CalibSettings
 
-    section = raw or {}
-    _reject_unknown("calibration", section, CalibSettings)
-    try:
-        return CalibSettings(**section)
-    except TypeError as exc:
-        raise SlmsearchError(f"study section 'calibration': {exc}") from None
+    return CalibSettings(**check_section("calibration", {} if raw is None else raw, CalibSettings))
 
 
 def evaluation_from(raw: dict[str, Any] | None) -> EvalSettings:
     """An ``evaluation`` section (or a stored one) as EvalSettings: missing keys take its
     defaults, except ``metrics``, which the study's objectives decide unless the section names
-    them; unknown keys are rejected by name."""
-    section = raw or {}
-    _reject_unknown("evaluation", section, EvalSettings)
-    try:
-        return EvalSettings.from_dict({"metrics": (), **section})
-    except TypeError as exc:
-        raise SlmsearchError(f"study section 'evaluation': {exc}") from None
+    them; unknown keys and values of the wrong type are rejected by name."""
+    return EvalSettings.from_dict({"metrics": (), **check_section("evaluation", {} if raw is None else raw, EvalSettings)})
+
+
+_SECTIONS = ("space", "pruning", "objectives", "calibration", "evaluation")
+
+
+def _objectives(raw: Any) -> tuple[Objective, ...]:
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise SlmsearchError(
+            f"objectives must be a non-empty list of {{metric: ..., direction: ...}} mappings, got {raw!r}"
+        )
+    return tuple(Objective(**check_section("objectives", item, Objective)) for item in raw)
 
 
 def _build(raw: dict[str, Any]) -> StudyConfig:
-    _reject_unknown("study", raw, StudyConfig)
-    data = dict(raw)
-    if "space" in data:
-        space = data["space"] or {}
-        _reject_unknown("space", space, SpaceConfig)
-        data["space"] = SpaceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
-    if "pruning" in data:
-        _reject_unknown("pruning", data["pruning"] or {}, PruningConfig)
-        data["pruning"] = PruningConfig(**(data["pruning"] or {}))
-    if "objectives" in data:
-        objectives = []
-        for item in data["objectives"] or []:
-            if not isinstance(item, dict):
-                raise SlmsearchError(f"each objective must be {{metric: ..., direction: ...}}, got {item!r}")
-            _reject_unknown("objectives", item, Objective)
-            objectives.append(Objective(**item))
-        data["objectives"] = tuple(objectives)
-    if "calibration" in data:
-        data["calibration"] = calibration_from(data["calibration"])
-    if "evaluation" in data:
-        data["evaluation"] = evaluation_from(data["evaluation"])
-    try:
-        return StudyConfig(**data)
-    except TypeError as exc:
-        raise SlmsearchError(f"study file: {exc}") from None
+    """A StudyConfig from a study file's mapping: every section, key and type checked
+    (:mod:`slmsearch.search.schema`), then every range (the dataclasses' own checks)."""
+    top = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    data: dict[str, Any] = check_section("", top, StudyConfig, localns={"CalibSettings": Any})
+    if "space" in raw:
+        data["space"] = SpaceConfig(**check_section("space", {} if raw["space"] is None else raw["space"], SpaceConfig))
+    if "pruning" in raw:
+        data["pruning"] = PruningConfig(**check_section("pruning", {} if raw["pruning"] is None else raw["pruning"], PruningConfig))
+    if "objectives" in raw:
+        data["objectives"] = _objectives(raw["objectives"])
+    if "calibration" in raw:
+        data["calibration"] = calibration_from(raw["calibration"])
+    if "evaluation" in raw:
+        data["evaluation"] = evaluation_from(raw["evaluation"])
+    return StudyConfig(**data)
 
 
 def load_study_config(path_or_name: str | Path | None = None) -> StudyConfig:
@@ -286,6 +303,19 @@ def load_study_config(path_or_name: str | Path | None = None) -> StudyConfig:
     if not isinstance(raw, dict):
         raise SlmsearchError(f"study file {str(path)!r} must hold a mapping of keys")
     return _build(raw)
+
+
+def changed_settings(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The settings (dotted keys, e.g. ``space.lora_steps``) whose values differ between two stored
+    configs (``StudyConfig.to_dict`` after a JSON round trip). A key that only one side holds (a
+    setting added or removed by another version of slmsearch) is not a change."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in before:
+            if key in after:
+                out += changed_settings(before[key], after[key], f"{prefix}{key}.")
+        return out
+    return [] if before == after else [(prefix.rstrip("."), before, after)]
 
 
 def with_overrides(config: StudyConfig, **flags: Any) -> StudyConfig:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from slmsearch.errors import SlmsearchError
-from slmsearch.search.storage import LocatedStudy, redact
+from slmsearch.search.storage import LocatedStudy, open_storage, redact
 
 HOST = "127.0.0.1"
 
@@ -46,11 +46,10 @@ def dashboard_url(port: int, study_id: int | None = None, host: str = HOST) -> s
 
 def serve(located: LocatedStudy, *, port: int = 8080, log: Callable[[str], Any] = print) -> None:
     """Serve optuna-dashboard for the study's storage on 127.0.0.1 until interrupted."""
-    from optuna.storages import RDBStorage
     from optuna_dashboard import run_server
 
     port = check_port(port)
-    storage = RDBStorage(located.url)  # plain: the dashboard only reads (and takes notes)
+    storage = located.storage if located.storage is not None else open_storage(located.url)  # one handle per process
     study_id = storage.get_study_id_from_name(located.name)
     log(f"optuna-dashboard for study {located.name!r} ({redact(located.url)}) at {dashboard_url(port, study_id)}")
     log("press Ctrl-C to stop")

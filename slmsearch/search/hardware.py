@@ -5,24 +5,36 @@ Here because it maps a Plan to a shape, and hwmodel may not import compress.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from slmsearch.errors import SlmsearchError
 from slmsearch.hwmodel import ModelShape
+from slmsearch.models import model_config
+
+
+def max_positions(location: str) -> int | None:
+    """The longest sequence the model at ``location`` was built for (``max_position_embeddings``),
+    or None when its config does not say."""
+    value = model_config(location).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_context(location: str, context_len: int, key: str = "--context") -> None:
+    """A context length of at least 1 token and at most the model's positions."""
+    limit = max_positions(location)
+    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1 or (limit and context_len > limit):
+        allowed = f"1..{limit}" if limit else ">= 1"
+        raise SlmsearchError(
+            f"{key} {context_len!r} is outside the model's positions; allowed: {allowed} tokens "
+            f"(max_position_embeddings of {location})"
+        )
 
 
 def base_shape(location: str) -> ModelShape:
     """The base model's shape from its config, as deployed: every weight dense and 16-bit, whatever
     precision the checkpoint stores. ``location`` is a model folder or a hub id."""
-    from slmsearch.checkpoint import CONFIG_FILE
-
-    path = Path(location)
-    if path.is_dir():
-        return ModelShape.from_hf_config(json.loads((path / CONFIG_FILE).read_text()))
-    from transformers import AutoConfig
-
-    return ModelShape.from_hf_config(AutoConfig.from_pretrained(location).to_dict())
+    return ModelShape.from_hf_config(model_config(location))
 
 
 def model_shape(location: str, plan_file: str | Path | None = None) -> ModelShape:
@@ -39,7 +51,9 @@ def model_shape(location: str, plan_file: str | Path | None = None) -> ModelShap
     if plan_file is not None:
         from slmsearch.compress.plan import Plan
 
-        shape = Plan.load(plan_file).shape(shape)
+        plan = Plan.load(plan_file)
+        plan.check_fits(shape)
+        shape = plan.shape(shape)
     return shape
 
 
@@ -53,8 +67,15 @@ def write_hw_report(
     from slmsearch.hwmodel import load_platform
     from slmsearch.hwmodel.summary import hw_report
     from slmsearch.models import resolve_model
+    from slmsearch.outputs import check_output_file
 
+    check_output_file(out_path)
     plat = load_platform(platform, overrides or None)
-    report = hw_report(model_shape(resolve_model(model), plan_file), plat, context_len=context_len, prefill_len=prefill_len)
+    location = resolve_model(model)
+    check_context(location, context_len)
+    limit = max_positions(location)
+    if isinstance(prefill_len, bool) or not isinstance(prefill_len, int) or prefill_len < 0 or (limit and prefill_len > limit):
+        raise SlmsearchError(f"--prefill {prefill_len!r} is outside the model's positions; allowed: 0..{limit or 'any'} tokens")
+    report = hw_report(model_shape(location, plan_file), plat, context_len=context_len, prefill_len=prefill_len)
     write_json_atomic(Path(out_path), report)
     return report

@@ -16,19 +16,29 @@ from pathlib import Path
 from typing import Any
 
 from slmsearch import interrupt
-from slmsearch.search.config import HW_OBJECTIVES, StudyConfig
+from slmsearch.search.config import StudyConfig
 from slmsearch.search.slots import SurplusTrial, claim_slot
-from slmsearch.search.space import suggest_plan
+from slmsearch.search.space import suggest_deployment, suggest_plan
 from slmsearch.search.trials import (
     BASELINE_ATTR, BASELINE_PPL_STUDY_ATTR, CACHE_HITS_ATTR, CONSTRAINT_KEY, EARLY_PPL_ATTR, EVAL_COUNTS_ATTR,
-    EVAL_SECONDS_ATTR, PLAN_ATTR, REJECTED_ATTR, REPEAT_ATTR, SLOT_ATTR, STAGE_SECONDS_ATTR, SURPLUS_ATTR, WORKER_ATTR,
+    EVAL_SECONDS_ATTR, OVER_BUDGET_ATTR, PLAN_ATTR, REJECTED_ATTR, REPEAT_ATTR, SLOT_ATTR, STAGE_SECONDS_ATTR, SURPLUS_ATTR, WORKER_ATTR,
     counted, feasible_evaluated,
 )
 
-# Objective values of a trial rejected by the budget: finite, and worse than any real result.
-# The constraint (footprint over budget) already marks it infeasible for the sampler; these only
-# keep the trial COMPLETE so that the constraint is seen. Hardware objectives keep real values.
-REJECTED_VALUE = {"minimize": 1e6, "maximize": -1e6}
+# How a plan over the budget ends: PRUNED, with its constraint (footprint minus budget, > 0) and
+# its hardware attributes, and no objective values: nothing was measured, so nothing is made up.
+# Read from the installed optuna 5.0 / optuna-dashboard 0.21 source:
+# - TPESampler reads COMPLETE and PRUNED trials and puts any trial whose constraint is > 0 among
+#   the infeasible ones before it looks at the state (tpe/sampler.py `_split_trials`), ranked by
+#   violation after every feasible trial: it still learns that the region is infeasible.
+# - NSGAIISampler builds its populations from COMPLETE trials only, so a rejection takes no place
+#   in a generation and is never a parent; it is not misled (as a COMPLETE trial it only ever
+#   ranked last, and filled population slots with values nobody measured).
+# - optuna-dashboard lists as "best trials" the Pareto front of all COMPLETE trials, constraints
+#   ignored (_pareto_front.py); its plots and importances use the values of COMPLETE trials.
+# The uncompressed baseline over the budget is evaluated all the same (it is the pruning
+# reference) and, for the dashboard's sake, ends PRUNED too, its metrics in its user attributes:
+# trials.status() reads it back as OVER_BUDGET and counted() counts it.
 # Which process ran a trial (host:pid), for studies shared by many workers.
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -50,17 +60,25 @@ class TrialContext:
     current: int | None = None  # number of the trial running now, for Ctrl-C
 
 
-def hardware_attrs(estimate: Any) -> dict[str, Any]:
-    """The hardware model's numbers as flat, JSON-able trial attributes."""
+def hardware_attrs(estimate: Any, ranges: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The hardware model's numbers as flat, JSON-able trial attributes; ``ranges`` (from
+    ``hwmodel.sensitivity.estimate_range``) adds decode_latency_s_range / energy_per_token_j_range."""
     decode = estimate.decode
-    return {
+    out = {
         "footprint_mb": estimate.memory.total_bytes / 1e6,
         "memory_bytes": dict(estimate.memory.by_kind),
         "placement": dict(estimate.placement),  # weight group -> memory level
-        "decode_latency_s": decode.latency_s,
+        "decode_latency_s": decode.latency_s,  # last step of a generation to context_len: the worst case
+        "decode_avg_latency_s": estimate.decode_avg_latency_s,
         "tokens_per_s": decode.tokens_per_s,
         "energy_per_token_j": decode.energy_j_per_token,
+        "deployment": estimate.deployment.to_dict(),
     }
+    if estimate.prefill is not None:
+        out["prefill_latency_s"] = estimate.prefill.latency_s
+    for key, pair in (ranges or {}).items():
+        out[key] = [float(pair[0]), float(pair[1])]
+    return out
 
 
 class Pruned(Exception):
@@ -80,28 +98,32 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     plan = suggest_plan(trial, config.space, ctx.base_shape)
     trial.set_user_attr(PLAN_ATTR, plan.to_dict())
     start = time.perf_counter()
-    est = estimate(plan.shape(ctx.base_shape), ctx.platform, context_len=config.context_len)
-    hw = hardware_attrs(est)
+    from slmsearch.hwmodel.deployment import Deployment
+    from slmsearch.hwmodel.sensitivity import estimate_range
+
+    dep = Deployment(**suggest_deployment(trial, config.space))
+    shape = plan.shape(ctx.base_shape)
+    est = estimate(shape, ctx.platform, context_len=config.context_len,
+                   prefill_len=getattr(config, "prefill_len", 0), deployment=dep)
+    hw = hardware_attrs(est, estimate_range(shape, ctx.platform, context_len=config.context_len, deployment=dep))
     for key, value in hw.items():
         trial.set_user_attr(key, value)
     over = hw["footprint_mb"] - config.budget_mb
     with warnings.catch_warnings():  # a retried trial inherits its (identical) constraint: optuna warns, keeps it
         warnings.filterwarnings("ignore", message="The constraint value is ignored")
         trial.set_constraint(CONSTRAINT_KEY, over)
+    over_reason = f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB"
     if over > 0 and trial.user_attrs.get(BASELINE_ATTR):
         # The uncompressed reference is evaluated whatever its size (pruning compares every trial
         # with it); the constraint keeps it out of the feasible Pareto set.
-        trial.set_user_attr("over_budget", f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB")
+        trial.set_user_attr(OVER_BUDGET_ATTR, over_reason)
     elif over > 0:
-        reason = f"footprint {hw['footprint_mb']:.2f} MB > budget {config.budget_mb:g} MB"
-        trial.set_user_attr(REJECTED_ATTR, reason)
+        trial.set_user_attr(REJECTED_ATTR, over_reason)
         trial.set_user_attr("seconds_total", time.perf_counter() - start)
-        ctx.log(f"trial {trial.number}: rejected before compression ({reason})")
-        return tuple(
-            hw[o.metric] if o.metric in HW_OBJECTIVES else REJECTED_VALUE[o.direction] for o in config.objectives
-        )
+        ctx.log(f"trial {trial.number}: rejected before compression ({over_reason})")
+        raise optuna.TrialPruned(f"over budget, not evaluated: {over_reason}")  # see the note at the top
 
-    twin = find_twin(trial.study, trial.user_attrs[PLAN_ATTR], trial.number)
+    twin = find_twin(trial.study, trial.user_attrs[PLAN_ATTR], trial.number, hw["deployment"])
     if twin is not None:
         return answer_from_twin(trial, twin, ctx, start)
 
@@ -122,6 +144,8 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     trial.set_user_attr("seconds_total", time.perf_counter() - start)
     if "pruned" in metrics:
         raise optuna.TrialPruned(metrics["pruned"])
+    if over > 0:  # the evaluated baseline over budget: measured, kept off the dashboard's best trials
+        raise optuna.TrialPruned(f"evaluated, over budget: {over_reason}")
     values = {**metrics, **hw}
     return tuple(float(values[o.metric]) for o in config.objectives)
 
@@ -131,12 +155,15 @@ _RUN_ATTRS = frozenset({WORKER_ATTR, PLAN_ATTR, SLOT_ATTR, BASELINE_ATTR, "secon
                         "stage_reports"})
 
 
-def find_twin(study: Any, plan: dict[str, Any], number: int) -> Any | None:
-    """An earlier evaluated trial (complete or pruned) of exactly this plan, if the study has one."""
+def find_twin(study: Any, plan: dict[str, Any], number: int, deployment: dict[str, Any] | None = None) -> Any | None:
+    """An earlier evaluated trial (complete or pruned) of exactly this plan, if the study has one
+    (and, when ``deployment`` is given, deployed the same way: its hardware objectives differ)."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if t.number != number and t.user_attrs.get(PLAN_ATTR) == plan and counted(t):
+            if deployment is not None and t.user_attrs.get("deployment", deployment) != deployment:
+                continue
             return t
     return None
 

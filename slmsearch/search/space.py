@@ -98,6 +98,16 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any) -> Plan:
     return plan_from_params(params, space, dims, n_layers)
 
 
+def suggest_deployment(trial: Any, space: SpaceConfig) -> dict[str, Any]:
+    """The deployment choices of ``space`` (activation bits, weight-memory order, KV level) for
+    this trial; a choice with one value is not suggested (it is no parameter of the study)."""
+    out: dict[str, Any] = {}
+    for name, choices in (("activation_bits", space.activation_bits), ("weight_memory_first", space.weight_memory_first),
+                          ("kv_cache_level", space.kv_cache_level)):
+        out[name] = trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
+    return out
+
+
 def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = "structured") -> Plan:
     """The most compressed plan with this WANDA pattern; the smallest footprint the space reaches is
     the least over its patterns (for "budget unreachable" messages)."""

@@ -22,7 +22,19 @@ if TYPE_CHECKING:
     from slmsearch.search.config import StudyConfig
 
 ENV_RUNS = "SLMSEARCH_RUNS"
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+# Each accepted scheme -> (the SQLAlchemy URL scheme it is opened with, the driver module that needs).
+# SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3 and ``mysql://`` to mysqlclient; the
+# pinned drivers (requirements.lock) are psycopg2 and PyMySQL, so bare schemes are rewritten here.
+STORAGE_DRIVERS: dict[str, tuple[str, str]] = {
+    "sqlite": ("sqlite", "sqlite3"),
+    "postgresql": ("postgresql+psycopg2", "psycopg2"),
+    "postgres": ("postgresql+psycopg2", "psycopg2"),
+    "postgresql+psycopg2": ("postgresql+psycopg2", "psycopg2"),
+    "mysql": ("mysql+pymysql", "pymysql"),
+    "mysql+pymysql": ("mysql+pymysql", "pymysql"),
+}
+STORAGE_SCHEMES = tuple(STORAGE_DRIVERS)
+_DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "pymysql": "PyMySQL", "sqlite3": "sqlite3 (Python's own)"}
 _SCHEMA_RACE = re.compile(r"already exists|duplicate key|UniqueViolation|IntegrityError|deadlock", re.IGNORECASE)
 _PASSWORD_KEYS = ("password", "passwd", "pwd")
 
@@ -34,8 +46,23 @@ def runs_dir() -> Path:
     return path
 
 
+_STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: object) -> str:
+    """``name`` when it is a file name (letters, digits, ``-``, ``_``, ``.``; no leading dot, no
+    separator; at most 128 characters): it names ``runs/<name>.db`` and output folders."""
+    if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
+        raise SlmsearchError(
+            f"study name {name!r} is not a file name; use letters, digits, '-', '_' and '.' "
+            "(not first), e.g. --study-name my-study-2"
+        )
+    return name
+
+
 def storage_url(config: StudyConfig) -> str:
     """The study's storage URL (default: a SQLite file named after the study in the runs folder)."""
+    check_study_name(config.name)
     if config.storage:
         return config.storage
     return f"sqlite:///{(runs_dir() / f'{config.name}.db').resolve()}"
@@ -49,44 +76,93 @@ def sqlite_path(url: str) -> Path | None:
     return None if raw in ("", ":memory:") else Path(raw)
 
 
+# The start of a URL as SQLAlchemy's ``make_url`` splits it (sqlalchemy/engine/url.py, _parse_url):
+# scheme, user, ``:``, password, ``@``; SQLAlchemy ends the password at the first ``@``, redaction at
+# the last one, so that a password holding a raw ``@`` (not URL-encoded) is hidden whole too.
+_USERINFO = re.compile(r"(?P<head>[\w+]+://[^:/@]*:)(?P<password>.*)(?P<at>@)")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#\s]*", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"<>`]+")
+
+
 def redact(url: str) -> str:
-    """A storage URL with any password replaced, safe to print (``user:pw@`` and ``?password=pw``)."""
-    url = re.sub(r"(://[^:/@]*):[^?#]*@", r"\1:***@", url)
-    return re.sub(r"([?&](?:password|passwd|pwd)=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
+    """A storage URL with its password replaced by ``***``, safe to print or store; the rest kept
+    as written.
+
+    The password is the field SQLAlchemy reads as the password (its own split of the URL), so it
+    is replaced whatever it holds (``pa%3Fss``, ``p%23ss``, ``p%40ss``, or even a raw ``?`` or ``#``);
+    ``password=``/``passwd=``/``pwd=`` query values are replaced too.
+    """
+    match = _USERINFO.match(url)
+    if match is not None and match.group("password"):
+        url = f"{match.group('head')}***{match.group('at')}{url[match.end():]}"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def _secrets(url: str) -> list[str]:
-    """The password strings in a storage URL, as written and URL-decoded."""
-    from urllib.parse import parse_qs, unquote, urlsplit
+    """The password strings in a storage URL, as SQLAlchemy decodes them and as written."""
+    from urllib.parse import parse_qsl, quote, unquote
 
+    found: list[str] = []
     try:
-        parts = urlsplit(url)
-        found = [parts.password] if parts.password else []
-        found += [v for k, vs in parse_qs(parts.query).items() if k.lower() in _PASSWORD_KEYS for v in vs]
-    except ValueError:
-        return []
-    return [s for f in found for s in {f, unquote(f)} if s]
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        if parsed.password:
+            found.append(str(parsed.password))
+        found += [str(v) for k, v in parsed.query.items() if k.lower() in _PASSWORD_KEYS and isinstance(v, str)]
+    except Exception:
+        match = _USERINFO.match(url)
+        if match and match.group("password"):
+            found.append(match.group("password"))
+        if "?" in url:
+            found += [v for k, v in parse_qsl(url.split("?", 1)[1]) if k.lower() in _PASSWORD_KEYS]
+    variants = {v for f in found for v in (f, unquote(f), quote(f, safe=""))}
+    return sorted((s for s in variants if s), key=len, reverse=True)
 
 
 def scrub(text: str, url: str) -> str:
-    """``text`` (a driver's message) with the URL's passwords replaced by ``***``."""
+    """``text`` (a driver's message) with the URL's password replaced by ``***``: every URL in it
+    redacted (:func:`redact`), and the password (as written and decoded) wherever it stands as a
+    whole word, never inside another word (password ``im``: "import" stays "import")."""
+    text = text.replace(url, redact(url))
+    text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
     for secret in _secrets(url):
-        text = text.replace(secret, "***")
-    return redact(text)
+        esc = re.escape(secret)
+        text = re.sub(rf"(?<![A-Za-z0-9]){esc}(?![A-Za-z0-9])", "***", text)
+    return text
+
+
+def engine_url(url: str) -> str:
+    """The SQLAlchemy URL that opens the storage ``url``: the scheme checked and rewritten to the
+    installed driver (``postgresql://`` -> ``postgresql+psycopg2://``). Every opening of a storage
+    URL goes through here; the result holds the password, so it is never printed."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in STORAGE_DRIVERS:
+        raise SlmsearchError(
+            f"storage URL scheme {scheme.lower() if sep else ''!r} is not supported; use sqlite:///path.db or "
+            "postgresql://user@host/db"
+        )
+    dialect, driver = STORAGE_DRIVERS[scheme.lower()]
+    if importlib.util.find_spec(driver) is None:
+        raise SlmsearchError(
+            f"storage scheme {scheme!r} needs the driver module {driver!r}, which is not installed; "
+            f"pip install {_DRIVER_PACKAGES.get(driver, driver)}"
+        )
+    return f"{dialect}://{rest}"
 
 
 def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 30) -> Any:
-    """An Optuna RDB storage with heartbeats, so that a killed worker's trial is failed and retried."""
+    """An Optuna RDB storage with heartbeats, so that a killed worker's trial is failed and retried.
+
+    Open it once per process and pass the handle on: each handle holds its own connection pool."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if scheme not in STORAGE_SCHEMES:
-        raise SlmsearchError(
-            f"storage URL scheme {scheme!r} is not supported; use sqlite:///path.db or postgresql://user@host/db"
-        )
+    engine = engine_url(url)
     engine_kwargs = None
-    if scheme.startswith("postgresql"):  # fail fast on an unreachable host instead of the TCP timeout
+    if engine.startswith("postgresql"):  # fail fast on an unreachable host instead of the TCP timeout
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
         for attempt in range(6):
@@ -94,7 +170,7 @@ def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 
                 with warnings.catch_warnings():  # heartbeats are "experimental" in optuna 5.0, and relied upon here
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     return RDBStorage(
-                        url,
+                        engine,
                         heartbeat_interval=heartbeat_interval,
                         grace_period=grace_period,
                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
@@ -129,6 +205,7 @@ class LocatedStudy:
     study: Any
     url: str
     config: dict[str, Any]
+    storage: Any = None  # the RDBStorage it was read through (one per process: reuse it)
 
     @property
     def name(self) -> str:
@@ -171,7 +248,8 @@ def locate_study(study_file: str | None = None, storage: str | None = None, stud
         raise SlmsearchError(f"no study {name!r} in {redact(url)!r} (studies there: {listed}); pass --study-name NAME")
     study = optuna.load_study(study_name=name, storage=rdb)
     stored = study.user_attrs.get(CONFIG_STUDY_ATTR)
-    return LocatedStudy(study=study, url=url, config=dict(stored) if isinstance(stored, dict) else (config.to_dict() if config else {}))
+    return LocatedStudy(study=study, url=url, config=dict(stored) if isinstance(stored, dict) else (config.to_dict() if config else {}),
+                        storage=rdb)
 
 
 class LockedTrial(NamedTuple):

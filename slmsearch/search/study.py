@@ -12,14 +12,14 @@ from typing import Any
 
 from slmsearch import interrupt
 from slmsearch.errors import SlmsearchError
-from slmsearch.search.config import StudyConfig
+from slmsearch.search.config import RUN_KEYS, StudyConfig, changed_settings
 from slmsearch.search.objective import TrialContext, run_trial
 from slmsearch.search.slots import SurplusTrial, taken_slots
 from slmsearch.search.space import baseline_params, most_compressed_plan
-from slmsearch.search.storage import open_storage, redact, storage_url
+from slmsearch.search.storage import LocatedStudy, check_study_name, open_storage, redact, storage_url
 from slmsearch.search.trials import (
     ANCHOR_ATTR, BASELINE_ATTR, CONFIG_STUDY_ATTR, EVALUATED, FAILED, OBJECTIVES_STUDY_ATTR, OVER_BUDGET,
-    PRUNED, REJECTED, REPEAT, SURPLUS, counted, pareto_trials, status,
+    PRUNED, REJECTED, REPEAT, RUN_SEGMENTS_STUDY_ATTR, SURPLUS, counted, pareto_trials, status,
 )
 
 
@@ -45,12 +45,64 @@ def open_study(config: StudyConfig, storage: Any) -> Any:
         raise SlmsearchError(
             f"study {config.name!r} exists with other objectives; pass another --study-name or the same study file"
         )
+    stored = stored_config(config)
+    _check_resume(study, stored)  # before anything is written to an existing study
+    names = [o.metric for o in config.objectives]
+    if study.metric_names != names:  # named for optuna-dashboard and trials_dataframe (new or resumed study)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     if CONFIG_STUDY_ATTR not in study.user_attrs:
-        stored = config.to_dict()
-        stored["storage"] = redact(stored["storage"]) if stored.get("storage") else None  # never a password
         study.set_user_attr(CONFIG_STUDY_ATTR, stored)
-        study.set_user_attr(OBJECTIVES_STUDY_ATTR, [o.metric for o in config.objectives])
+        study.set_user_attr(OBJECTIVES_STUDY_ATTR, names)
+    _record_run_segment(study, stored)
     return study
+
+
+def stored_config(config: StudyConfig) -> dict[str, Any]:
+    """The config as the study stores it: JSON types, the storage URL without its password."""
+    import json
+
+    raw = config.to_dict()
+    raw["storage"] = redact(raw["storage"]) if raw.get("storage") else None  # never a password
+    return dict(json.loads(json.dumps(raw)))
+
+
+def _check_resume(study: Any, stored: dict[str, Any]) -> None:
+    """Refuse to resume a study with a setting that changes what its trials mean (the budget, the
+    model, the space, the sampler, the seed...); the run settings (``config.RUN_KEYS``) may change."""
+    before = study.user_attrs.get(CONFIG_STUDY_ATTR)
+    if not isinstance(before, dict):
+        return
+    changes = [c for c in changed_settings(before, stored) if c[0].split(".")[0] not in RUN_KEYS]
+    if not changes:
+        return
+    key, old, new = changes[0]
+    more = f" (and {len(changes) - 1} more: {', '.join(c[0] for c in changes[1:])})" if len(changes) > 1 else ""
+    raise SlmsearchError(
+        f"study {study.study_name!r} was run with {key}={old!r}, this run asks for {key}={new!r}{more}; "
+        "that changes what its trials mean: restore the setting, or start a new study with --study-name NAME"
+    )
+
+
+def _record_run_segment(study: Any, stored: dict[str, Any]) -> None:
+    """Append a run segment (its start and its run settings) when the run settings differ from the
+    last segment's, and keep the stored config's run settings current."""
+    from datetime import datetime, timezone
+
+    settings = {k: stored.get(k) for k in RUN_KEYS}
+    segments = study.user_attrs.get(RUN_SEGMENTS_STUDY_ATTR)
+    if not isinstance(segments, list):
+        segments = []
+    if segments and segments[-1].get("settings") == settings:
+        return
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    study.set_user_attr(RUN_SEGMENTS_STUDY_ATTR, [*segments, {"started": started, "settings": settings}])
+    before = study.user_attrs.get(CONFIG_STUDY_ATTR)
+    if isinstance(before, dict) and {k: before.get(k) for k in RUN_KEYS} != settings:
+        study.set_user_attr(CONFIG_STUDY_ATTR, {**before, **settings})
 
 
 def estimate_trial_seconds(config: StudyConfig) -> float:
@@ -68,14 +120,23 @@ def estimate_trial_seconds(config: StudyConfig) -> float:
 
 def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) the study until ``config.trials`` trials are evaluated; returns a summary."""
+    return optimize_located(config, log=log, stop_after=stop_after)[0]
+
+
+def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int | None = None) -> tuple[dict[str, Any], LocatedStudy]:
+    """:func:`optimize`, also returning the study as the results commands read it, through the same
+    storage handle (one per process: each handle holds its own connections)."""
     import optuna
 
     from slmsearch.compress.cache import StageCache
     from slmsearch.data import data_hashes, resolve_data_dir
     from slmsearch.hwmodel import estimate, load_platform
     from slmsearch.models import check_tensors, resolve_model
-    from slmsearch.search.hardware import base_shape as model_base_shape
+    from slmsearch.fsutil import ENV_CACHE, cache_dir
+    from slmsearch.outputs import check_writable_dir
+    from slmsearch.search.hardware import base_shape as model_base_shape, check_context
 
+    check_study_name(config.name)  # it names runs/<name>.db: before anything is loaded or written
     data_dir = resolve_data_dir(config.data_dir)
     if data_dir is None:
         raise SlmsearchError("optimize needs the offline data folder for calibration; pass --data-dir or set SLMSEARCH_DATA_DIR")
@@ -84,6 +145,8 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
     location = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     check_tensors(location, trust_remote_code=config.trust_remote_code)  # before anything is written
     base_shape = model_base_shape(location)  # as deployed: 16-bit, whatever the checkpoint stores
+    check_context(location, config.context_len, "context_len")
+    check_writable_dir(cache_dir(), f"the cache folder (${ENV_CACHE})")  # the stage cache is written to
     smallest = min(
         estimate(most_compressed_plan(config.space, base_shape, pattern=p).shape(base_shape), platform,
                  context_len=config.context_len).memory.total_bytes / 1e6
@@ -126,7 +189,8 @@ def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = 
             _run_loop(study, ctx, log=log, stop_after=stop_after, started=started, max_runs=50 * max(1, remaining))
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(study, ctx)) from None
-    return summarize(study, config, stage_calls=ctx.stage_calls, seconds=time.perf_counter() - started)
+    summary = summarize(study, config, stage_calls=ctx.stage_calls, seconds=time.perf_counter() - started)
+    return summary, LocatedStudy(study=study, url=url, config=dict(study.user_attrs.get(CONFIG_STUDY_ATTR) or {}), storage=storage)
 
 
 class Interrupted(SlmsearchError):
@@ -181,6 +245,7 @@ def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None
     waiting_logged = False
     try:
         while True:
+            interrupt.check()  # also while waiting on other workers
             trials = study.get_trials(deepcopy=False)
             bar.n = sum(counted(t) for t in trials)
             bar.refresh()

@@ -14,7 +14,8 @@ PLAN_ATTR = "plan"  # the plan as a dict (Plan.to_dict)
 BASELINE_ATTR = "baseline"  # True on the enqueued uncompressed reference
 ANCHOR_ATTR = "anchor"  # True on an enqueued anchor plan (search/anchors.py)
 WORKER_ATTR = "worker"  # host:pid of the process that ran it
-REJECTED_ATTR = "rejected"  # why it was over budget; never compressed or evaluated
+REJECTED_ATTR = "rejected"  # why it was over budget; never compressed or evaluated (ends PRUNED, no values)
+OVER_BUDGET_ATTR = "over_budget"  # the baseline over budget: evaluated all the same (ends PRUNED, metrics in attrs)
 REPEAT_ATTR = "repeat_of"  # a plan evaluated before: the number of that trial, answered from it without work
 SURPLUS_ATTR = "surplus"  # every slot was taken when it started: ended FAILED without work (slots.py)
 SLOT_ATTR = "slot"  # the trial's own number once it holds one of the study's slots (slots.py)
@@ -31,6 +32,7 @@ QUALITY_ATTRS = ("wikitext_word_ppl", "wikitext_token_ppl", "triviaqa_exact_matc
 # Study user attributes.
 CONFIG_STUDY_ATTR = "config"  # the StudyConfig as a dict (storage URL redacted)
 OBJECTIVES_STUDY_ATTR = "objectives"  # the metric behind each objective value
+RUN_SEGMENTS_STUDY_ATTR = "run_segments"  # one entry per change of trials/timeout/storage...: {started, settings}
 BASELINE_PPL_STUDY_ATTR = "baseline_early_token_ppl"  # the baseline's early token ppl (the pruning reference)
 
 # What :func:`status` returns.
@@ -62,7 +64,9 @@ def status(trial: Any) -> str:
     if REPEAT_ATTR in attrs:
         return REPEAT
     if trial.state == TrialState.PRUNED:
-        return PRUNED
+        # An evaluated over-budget baseline ends PRUNED (see objective.py); pruned by the early check, it has no metrics.
+        evaluated = OVER_BUDGET_ATTR in attrs and any(k in attrs for k in QUALITY_ATTRS if k != EARLY_PPL_ATTR)
+        return OVER_BUDGET if evaluated else PRUNED
     return EVALUATED if all(c <= 0 for c in trial.constraints.values()) else OVER_BUDGET
 
 

@@ -56,18 +56,22 @@ def test_scores_shapes_and_selection(model, calib):
     assert select_layers(scores, 1, "ppl", 1) == (min(range(4), key=lambda i: scores["ppl"][i]),)
 
 
-def test_scores_cached_once(model, calib, tmp_path):
+def test_scores_cached_once_and_a_planted_change_is_recomputed(model, calib, tmp_path):
     calib.score_dir, calib.model_key = tmp_path, "abc123"
-    report = DepthPrune(drop=1, by="ppl").apply(model, calib)
+    first = DepthPrune(drop=1, by="ppl").apply(model, calib).metrics["dropped"]
     files = list(tmp_path.glob("depth-*.json"))
     assert len(files) == 1
-    data = json.loads(files[0].read_text())
-    data["ppl"] = [9.0, 9.0, 1.0, 9.0]  # a cached file is trusted: layer 2 now looks redundant
-    files[0].write_text(json.dumps(data))
+    stamp = files[0].stat().st_mtime_ns
     from conftest import tiny_model
 
-    report = DepthPrune(drop=1, by="ppl").apply(tiny_model(), calib)
-    assert report.metrics["dropped"] == [2]
+    assert DepthPrune(drop=1, by="ppl").apply(tiny_model(), calib).metrics["dropped"] == first
+    assert files[0].stat().st_mtime_ns == stamp  # read from the cache, not recomputed
+    data = json.loads(files[0].read_text())
+    other = 0 if first[0] != 0 else 1
+    data["ppl"] = [1.0 if i == other else 9.0 for i in range(len(data["ppl"]))]
+    files[0].write_text(json.dumps(data))  # a planted edit: layer `other` now looks redundant
+    assert DepthPrune(drop=1, by="ppl").apply(tiny_model(), calib).metrics["dropped"] == first  # detected, recomputed
+    assert json.loads(files[0].read_text())["ppl"] != data["ppl"]
 
 
 def test_explicit_indices_and_validation(model, calib):

@@ -27,8 +27,11 @@ def test_merge_keeps_zeros_and_lowers_heldout_loss(model, calib):
     assert not any("lora" in k for k in model.state_dict())
 
 
-def test_keep_adapter(model, calib):
+def test_keep_adapter(model, calib, capsys):
     report = LoraRecovery(rank=2, steps=2, merge=False, seqlen=32).apply(model, calib)
+    lines = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("[lora]")]
+    curve = report.metrics["loss_curve"]
+    assert lines == [f"[lora] step 1/2 loss {curve[0]:.3f}", f"[lora] step 2/2 loss {curve[1]:.3f}"]  # first and last
     adapter = getattr(model, ADAPTER_ATTR)
     assert adapter["config"].r == 2 and any("lora_A" in k for k in adapter["state"])
     assert "heldout_loss_after" in report.metrics

@@ -49,6 +49,30 @@ def _write(tmp_path, text):
         ("objectives: [{metric: accuracy, direction: maximize}]\n", "'accuracy'"),
         ("sampler: cmaes\n", "'cmaes'"),
         ("space: {lora_heldout: -1}\n", "space.lora_heldout must be 0 (no report) to 4096 windows, got -1"),
+        # types: one line naming the key, the value and what is allowed (no TypeError from a comparison)
+        ("space: {lora_steps: ten}\n", "space.lora_steps must be an integer, got 'ten'"),
+        ("space: {drop_layers: [0, x]}\n", "space.drop_layers must be a [low, high] pair of integers, got [0, 'x']"),
+        ("space: {drop_layers: [0, 1, 2]}\n", "space.drop_layers must be a [low, high] pair of integers, got [0, 1, 2]"),
+        ("space: {structured_fraction: [0, .nan]}\n", "space.structured_fraction must be a [low, high] pair of numbers"),
+        ("space: {act_order: [0]}\n", "space.act_order must be a list of true/false values, got [0]"),
+        ("calibration: {n_samples: x}\n", "calibration.n_samples must be an integer, got 'x'"),
+        ("pruning: {first_windows: '2'}\n", "pruning.first_windows must be an integer, got '2' (text, not a number: drop the quotes)"),
+        ("pruning: {max_ppl_ratio: .inf}\n", "pruning.max_ppl_ratio must be a finite number, got inf"),
+        ("evaluation: {token_windows: four}\n", "evaluation.token_windows must be an integer or null, got 'four'"),
+        ("evaluation: {word_pages: 0}\n", "word_pages must be >= 1, or null for all, got 0"),
+        ("population_size: 0\n", "population_size must be an integer >= 2 (NSGA-II's generation size), got 0"),
+        ("trials: eight\n", "trials must be an integer, got 'eight'"),
+        ("trials: 2.5\n", "trials must be an integer, got 2.5"),
+        ("trials: true\n", "trials must be an integer, got True"),
+        ("budget_mb: .nan\n", "budget_mb must be a finite number, got nan"),
+        ("budget_mb: 1e3\n", "budget_mb must be a finite number, got '1e3' (YAML reads 1e3 as text"),
+        ("timeout_s: -1\n", "timeout_s (--timeout) must be a positive number of seconds, or null for none, got -1.0"),
+        ("seed: -1\n", "seed (--seed) must be an integer in 0..4294967295, got -1"),
+        ("platform_overrides: {memory.l3.size_bytes: big}\n", "platform_overrides.memory.l3.size_bytes must be a finite number, got 'big'"),
+        ("objectives: [{metric: wikitext_word_ppl, direction: 1}]\n", "objectives.direction must be a string, got 1"),
+        ("objectives: []\n", "objectives must be a non-empty list"),
+        ("space: 3\n", "study section 'space' must be a mapping of keys, got 3"),
+        ("model: 3\n", "model must be a string or null, got 3"),
     ],
 )
 def test_bad_study_files_name_the_value(tmp_path, text, needle):
@@ -63,6 +87,17 @@ def test_flags_override_the_file():
     assert (config.budget_mb, config.trials, config.sampler) == (32.0, 3, "tpe")
     with pytest.raises(SlmsearchError, match="positive"):
         with_overrides(config, budget_mb=-1.0)
+    with pytest.raises(SlmsearchError, match="budget_mb must be a finite number, got nan"):
+        with_overrides(config, budget_mb=float("nan"))
+    with pytest.raises(SlmsearchError, match=r"timeout_s \(--timeout\) must be a positive number"):
+        with_overrides(config, timeout_s=-1.0)
+
+
+def test_a_loaded_config_has_the_declared_types():
+    """Integers written where a float is declared become floats; lists become tuples."""
+    config = load_study_config(None)
+    assert isinstance(config.budget_mb, float) and isinstance(config.space.drop_layers, tuple)
+    assert with_overrides(config, budget_mb=64).budget_mb == 64.0
 
 
 def test_calibration_and_evaluation_are_typed_settings():

@@ -119,7 +119,7 @@ def test_export_reproduces_recorded_perplexity(tmp_path: Path, data_dir: Path, m
     rebuilt = export(located, tmp_path / "b", numbers=(1,), cache=StageCache(root=tmp_path / "empty"), progress=False,
                      log=lambda _: None)
     assert [e.trial for e in from_cache] == [1] and from_cache[0].stages_from_cache == 2
-    assert rebuilt[0].stages_from_cache == 0 and rebuilt[0].checkpoint_format == "hf"
+    assert rebuilt[0].stages_from_cache == 0 and rebuilt[0].checkpoint_format == "hf+packed-embedding"  # 8-bit codes
     for item in (from_cache[0], rebuilt[0]):
         folder = item.folder
         assert folder.name == "trial-0001"
@@ -146,3 +146,68 @@ def test_checkpoint_format_of_a_plain_folder(tiny_checkpoint):
     from slmsearch.search.export import _checkpoint_format
 
     assert _checkpoint_format(tiny_checkpoint) == "hf"
+
+
+def test_card_compares_with_the_baseline_and_eval_reproduces_it(tmp_path: Path, tiny_checkpoint: Path, data_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real export of the tiny LLaMA: the study's baseline and trial scored the way the objective
+    scores them, the trial exported; its card shows the baseline, the ratio and the sample sizes,
+    and `slmsearch eval` on the folder, with no flags, reproduces the card's number."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from slmsearch import checkpoint
+    from slmsearch.compress.cache import StageCache
+    from slmsearch.compress.calib import CalibSettings
+    from slmsearch.compress.pipeline import run
+    from slmsearch.compress.plan import Plan
+    from slmsearch.evals.command import run_eval
+    from slmsearch.evals.wikitext import token_perplexity
+    from slmsearch.search.config import Objective, StudyConfig, calibration_from, evaluation_from
+    from slmsearch.search.export import export
+    from slmsearch.search.storage import locate_study
+
+    monkeypatch.setenv("SLMSEARCH_CACHE", str(tmp_path / "cache"))
+    plan = {"stages": [{"stage": "depth", "drop": 1}]}
+    calibration = {"n_samples": 4, "seqlen": 64, "seed": 0}
+    evaluation = {"metrics": ["wikitext_token_ppl"], "token_seqlen": 128, "token_windows": 2, "batch_size": 2}
+    cache = StageCache(root=tmp_path / "stages")
+
+    def score(folder: Path) -> float:
+        model, tokenizer = checkpoint.load(folder, dense=True)  # as objective.evaluate_staged loads it
+        ppl, windows = token_perplexity(model, tokenizer, data_dir, seqlen=128, n_windows=2, batch_size=2)
+        assert windows == 2
+        return ppl
+
+    baseline_ppl = score(tiny_checkpoint)
+    trial_ppl = score(run(Plan.from_dict(plan), str(tiny_checkpoint), data_dir, CalibSettings(**calibration), cache=cache).checkpoint_dir)
+    config = StudyConfig(name="tiny-exp", model=str(tiny_checkpoint), budget_mb=1.0, data_dir=str(data_dir),
+                         objectives=(Objective("wikitext_token_ppl", "minimize"), Objective("decode_latency_s", "minimize")),
+                         calibration=calibration_from(calibration), evaluation=evaluation_from(evaluation))
+    study = optuna.create_study(study_name="tiny-exp", storage=f"sqlite:///{tmp_path / 's.db'}", directions=["minimize", "minimize"])
+    study.set_user_attr("config", config.to_dict())
+    study.set_user_attr("objectives", ["wikitext_token_ppl", "decode_latency_s"])
+    counts = {"wikitext_token_windows": 2}
+    study.add_trial(create_trial(state=TrialState.PRUNED, constraints={"footprint_over_budget_mb": 2.0}, user_attrs={
+        "plan": {"stages": []}, "baseline": True, "over_budget": "footprint 3.00 MB > budget 1 MB", **HW, "footprint_mb": 3.0,
+        "wikitext_token_ppl": baseline_ppl, "eval_counts": counts}))
+    study.add_trial(create_trial(values=[trial_ppl, 0.5], constraints={"footprint_over_budget_mb": -0.2}, user_attrs={
+        "plan": plan, **HW, "footprint_mb": 0.8, "wikitext_token_ppl": trial_ppl, "eval_counts": counts}))
+    located = locate_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    (item,) = export(located, tmp_path / "out", pareto=True, data_dir=data_dir, cache=cache, progress=False, log=lambda _: None)
+
+    readme = (item.folder / "README.md").read_text(encoding="utf-8")
+    share = trial_ppl / baseline_ppl
+    row = next(line for line in readme.splitlines() if line.startswith("| WikiText token ppl"))
+    assert row == (f"| WikiText token ppl (`wikitext_token_ppl`) | {trial_ppl:.6g} | {baseline_ppl:.6g} | {share:.2f}x "
+                   "| 2 windows |"), row
+    assert "| metric | this model | baseline (trial 0) | ratio | measured on |" in readme
+    assert "uncompressed baseline (trial 0, 3 MB, over budget" in readme
+    card = json.loads((item.folder / "trial.json").read_text())
+    assert card["reference"]["metrics"]["wikitext_token_ppl"] == baseline_ppl
+
+    record = run_eval(model=str(item.folder), trust_remote_code=False, data_dir=str(data_dir), tasks=None, metrics=None,
+                      seqlen=None, windows=None, pages=None, max_length=None, limit=None, shots=None, batch_size=None,
+                      dtype="float32", out_path=str(tmp_path / "eval.json"))
+    assert record["settings"] == card["eval_settings"] and record["counts"] == card["eval_counts"]
+    assert math.isclose(record["metrics"]["wikitext_token_ppl"], card["metrics"]["wikitext_token_ppl"], rel_tol=1e-5)

@@ -15,7 +15,7 @@ from slmsearch.compress.plan import Plan
 from slmsearch.hwmodel import ModelShape, estimate, load_platform
 from slmsearch.search import trials as tr
 from slmsearch.search.config import SpaceConfig, StudyConfig
-from slmsearch.search.objective import REJECTED_VALUE, TrialContext, hardware_attrs, run_trial
+from slmsearch.search.objective import TrialContext, hardware_attrs, run_trial
 from slmsearch.search.slots import SurplusTrial
 from slmsearch.search.space import plan_from_params
 
@@ -64,8 +64,9 @@ def test_an_over_budget_plan_is_rejected_before_any_work():
     assert trial.user_attrs["footprint_mb"] == footprint
     assert trial.user_attrs[tr.REJECTED_ATTR] == f"footprint {footprint:.2f} MB > budget 0.1 MB"
     assert trial.constraints == {tr.CONSTRAINT_KEY: pytest.approx(footprint - 0.1)}
-    # quality objectives get the "worse than anything" value; the hardware objective its real one
-    assert trial.values == [REJECTED_VALUE["minimize"], REJECTED_VALUE["maximize"], trial.user_attrs["decode_latency_s"]]
+    # nothing was measured, so no objective value is stored: it ends PRUNED with its constraint
+    # (TPE reads it as infeasible; the dashboard shows no made-up value), and does not count
+    assert trial.state == TrialState.PRUNED and trial.values is None and not tr.counted(trial)
 
 
 def test_a_repeated_plan_is_answered_from_its_first_trial():

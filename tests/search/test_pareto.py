@@ -22,6 +22,7 @@ SMOLLM2_DIMS = {"hidden": 576, "attn_out": 576, "intermediate": 1536, "head_dim"
 OBJECTIVES = ["wikitext_word_ppl", "triviaqa_exact_match", "decode_latency_s"]
 DIRECTIONS = ["minimize", "maximize", "minimize"]
 BITS_PENALTY = {2: 1.6, 3: 0.55, 4: 0.15, 8: 0.01, 16: 0.0}
+EVAL_COUNTS = {"wikitext_token_windows": 4, "wikitext_pages": 2, "triviaqa_questions": 50}
 
 
 def _distributions() -> dict[str, Any]:
@@ -111,10 +112,17 @@ def build_study(path: Path, *, n_trials: int = 40, budget_mb: float = 64.0, name
             attrs["baseline"] = True
         dists = {k: all_dists[k] for k in params}
         state, values = TrialState.COMPLETE, None
-        if over > 0:
+        if over > 0 and i == 0:  # the baseline over budget: evaluated, ended PRUNED (objective.py)
+            state = TrialState.PRUNED
+            attrs["over_budget"] = f"footprint {m['footprint_mb']:.2f} MB > budget {budget_mb:g} MB"
+            for key in ("wikitext_word_ppl", "wikitext_token_ppl", "triviaqa_exact_match", "triviaqa_answer_logprob",
+                        "early_token_ppl"):
+                attrs[key] = m[key]
+            attrs.update(eval_counts=EVAL_COUNTS, eval_seconds={"total": 80.0}, stage_seconds={}, cache_hits=[])
+        elif over > 0:  # rejected before compression: PRUNED, no values
+            state = TrialState.PRUNED
             attrs["rejected"] = f"footprint {m['footprint_mb']:.2f} MB > budget {budget_mb:g} MB"
             attrs["seconds_total"] = 0.01
-            values = [1e6, -1e6, m["decode_latency_s"]]
         else:
             stages = [s["stage"] for s in plan["stages"]]
             seconds = {s: {"depth": 4.0, "wanda": 9.0, "lora": 25.0, "embedding": 0.8, "gptq": 60.0, "eora": 110.0}[s]
@@ -130,13 +138,13 @@ def build_study(path: Path, *, n_trials: int = 40, budget_mb: float = 64.0, name
             else:
                 for key in ("wikitext_word_ppl", "wikitext_token_ppl", "triviaqa_exact_match", "triviaqa_answer_logprob"):
                     attrs[key] = m[key]
-                attrs["eval_counts"] = {"wikitext_token_windows": 4, "wikitext_pages": 2, "triviaqa_questions": 50}
+                attrs["eval_counts"] = EVAL_COUNTS
                 attrs["eval_seconds"] = {"wikitext_word_ppl": 60.0, "triviaqa": 25.0, "total": 92.0}
                 attrs["seconds_total"] = sum(attrs["stage_seconds"].values()) + 92.0
                 values = [m["wikitext_word_ppl"], m["triviaqa_exact_match"], m["decode_latency_s"]]
         study.add_trial(create_trial(
             state=state, values=values, params=params, distributions=dists, user_attrs=attrs,
-            constraints={"footprint_over_budget_mb": over} if state == TrialState.COMPLETE else None,
+            constraints={"footprint_over_budget_mb": over} if state == TrialState.COMPLETE or over > 0 else None,
         ))
     return study
 
@@ -188,13 +196,54 @@ def test_formats_parse(study_db: Path) -> None:
     rows = pareto_rows(located.study)
     parsed = json.loads(format_rows(rows, "json", OBJECTIVES))
     assert [r["trial"] for r in parsed] == [r["trial"] for r in rows]
-    assert set(parsed[0]) >= {"trial", "plan", *OBJECTIVES, "footprint_mb", "tokens_per_s", "energy_per_token_j"}
+    assert set(parsed[0]) >= {"trial", "plan", "wikitext_word_ppl", "triviaqa_exact_match_pct", "decode_latency_s",
+                              "footprint_mb", "tokens_per_s", "energy_per_token_mj", "samples"}
     table = list(csv.DictReader(io.StringIO(format_rows(rows, "csv", OBJECTIVES))))
     assert len(table) == len(rows)
     assert math.isclose(float(table[0]["wikitext_word_ppl"]), rows[0]["wikitext_word_ppl"])
-    md = format_rows(rows, "md", OBJECTIVES).splitlines()
+    md = [line for line in format_rows(rows, "md", OBJECTIVES).splitlines() if line.startswith("|")]
     assert len(md) == len(rows) + 2 and md[0].startswith("| trial | plan | WikiText word ppl")
     assert all(line.count("|") == md[0].count("|") for line in md)
+
+
+def _md_cells(md: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+
+
+def test_baseline_row_in_every_format_with_the_same_units(study_db: Path) -> None:
+    """The over-budget baseline is the first row of md, csv and json; the other rows carry their
+    ratio to it; the three formats hold the same numbers in the same units; sample sizes shown."""
+    from slmsearch.search.pareto import pareto_table
+    from slmsearch.search.storage import locate_study
+
+    located = locate_study(storage=f"sqlite:///{study_db}")
+    base = located.study.trials[0]
+    assert base.user_attrs["baseline"] and base.values is None  # evaluated over budget: no objective values
+    parsed = json.loads(pareto_table(located, "json"))
+    table = list(csv.DictReader(io.StringIO(pareto_table(located, "csv"))))
+    md = pareto_table(located, "md")
+    cells = _md_cells(md)
+    first = parsed[0]
+    assert first["baseline"] is True and first["trial"] == 0 and first["status"] == "over budget"
+    assert math.isclose(first["wikitext_word_ppl"], base.user_attrs["wikitext_word_ppl"])
+    assert math.isclose(first["triviaqa_exact_match_pct"], 100 * base.user_attrs["triviaqa_exact_match"])
+    assert math.isclose(first["energy_per_token_mj"], 1e3 * base.user_attrs["energy_per_token_j"])
+    assert table[0]["trial"] == "0" and table[0]["baseline"] == "True"
+    assert cells[2][0] == "0 (baseline, over budget)"
+    assert len(parsed) == len(table) == len(cells) - 2 >= 2
+    for rec, row, line in zip(parsed, table, cells[2:]):
+        for field, cell in zip(("wikitext_word_ppl", "triviaqa_exact_match_pct", "decode_latency_s", "footprint_mb",
+                                "tokens_per_s", "energy_per_token_mj"), line[2:]):
+            assert math.isclose(float(row[field]), rec[field])
+            shown = float(cell.split(" ")[0])  # Markdown: rounded, same unit
+            assert math.isclose(shown, rec[field], rel_tol=0.01, abs_tol=0.06), (field, shown, rec[field])
+        if not rec["baseline"]:
+            ratio = rec["wikitext_word_ppl"] / first["wikitext_word_ppl"]
+            assert math.isclose(rec["wikitext_word_ppl_vs_baseline"], ratio)
+            assert f"({ratio:.2f}x)" in line[2]
+        assert rec["samples"] == EVAL_COUNTS and row["n_wikitext_pages"] == "2"
+    assert "[n = 2 pages]" in cells[0][2] and "[n = 50 questions]" in cells[0][3]
+    assert "divided by the baseline's (trial 0" in md
 
 
 def test_cli_pareto(study_db: Path) -> None:
@@ -204,9 +253,9 @@ def test_cli_pareto(study_db: Path) -> None:
     result = runner.invoke(main, ["pareto", "--storage", f"sqlite:///{study_db}", "--study-name", "demo", "--format", "json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert rows and all(r["footprint_mb"] <= 64 for r in rows)
+    assert rows[0]["baseline"] and all(r["footprint_mb"] <= 64 for r in rows[1:])
     result = runner.invoke(main, ["pareto", "--storage", f"sqlite:///{study_db}", "--format", "csv"])
-    assert result.exit_code == 0 and result.stdout.startswith("trial,plan,wikitext_word_ppl")
+    assert result.exit_code == 0 and result.stdout.startswith("trial,plan,status,baseline,pareto,wikitext_word_ppl")
     result = runner.invoke(main, ["pareto", "--storage", f"sqlite:///{study_db}"])
     assert result.exit_code == 0 and "| trial | plan |" in result.stdout
 
@@ -233,4 +282,4 @@ def test_empty_front_still_prints_a_table(tmp_path: Path) -> None:
     rows = pareto_rows(located.study)
     assert rows == []
     assert json.loads(format_rows(rows, "json", OBJECTIVES)) == []
-    assert format_rows(rows, "md", OBJECTIVES).count("\n") == 3
+    assert len(_md_cells(format_rows(rows, "md", OBJECTIVES))) == 3

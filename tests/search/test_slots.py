@@ -59,13 +59,38 @@ def write_worker_study(tmp_path: Path, tiny_checkpoint: Path, data_dir: Path, *,
     return path
 
 
-def start_worker(study_file: Path, cache: Path, log: Path, *extra: str) -> subprocess.Popen:
-    """One `slmsearch optimize` process with its own stage cache (as on its own machine)."""
+def start_worker(study_file: Path, cache: Path, log: Path, *extra: str, block_at: Path | None = None) -> subprocess.Popen:
+    """One `slmsearch optimize` process with its own stage cache (as on its own machine). With
+    ``block_at``, the worker writes that file when it reaches the first stage it computes and then
+    blocks there until it is killed or interrupted (a test-only hook: compress.pipeline.TEST_BLOCK_ENV)."""
+    from slmsearch.compress.pipeline import TEST_BLOCK_ENV
+
     env = {**os.environ, "SLMSEARCH_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
+    env.pop(TEST_BLOCK_ENV, None)
+    if block_at is not None:
+        env[TEST_BLOCK_ENV] = str(block_at)
     cmd = [sys.executable, "-m", "slmsearch", "optimize", "--study", str(study_file), *extra]
     handle = log.open("w")
     return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until_blocked(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 600) -> None:
+    """Wait for the event: the worker wrote ``marker`` (it is mid-trial, blocked in a stage)."""
+    deadline = time.time() + timeout  # only a guard against a hang; nothing is timed
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("the worker never reached a stage:\n" + log.read_text()[-3000:])
+        time.sleep(0.05)
+
+
+def running_trial_of(storage: object, name: str, pid: int) -> object:
+    """The one RUNNING trial of worker ``pid`` (read through the test's one storage handle)."""
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    mine = [t for t in trials if t.state == TrialState.RUNNING and str(t.user_attrs.get("worker", "")).endswith(f":{pid}")]
+    assert len(mine) == 1, [(t.number, t.state.name, t.user_attrs.get("worker")) for t in trials]
+    return mine[0]
 
 
 def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> list[str]:
@@ -97,7 +122,9 @@ def test_three_workers_run_one_study_to_the_exact_count(tmp_path, tiny_checkpoin
         assert proc.returncode == 0, out[-3000:]
         assert PASSWORD not in out  # the storage URL is printed redacted
         assert "postgres:***@127.0.0.1" in out
-    trials = optuna.load_study(study_name="many", storage=url).trials
+    from slmsearch.search.storage import open_storage
+
+    trials = optuna.load_study(study_name="many", storage=open_storage(url)).trials  # the README's URL, as slmsearch opens it
     done = evaluated(trials)
     assert len(done) == 12, [(t.number, t.state.name, t.user_attrs.get(SURPLUS_ATTR)) for t in trials]
     assert sum(t.state == TrialState.COMPLETE for t in done) == 12  # generous pruning: none pruned
@@ -119,41 +146,34 @@ def test_three_workers_run_one_study_to_the_exact_count(tmp_path, tiny_checkpoin
 
 @pytest.mark.postgres
 def test_sigkilled_worker_trial_fails_and_is_retried(tmp_path, tiny_checkpoint, data_dir, postgres_server):
+    """The victim blocks in a stage of a trial that holds a slot until SIGKILL; a second worker,
+    started only then, fails that trial by the heartbeat check, retries it and ends the study."""
+    from slmsearch.search.storage import open_storage
+
     url = postgres_server.create_database()
-    # Longer evaluation (40 windows): a trial runs long enough to be killed in the middle.
-    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=url, trials=5, name="kill", windows=40)
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=url, trials=5, name="kill")
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    victim = start_worker(study_file, tmp_path / "cache0", logs[0])
+    marker = tmp_path / "victim-mid-trial.json"
+    victim = start_worker(study_file, tmp_path / "cache0", logs[0], block_at=marker)
+    wait_until_blocked(victim, marker, logs[0])
+    storage = open_storage(url)  # the test's one storage handle (one connection pool)
+    trial = running_trial_of(storage, "kill", victim.pid)
+    assert trial.user_attrs.get(SLOT_ATTR) == trial.number  # mid-trial: it holds a slot, its stages run
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = trial.number
+    assert optuna.load_study(study_name="kill", storage=storage).trials[killed].state == TrialState.RUNNING
     survivor = start_worker(study_file, tmp_path / "cache1", logs[1])
-    victim_id = f":{victim.pid}"
-    killed = None
-    deadline = time.time() + 300
-    while time.time() < deadline and killed is None:
-        time.sleep(0.2)
-        assert victim.poll() is None, logs[0].read_text()[-3000:]
-        try:
-            trials = optuna.load_study(study_name="kill", storage=url).trials
-        except Exception:  # the worker is still creating the study
-            continue
-        for t in trials:
-            # Mid-trial: it holds a slot (so compression or evaluation runs), after the baseline.
-            if (t.state == TrialState.RUNNING and t.number >= 1 and str(t.user_attrs.get("worker", "")).endswith(victim_id)
-                    and t.user_attrs.get(SLOT_ATTR) == t.number):
-                victim.send_signal(signal.SIGKILL)
-                victim.wait()
-                killed = t.number
-                break
-    assert killed is not None, "no trial was seen running"
-    assert optuna.load_study(study_name="kill", storage=url).trials[killed].state == TrialState.RUNNING
     (out,) = wait_all([survivor], logs[1:])
     assert survivor.returncode == 0, out[-3000:]
-    trials = optuna.load_study(study_name="kill", storage=url).trials
+    trials = optuna.load_study(study_name="kill", storage=storage).trials
     assert trials[killed].state == TrialState.FAIL  # failed by the heartbeat check after the grace period
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retries) == 1 and retries[0].params == trials[killed].params
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert len(evaluated(trials)) == 5
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert not [p for p in (tmp_path / "cache1" / "stages").iterdir() if p.name.startswith(".")]
 
 
 def test_sqlite_default_single_worker(tmp_path, tiny_checkpoint, data_dir, monkeypatch):
@@ -176,32 +196,53 @@ def test_sqlite_default_single_worker(tmp_path, tiny_checkpoint, data_dir, monke
 
 
 def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_checkpoint, data_dir):
-    storage = f"sqlite:///{tmp_path / 'stop.db'}"
-    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage, trials=50, name="stop", windows=40)  # never finishes before the signal
-    log = tmp_path / "worker.log"
-    proc = start_worker(study_file, tmp_path / "cache", log)
-    deadline = time.time() + 300
-    running = None
-    while time.time() < deadline and running is None:
-        time.sleep(0.2)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            trials = optuna.load_study(study_name="stop", storage=storage).trials
-        except Exception:
-            continue
-        running = next((t.number for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get(SLOT_ATTR) == t.number), None)
-    assert running is not None
+    """SIGINT to a worker blocked mid-trial (in a stage, holding a slot): exit 130, the trial
+    FAILED, one last line saying so, no traceback, no temporary folder left in the cache."""
+    from slmsearch.search.storage import open_storage
+
+    storage_url = f"sqlite:///{tmp_path / 'stop.db'}"
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage_url, trials=50, name="stop")
+    log, marker = tmp_path / "worker.log", tmp_path / "mid-trial.json"
+    proc = start_worker(study_file, tmp_path / "cache", log, block_at=marker)
+    wait_until_blocked(proc, marker, log)
+    storage = open_storage(storage_url)
+    running = running_trial_of(storage, "stop", proc.pid)
+    assert running.user_attrs.get(SLOT_ATTR) == running.number
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     out = log.read_text()
     assert proc.returncode == 130, out[-3000:]
     last = out.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted; trial ") and "marked failed; re-run the same command to resume" in last
-    assert "Traceback" not in out
+    assert last == f"error: interrupted; trial {running.number} marked failed; re-run the same command to resume", out[-3000:]
+    assert "Traceback" not in out and "Exception ignored" not in out
     trials = optuna.load_study(study_name="stop", storage=storage).trials
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    number = int(last.split("trial ")[1].split()[0])
-    assert trials[number].state == TrialState.FAIL
+    assert trials[running.number].state == TrialState.FAIL
+    assert not [p for p in (tmp_path / "cache" / "stages").iterdir() if p.name.startswith(".")]
+
+
+def test_sigterm_fails_the_running_trial_at_once_and_exits_143(tmp_path, tiny_checkpoint, data_dir):
+    """SIGTERM (kill, systemd, a batch scheduler) to a worker blocked mid-trial: the trial is
+    FAILED now (not left RUNNING until the heartbeat grace period), exit 143, no traceback."""
+    from slmsearch.search.storage import open_storage
+
+    storage_url = f"sqlite:///{tmp_path / 'term.db'}"
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage_url, trials=50, name="term")
+    log, marker = tmp_path / "worker.log", tmp_path / "mid-trial.json"
+    proc = start_worker(study_file, tmp_path / "cache", log, block_at=marker)
+    wait_until_blocked(proc, marker, log)
+    storage = open_storage(storage_url)
+    running = running_trial_of(storage, "term", proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    out = log.read_text()
+    assert proc.returncode == 143, out[-3000:]
+    assert out.strip().splitlines()[-1] == (f"error: interrupted; trial {running.number} marked failed; "
+                                            "re-run the same command to resume"), out[-3000:]
+    assert "Traceback" not in out
+    trials = optuna.load_study(study_name="term", storage=storage).trials
+    assert trials[running.number].state == TrialState.FAIL
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 GPTQ_STUDY_CHANGES = {
@@ -328,10 +369,13 @@ def test_concurrent_claims_take_exactly_the_free_slots(postgres_server):
     from slmsearch.search.slots import claim_slot
 
     url = postgres_server.create_database()
-    optuna.create_study(study_name="race", storage=url)
+    from slmsearch.search.storage import open_storage
+
+    storage = open_storage(url)  # the README's URL, as slmsearch opens it
+    optuna.create_study(study_name="race", storage=storage)
     claims = [_running_trials(url, "race", 1) for _ in range(8)]  # one storage (connection pool) each
     with ThreadPoolExecutor(8) as pool:
         won = list(pool.map(lambda c: claim_slot(c[1][0], 3, c[0]), claims))
     assert sum(won) == 3
-    held = [t for t in optuna.load_study(study_name="race", storage=url).trials if t.user_attrs.get(SLOT_ATTR) == t.number]
+    held = [t for t in optuna.load_study(study_name="race", storage=storage).trials if t.user_attrs.get(SLOT_ATTR) == t.number]
     assert len(held) == 3

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -10,12 +11,14 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
-from postgres import PASSWORD
+from postgres import PASSWORD, postgres_server  # noqa: F401  (a fixture)
 from slmsearch.errors import SlmsearchError
 from slmsearch.search.config import StudyConfig
 from slmsearch.search.storage import (
-    LockedTrial, locate_study, open_storage, redact, scrub, set_trial_attr_locked, sqlite_path, storage_url,
+    LockedTrial, engine_url, locate_study, open_storage, redact, scrub, set_trial_attr_locked, sqlite_path, storage_url,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_redact_hides_every_form_of_password():
@@ -41,8 +44,40 @@ def test_open_storage_rejects_an_unknown_scheme():
         open_storage("redis://h/0")
 
 
+def test_engine_url_rewrites_bare_schemes_to_the_installed_driver():
+    assert engine_url("postgresql://u:pw@h:5432/db") == "postgresql+psycopg2://u:pw@h:5432/db"
+    assert engine_url("postgres://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert engine_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert engine_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+    with pytest.raises(SlmsearchError, match="scheme 'redis' is not supported"):
+        engine_url("redis://h/0")
+    with pytest.raises(SlmsearchError, match="scheme '' is not supported"):
+        engine_url("/tmp/a.db")
+
+
+def test_a_scheme_whose_driver_is_missing_names_the_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pymysql" else real(name, *a))
+    with pytest.raises(SlmsearchError, match=r"needs the driver module 'pymysql'.*pip install PyMySQL"):
+        engine_url("mysql://u@h/db")
+
+
+def test_the_pinned_storage_packages_are_the_installed_ones():
+    """requirements.lock pins what storage URLs need (SQLAlchemy, its migrations, the driver that
+    `postgresql://` is rewritten to), and the pins are what is installed."""
+    from importlib.metadata import version
+
+    pins = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().splitlines() if "==" in line)
+    for package in ("SQLAlchemy", "alembic", "psycopg2-binary"):
+        assert package in pins, f"{package} is not pinned in requirements.lock"
+        assert version(package) == pins[package], package
+
+
 def test_unreachable_storage_is_one_clear_error(tmp_path, tiny_checkpoint, data_dir):
-    """Nothing listens on port 1: one line, the password redacted, exit code 2."""
+    """Nothing listens on port 1: one line that says so (not a missing driver), the password
+    redacted, exit code 2."""
     from test_slots import write_worker_study  # same folder
 
     from slmsearch.cli import main
@@ -54,6 +89,50 @@ def test_unreachable_storage_is_one_clear_error(tmp_path, tiny_checkpoint, data_
     assert result.exit_code == 2, out
     assert len(out.splitlines()) == 1 and out.startswith("error: cannot open storage"), out
     assert "postgres:***@127.0.0.1:1" in out and PASSWORD not in out
+    assert re.search(r"connection refused|could not connect", out, re.IGNORECASE), out
+    assert "import" not in out.lower(), out  # a missing driver would say "Failed to import DB access module"
+
+
+@pytest.mark.postgres
+def test_the_readme_postgresql_set_up_works_verbatim(tmp_path, tiny_checkpoint, data_dir, postgres_server):
+    """README "Many workers", run as written there: a role and a database named slmsearch, the
+    password in ~/.pgpass (the README's `echo ... > ~/.pgpass && chmod 600 ~/.pgpass`), then
+    `.venv/bin/slmsearch optimize ... --storage postgresql://slmsearch@HOST/slmsearch` and
+    `slmsearch pareto` with the same --storage/--study-name. Only the host:port, the study file (the
+    tiny model) and the trial count differ. Without the password the same command is one line."""
+    import os
+    import subprocess
+    import sys
+
+    from test_slots import write_worker_study  # same folder
+
+    from slmsearch.cli import main
+
+    postgres_server.sql(f"CREATE ROLE slmsearch LOGIN PASSWORD '{PASSWORD}'")  # the server is this test session's
+    postgres_server.sql(f'CREATE DATABASE slmsearch OWNER slmsearch')
+    host = f"127.0.0.1:{postgres_server.port}"
+    url = f"postgresql://slmsearch@{host}/slmsearch"
+    study = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage="null", trials=1, name="readme")
+    args = ["optimize", "--study", str(study), "--study-name", "smollm2-64mb", "--budget-mb", "64", "--trials", "1",
+            "--storage", url]
+    refused = CliRunner().invoke(main, args, env={"SLMSEARCH_CACHE": str(tmp_path / "cache"), "PGPASSFILE": str(tmp_path / "none")})
+    out = refused.output.strip()
+    assert refused.exit_code == 2 and len(out.splitlines()) == 1 and out.startswith("error: cannot open storage"), out
+    assert "password" in out.lower(), out  # libpq: no password supplied
+    home = tmp_path / "home"
+    home.mkdir()
+    script = (
+        f"echo '127.0.0.1:{postgres_server.port}:slmsearch:slmsearch:{PASSWORD}' > ~/.pgpass && chmod 600 ~/.pgpass\n"
+        f"{Path(sys.executable).parent}/slmsearch " + " ".join(args) + "\n"
+    )
+    env = {**os.environ, "HOME": str(home), "SLMSEARCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("PGPASSFILE", None)
+    done = subprocess.run(["bash", "-e", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert PASSWORD not in done.stdout + done.stderr and f"postgresql://slmsearch@{host}/slmsearch" in done.stderr
+    pareto = CliRunner().invoke(main, ["pareto", "--storage", url, "--study-name", "smollm2-64mb"],
+                                env={"PGPASSFILE": str(home / ".pgpass")})
+    assert pareto.exit_code == 0 and "| 0 (baseline) |" in pareto.output, pareto.output
 
 
 def test_locate_study_finds_the_only_study_and_names_the_others(tmp_path):

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from slmsearch.search.config import load_study_config
 from slmsearch.search.storage import open_storage
 from slmsearch.search.study import optimize
-from slmsearch.search.trials import pareto_trials
+from slmsearch.search.trials import OVER_BUDGET, counted, pareto_trials, status
 
 TINY_STUDY = """
 name: tiny
@@ -133,6 +133,9 @@ def test_over_budget_baseline_is_still_the_reference(tmp_path, tiny_checkpoint, 
     assert trial.user_attrs["wikitext_token_ppl"] > 1  # evaluated: every later trial is judged against it
     assert study.user_attrs["baseline_early_token_ppl"] == trial.user_attrs["early_token_ppl"]
     assert trial.constraints["footprint_over_budget_mb"] > 0 and pareto_trials(study) == []
+    # measured, but kept off the dashboard's best trials (the Pareto front of COMPLETE trials): PRUNED, no values
+    assert trial.state == TrialState.PRUNED and trial.values is None and status(trial) == OVER_BUDGET and counted(trial)
+    assert study.metric_names == ["wikitext_word_ppl", "triviaqa_exact_match", "decode_latency_s"]
 
 
 def test_same_prefix_hits_cache_with_identical_metrics(tmp_path, tiny_checkpoint, data_dir, cache_env):

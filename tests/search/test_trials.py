@@ -16,11 +16,18 @@ from slmsearch.search import trials as tr
 KINDS = {
     tr.EVALUATED: (TrialState.COMPLETE, [30.0], -4.0, {}),
     tr.OVER_BUDGET: (TrialState.COMPLETE, [20.0], 200.0, {tr.BASELINE_ATTR: True}),  # the evaluated baseline
-    tr.REJECTED: (TrialState.COMPLETE, [1e6], 12.0, {tr.REJECTED_ATTR: "footprint 76 MB > budget 64 MB"}),
+    tr.REJECTED: (TrialState.PRUNED, None, 12.0, {tr.REJECTED_ATTR: "footprint 76 MB > budget 64 MB"}),
     tr.PRUNED: (TrialState.PRUNED, None, -4.0, {tr.EARLY_PPL_ATTR: 900.0}),
     tr.REPEAT: (TrialState.COMPLETE, [30.0], -4.0, {tr.REPEAT_ATTR: 0}),
     "repeat of a pruned plan": (TrialState.PRUNED, None, -4.0, {tr.REPEAT_ATTR: 3}),
     tr.FAILED: (TrialState.FAIL, None, None, {}),
+    # how the objective ends the evaluated over-budget baseline now (PRUNED, metrics in attributes),
+    # and how studies written before stored a rejection (COMPLETE with made-up values)
+    "baseline over budget, ended pruned": (TrialState.PRUNED, None, 200.0, {
+        tr.BASELINE_ATTR: True, tr.OVER_BUDGET_ATTR: "footprint 277 MB > budget 64 MB", "wikitext_word_ppl": 25.0}),
+    "baseline over budget, pruned early": (TrialState.PRUNED, None, 200.0, {
+        tr.BASELINE_ATTR: True, tr.OVER_BUDGET_ATTR: "footprint 277 MB > budget 64 MB", tr.EARLY_PPL_ATTR: 900.0}),
+    "rejected, old studies": (TrialState.COMPLETE, [1e6], 12.0, {tr.REJECTED_ATTR: "footprint 76 MB > budget 64 MB"}),
     tr.SURPLUS: (TrialState.FAIL, None, -4.0, {tr.SURPLUS_ATTR: "all 8 trials were taken"}),
 }
 
@@ -40,12 +47,15 @@ def stored(tmp_path):
 
 
 def test_status_of_every_kind(stored):
-    expected = [tr.REPEAT if name.startswith("repeat") else name for name in KINDS] + [tr.RUNNING, tr.WAITING]
+    named = {"baseline over budget, ended pruned": tr.OVER_BUDGET, "baseline over budget, pruned early": tr.PRUNED,
+             "rejected, old studies": tr.REJECTED}
+    expected = [tr.REPEAT if name.startswith("repeat") else named.get(name, name) for name in KINDS] + [tr.RUNNING, tr.WAITING]
     assert [tr.status(t) for t in stored] == expected
 
 
 def test_counted_and_feasible_agree_with_status(stored):
-    assert [t.number for t in stored if tr.counted(t)] == [0, 1, 3]  # evaluated, the evaluated baseline, pruned
+    # evaluated, the evaluated baseline, pruned, the baseline ended pruned (evaluated), the baseline pruned early
+    assert [t.number for t in stored if tr.counted(t)] == [0, 1, 3, 7, 8]
     assert all(tr.counted(t) == (tr.status(t) in tr.COUNTED) for t in stored)
     assert [t.number for t in stored if tr.feasible_evaluated(t)] == [0]
 
