@@ -274,9 +274,11 @@ def pareto_cmd(study_file: str | None, storage: str | None, study_name: str | No
 @user_errors
 def report_cmd(study_file: str | None, storage: str | None, study_name: str | None, out_dir: str) -> None:
     """Write a self-contained HTML report (Pareto fronts, trials, importances, stage times) and a Markdown twin."""
+    from slmsearch.outputs import check_output_folder
     from slmsearch.search.storage import locate_study
     from slmsearch.search.report import write_report
 
+    check_output_folder(out_dir)
     report = write_report(locate_study(study_file, storage, study_name), out_dir)
     click.echo(f"wrote {report.html_path}")
     click.echo(f"wrote {report.md_path}")
@@ -306,8 +308,10 @@ def dashboard_cmd(study_file: str | None, storage: str | None, study_name: str |
 def export_cmd(study_file: str | None, storage: str | None, study_name: str | None, pareto: bool,
                numbers: tuple[int, ...], out_dir: str, data_dir: str | None, trust_remote_code: bool) -> None:
     """Write each chosen trial's compressed checkpoint with a model card (rebuilt from the stage cache)."""
+    from slmsearch.outputs import check_output_folder
     from slmsearch.search.export import export
     from slmsearch.search.storage import locate_study
 
+    check_output_folder(out_dir)
     export(locate_study(study_file, storage, study_name), out_dir, pareto=pareto, numbers=numbers,
            data_dir=data_dir, log=click.echo, trust_remote_code=trust_remote_code)

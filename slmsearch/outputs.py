@@ -62,6 +62,20 @@ def check_output_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
     return target
 
 
+def check_output_folder(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """``path`` as a folder this process can write into, new or existing (``report`` replaces its
+    files, ``export`` keeps the complete trial folders already there)."""
+    target = Path(path)
+    if str(path) == "":
+        raise SlmsearchError(f"{flag} is empty; pass a folder path")
+    if target.exists() and not target.is_dir():
+        raise SlmsearchError(f"{flag} {str(path)!r} is a file; pass a folder path")
+    problem = write_error(target)
+    if problem:
+        raise SlmsearchError(f"{flag} {str(path)!r} cannot be written: {problem}; pass a writable path")
+    return target
+
+
 def check_writable_dir(folder: Path, what: str) -> Path:
     """``folder`` (``what`` names it in the message, e.g. the cache's variable) can be written."""
     problem = write_error(folder)

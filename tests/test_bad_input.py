@@ -267,9 +267,21 @@ ROWS: list[Row] = [
         ("'model.layers.2.mlp.up_proj.weight'", "missing")),
     Row("eval-out-a-folder", lambda e: ["eval", "--model", str(e.model), "--data-dir", str(e.data), "--out", str(e.root / "work")],
         ("--out", "is a folder")),
+    # --- report / export: the output folder before the study is opened -----------------------------------
+    Row("report-out-a-file", lambda e: ["report", "--storage", f"sqlite:///{e.root / 'none.db'}", "--out", existing_file(e)],
+        ("--out", "is a file")),
+    Row("export-out-read-only", lambda e: ["export", "--storage", f"sqlite:///{e.root / 'none.db'}", "--pareto",
+                                           "--out", str(unwritable_dir(e.root) / "export")],
+        ("--out", "cannot be written")),
     # --- click's own checks, one line too --------------------------------------------------------------
     Row("missing-option", lambda e: ["compress", "--plan", e.plan([])], ("Missing option '--out'",)),
 ]
+
+
+def existing_file(e: Env) -> str:
+    path = e.root / "a-file.txt"
+    path.write_text("not a folder")
+    return str(path)
 
 
 @pytest.fixture

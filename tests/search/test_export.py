@@ -211,3 +211,22 @@ def test_card_compares_with_the_baseline_and_eval_reproduces_it(tmp_path: Path, 
                       dtype="float32", out_path=str(tmp_path / "eval.json"))
     assert record["settings"] == card["eval_settings"] and record["counts"] == card["eval_counts"]
     assert math.isclose(record["metrics"]["wikitext_token_ppl"], card["metrics"]["wikitext_token_ppl"], rel_tol=1e-5)
+
+
+def test_card_size_section_puts_disk_bytes_beside_the_deployed_ones() -> None:
+    """The card's size table: weight files on disk beside the weights the footprint counts, the KV
+    cache and activations named apart, the footprint their sum, and the gap between disk and deployed."""
+    from slmsearch.search.export import size_section
+
+    memory = {"embedding": 14_000_000, "attention": 9_000_000, "mlp": 27_000_000, "norms": 40_000,
+              "scales_zeros": 1_960_000, "kv_cache": 8_650_000, "activations_peak": 100_000}
+    record = {"disk_bytes": {"weights": 52_520_000, "other": 3_540_000},
+              "hardware": {"memory_bytes": memory, "context_len": 512}}
+    lines = size_section(record)
+    table = {cells[1].strip(): cells[3].strip() for cells in (line.split("|") for line in lines) if len(cells) == 5}
+    assert table["weight files (`*.safetensors`, adapter and packed embedding included)"] == "52.52 MB"
+    assert table["weights + scales/zeros + sparsity metadata + adapters"] == "52.00 MB"
+    assert table["KV cache (512 positions)"] == "8.65 MB"
+    assert table["footprint (what the budget is compared with)"] == "60.75 MB"
+    assert "(+1.0% apart" in "\n".join(lines)
+    assert size_section({"hardware": {"memory_bytes": memory}}) == []  # nothing measured on disk: no section
