@@ -116,7 +116,7 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
     import optuna
 
     from slmsearch.search.config import load_study_config, with_overrides
-    from slmsearch.search.objective import REJECTED_VALUE, prune_reason
+    from slmsearch.search.objective import prune_reason
     from slmsearch.search.study import make_sampler
     from slmsearch.search.trials import CONSTRAINT_KEY
 
@@ -142,8 +142,8 @@ def replay(name: str, seed: int, table: dict[tuple[int, ...], dict[str, Any]], a
         row = table[point]
         over = row["footprint_mb"] - budget
         trial.set_constraint(CONSTRAINT_KEY, over)
-        if over > 0:
-            return tuple(row[m] if m == "decode_latency_s" else REJECTED_VALUE[d] for m, d in OBJECTIVES)
+        if over > 0:  # as the study ends a plan over budget: PRUNED, with its constraint, no values
+            raise optuna.TrialPruned()
         if point in found or point in pruned:
             repeats.append(evaluated)
             if dedup:  # answered from its first trial: values, or pruned again
