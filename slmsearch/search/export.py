@@ -101,9 +101,9 @@ def select_trials(located: LocatedStudy, *, pareto: bool = False, numbers: tuple
 
 
 def _checkpoint_format(folder: Path) -> str:
-    from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, has_packed_embedding, is_gptq_folder
+    from slmsearch.checkpoint import has_adapter, has_packed_embedding, is_gptq_folder
 
-    adapter = (folder / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file()
+    adapter = has_adapter(folder)
     if is_gptq_folder(folder):
         fmt = "gptq+eora" if adapter else "gptq"
     else:
@@ -366,8 +366,7 @@ def export_trial(
     with atomic_dir(final) as tmp:
         result = pipeline.run(plan, location, data_dir, calibration_from(cfg.get("calibration")), cache=cache, out=tmp, progress=progress)
         fmt = _checkpoint_format(tmp)
-        adapter_cfg = tmp / checkpoint.ADAPTER_DIR / checkpoint.ADAPTER_CONFIG_FILE
-        rank = int(json.loads(adapter_cfg.read_text())["r"]) if adapter_cfg.is_file() else None
+        rank = checkpoint.adapter_rank(tmp)
         record = trial_record(located, trial, data_dir=data_dir, fmt=fmt, base=location, fingerprint=model_fingerprint(location))
         record["disk_bytes"] = checkpoint.disk_bytes(tmp)  # before this card and trial.json are written
         (tmp / "trial.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 ENV_RUNS = "SLMSEARCH_RUNS"
 # Each accepted scheme -> (the SQLAlchemy URL scheme it is opened with, the driver module that needs).
 # SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3 and ``mysql://`` to mysqlclient; the
-# pinned drivers (requirements.lock) are psycopg2 and PyMySQL, so bare schemes are rewritten here.
+# drivers used are psycopg2 (pinned in requirements.lock) and PyMySQL (when installed), so bare schemes
+# are rewritten here.
 STORAGE_DRIVERS: dict[str, tuple[str, str]] = {
     "sqlite": ("sqlite", "sqlite3"),
     "postgresql": ("postgresql+psycopg2", "psycopg2"),

@@ -93,6 +93,20 @@ def running_trial_of(storage: object, name: str, pid: int) -> object:
     return mine[0]
 
 
+
+def blocked_sqlite_worker(tmp_path: Path, tiny_checkpoint: Path, data_dir: Path, name: str) -> tuple:
+    """A worker of a SQLite study ``name``, started alone and waited on until it is blocked mid-trial:
+    (process, its log, the test's one storage handle, its RUNNING trial)."""
+    from slmsearch.search.storage import open_storage
+
+    storage_url = f"sqlite:///{tmp_path / (name + '.db')}"
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage_url, trials=50, name=name)
+    log, marker = tmp_path / "worker.log", tmp_path / "mid-trial.json"
+    proc = start_worker(study_file, tmp_path / "cache", log, block_at=marker)
+    wait_until_blocked(proc, marker, log)
+    storage = open_storage(storage_url)
+    return proc, log, storage, running_trial_of(storage, name, proc.pid)
+
 def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> list[str]:
     deadline = time.time() + timeout
     for proc in procs:
@@ -198,15 +212,7 @@ def test_sqlite_default_single_worker(tmp_path, tiny_checkpoint, data_dir, monke
 def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_checkpoint, data_dir):
     """SIGINT to a worker blocked mid-trial (in a stage, holding a slot): exit 130, the trial
     FAILED, one last line saying so, no traceback, no temporary folder left in the cache."""
-    from slmsearch.search.storage import open_storage
-
-    storage_url = f"sqlite:///{tmp_path / 'stop.db'}"
-    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage_url, trials=50, name="stop")
-    log, marker = tmp_path / "worker.log", tmp_path / "mid-trial.json"
-    proc = start_worker(study_file, tmp_path / "cache", log, block_at=marker)
-    wait_until_blocked(proc, marker, log)
-    storage = open_storage(storage_url)
-    running = running_trial_of(storage, "stop", proc.pid)
+    proc, log, storage, running = blocked_sqlite_worker(tmp_path, tiny_checkpoint, data_dir, "stop")
     assert running.user_attrs.get(SLOT_ATTR) == running.number
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
@@ -224,15 +230,7 @@ def test_ctrl_c_fails_the_running_trial_and_exits_130(tmp_path, tiny_checkpoint,
 def test_sigterm_fails_the_running_trial_at_once_and_exits_143(tmp_path, tiny_checkpoint, data_dir):
     """SIGTERM (kill, systemd, a batch scheduler) to a worker blocked mid-trial: the trial is
     FAILED now (not left RUNNING until the heartbeat grace period), exit 143, no traceback."""
-    from slmsearch.search.storage import open_storage
-
-    storage_url = f"sqlite:///{tmp_path / 'term.db'}"
-    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=storage_url, trials=50, name="term")
-    log, marker = tmp_path / "worker.log", tmp_path / "mid-trial.json"
-    proc = start_worker(study_file, tmp_path / "cache", log, block_at=marker)
-    wait_until_blocked(proc, marker, log)
-    storage = open_storage(storage_url)
-    running = running_trial_of(storage, "term", proc.pid)
+    proc, log, storage, running = blocked_sqlite_worker(tmp_path, tiny_checkpoint, data_dir, "term")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     out = log.read_text()
