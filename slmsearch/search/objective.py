@@ -91,6 +91,8 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
 
     from slmsearch.compress import pipeline
     from slmsearch.hwmodel import estimate
+    from slmsearch.hwmodel.deployment import Deployment
+    from slmsearch.hwmodel.sensitivity import estimate_range
 
     config = ctx.config
     ctx.current = trial.number
@@ -98,13 +100,10 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     plan = suggest_plan(trial, config.space, ctx.base_shape)
     trial.set_user_attr(PLAN_ATTR, plan.to_dict())
     start = time.perf_counter()
-    from slmsearch.hwmodel.deployment import Deployment
-    from slmsearch.hwmodel.sensitivity import estimate_range
-
     dep = Deployment(**suggest_deployment(trial, config.space))
     shape = plan.shape(ctx.base_shape)
     est = estimate(shape, ctx.platform, context_len=config.context_len,
-                   prefill_len=getattr(config, "prefill_len", 0), deployment=dep)
+                   prefill_len=config.prefill_len, deployment=dep)
     hw = hardware_attrs(est, estimate_range(shape, ctx.platform, context_len=config.context_len, deployment=dep))
     for key, value in hw.items():
         trial.set_user_attr(key, value)
