@@ -404,6 +404,9 @@ def load(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool 
     else:
         model = _load_model(folder, folder, dtype, dense)
     model.eval()
+    from slmsearch.compress.kvcache import install_from_folder
+
+    install_from_folder(model, folder)  # a quantized KV cache: attention reads rounded keys and values
     return model, tokenizer
 
 

@@ -56,6 +56,7 @@ class Calibration:
     score_dir: Path | None = None  # folder for per-(model, calibration) score files (JSON)
     model_key: str = ""  # fingerprint of the model the plan starts from
     extra: dict[str, Any] = field(default_factory=dict)
+    base_location: str = ""  # the model the plan starts from (a distilling stage's teacher)
 
     @classmethod
     def from_data(

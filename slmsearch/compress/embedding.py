@@ -49,16 +49,17 @@ class EmbeddingQuant(Stage):
         return {"embedding": {"bits": self.bits, "group_size": self.group_size, "zero_bits": 0}}
 
     def label(self) -> str:
-        return f"emb{self.bits}"
+        return f"emb{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
 
     def columns(self) -> dict[str, Any]:
         return {"embedding_bits": self.bits}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> EmbeddingQuant | None:
-        """``embedding_bits`` (16 = no stage)."""
+        """``embedding_bits`` (16 = no stage) and ``embedding_group`` (0 or absent = per row)."""
         bits = int(params.get("embedding_bits", 16))
-        return cls(bits=bits) if bits != 16 else None
+        group = int(params.get("embedding_group") or 0)
+        return cls(bits=bits, group_size=group or None) if bits != 16 else None
 
     def apply(self, model: Any, calib: Any = None) -> StageReport:
         import torch

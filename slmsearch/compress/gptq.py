@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_GROUPS = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
+WIDER = {2: 3, 3: 4, 4: 8}  # the width a layer raised by mixed precision gets (gptqmodel's widths)
 
 
 def calibration_rows(calib: Calibration) -> list[dict[str, list[int]]]:
@@ -47,11 +48,20 @@ class Gptq(Stage):
 
     kind = "gptq"
     works_on_dirs = True
-    column_defaults = {"gptq_bits": 16}
+    column_defaults = {"gptq_bits": 16, "gptq_wider_layers": 0}
     bits: int = 4  # 2, 3, 4 or 8
     group_size: int = 128  # 32, 64, 128, or -1 (per output channel)
     act_order: bool = False  # gptqmodel desc_act: quantize columns by decreasing Hessian diagonal
     keep_sparsity: bool = True  # re-zero weights that were exactly zero before quantization
+    # gptqmodel's scale search: each group's range shrunk in 1% steps to minimise sum |w - q(w)|^mse
+    # (the original GPTQ code's grid search, norm 2.4); 0 = the plain min/max range
+    mse: float = 0.0
+    gptaq: bool = False  # gptqmodel's GPTAQ (GPTQ v2): the error against the unquantized model's inputs
+    # Mixed precision across layers, one of: the widths of every decoder layer in order (``bits``
+    # is then the narrowest), or how many layers get the next wider width (WIDER), chosen as the
+    # layers whose rounding alone moves the output most (compress/sensitivity.py).
+    layer_bits: tuple[int, ...] = ()
+    wider_layers: int = 0
 
     def __post_init__(self) -> None:
         check_choice("gptq", "bits", self.bits, GPTQ_BITS)
@@ -59,9 +69,38 @@ class Gptq(Stage):
         for name in ("act_order", "keep_sparsity"):
             if not isinstance(getattr(self, name), bool):
                 raise SlmsearchError(f"gptq.{name} must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(self, "layer_bits", tuple(self.layer_bits))
+        for b in self.layer_bits:
+            check_choice("gptq", "layer_bits entries", b, GPTQ_BITS)
+        if self.layer_bits and min(self.layer_bits) != self.bits:
+            raise SlmsearchError(f"gptq.bits must be the narrowest of gptq.layer_bits ({min(self.layer_bits)}), got {self.bits}")
+        check_range("gptq", "wider_layers", self.wider_layers, 0, 4096, integer=True)
+        check_range("gptq", "mse", self.mse, 0.0, 10.0)
+        if not isinstance(self.gptaq, bool):
+            raise SlmsearchError(f"gptq.gptaq must be true or false, got {self.gptaq!r}")
+        if self.wider_layers and self.layer_bits:
+            raise SlmsearchError("gptq: give layer_bits or wider_layers, not both")
+        if self.wider_layers and self.bits not in WIDER:
+            raise SlmsearchError(f"gptq.wider_layers needs a width with a wider one ({', '.join(map(str, WIDER))}), got bits={self.bits}")
+
+    def widths(self, n_layers: int) -> tuple[int, ...]:
+        """Each layer's width as the hardware model counts it: ``layer_bits``, or the first
+        ``wider_layers`` layers wider (which layers is known only once the input model is measured;
+        the footprint and latency of equal-sized layers do not depend on it)."""
+        if self.layer_bits:
+            return self.layer_bits
+        return tuple(WIDER[self.bits] if i < self.wider_layers else self.bits for i in range(n_layers))
 
     def check_fits(self, shape: ModelShape) -> None:
-        """The group size divides every quantized Linear's input size."""
+        """The per-layer widths match the layers; the group size divides every quantized Linear's input size."""
+        n = len(shape.layers)
+        if self.layer_bits and len(self.layer_bits) != n:
+            raise SlmsearchError(
+                f"gptq.layer_bits has {len(self.layer_bits)} entries, but the model quantized has {n} decoder layers; "
+                f"give one width per layer (after any layers dropped before it)"
+            )
+        if self.wider_layers > n:
+            raise SlmsearchError(f"gptq.wider_layers={self.wider_layers} exceeds the {n} decoder layers quantized")
         if self.group_size == -1:
             return
         dims = {name: size for layer in shape.layers for name, size, _ in layer.proj_dims(shape.hidden)}
@@ -78,24 +117,39 @@ class Gptq(Stage):
         zero point per group, and a 32-bit group index per input."""
         from slmsearch.hwmodel.shape import TensorFormat
 
+        import dataclasses
+
         group = None if self.group_size == -1 else self.group_size
-        return shape.with_linear_format(
-            TensorFormat(weight_bits=self.bits, group_size=group, scale_bits=16, zero_bits=self.bits, g_idx_bits=32)
+        widths = self.widths(len(shape.layers))
+        if len(set(widths)) == 1:
+            return shape.with_linear_format(
+                TensorFormat(weight_bits=self.bits, group_size=group, scale_bits=16, zero_bits=self.bits, g_idx_bits=32)
+            )
+        layers = tuple(
+            dataclasses.replace(layer, proj_formats=(), linear_format=TensorFormat(
+                weight_bits=b, group_size=group, scale_bits=16, zero_bits=b, g_idx_bits=32))
+            for layer, b in zip(shape.layers, widths)
         )
+        return dataclasses.replace(shape, layers=layers)
 
     def label(self) -> str:
-        return f"w{self.bits}g{'ch' if self.group_size == -1 else self.group_size}"
+        mixed = f"+{self.wider_layers}" if self.wider_layers else (f"~{sum(self.layer_bits) / len(self.layer_bits):.2f}" if self.layer_bits else "")
+        return f"w{self.bits}{mixed}g{'ch' if self.group_size == -1 else self.group_size}"
 
     def columns(self) -> dict[str, Any]:
-        return {"gptq_bits": self.bits}
+        return {"gptq_bits": self.bits, "gptq_wider_layers": self.wider_layers}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> Gptq | None:
-        """``gptq_bits`` (16 = no stage) with ``group_size`` and ``act_order``."""
+        """``gptq_bits`` (16 = no stage) with ``group_size``, ``act_order``, ``gptq_wider_layers`` and
+        ``gptq_mse`` (else the space's first)."""
         bits = int(params.get("gptq_bits", 16))
         if bits == 16:
             return None
-        return cls(bits=bits, group_size=int(params["group_size"]), act_order=bool(params.get("act_order", False)))
+        wider = int(params.get("gptq_wider_layers", 0)) if bits in WIDER else 0
+        mse = params.get("gptq_mse", (getattr(space, "gptq_mse", None) or (0.0,))[0])
+        return cls(bits=bits, group_size=int(params["group_size"]), act_order=bool(params.get("act_order", False)),
+                   wider_layers=wider, mse=float(mse))
 
     def apply_dir(self, src_dir: Path, out_dir: Path, calib: Calibration, base_dir: Path | None = None) -> StageReport:
         import torch
@@ -109,17 +163,40 @@ class Gptq(Stage):
         _check_group_divides(Path(src_dir), self.group_size)
         with Timer() as t, runtime.module_logs_out_of_the_working_directory():
             zero_masks = _zero_masks(Path(src_dir)) if self.keep_sparsity else {}
-            qcfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=True, device=runtime.compute_device())
+            widths = self._layer_widths(Path(src_dir), calib)
+            qcfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=True,
+                                  device=runtime.compute_device(), dynamic=_dynamic(widths, self.bits),
+                                  mse=float(self.mse), **({"gptaq": {"device": runtime.compute_device()}} if self.gptaq else {}),
+                                  # gptqmodel's group-aware reordering (its default) needs groups
+                                  act_group_aware=not self.act_order and self.group_size != -1)
             model = GPTQModel.load(str(src_dir), quantize_config=qcfg, dtype=torch.bfloat16)
             model.layer_callback = runtime.layer_progress("gptq", _n_layers(Path(src_dir)))
             model.quantize(calibration_rows(calib), batch_size=calib.settings.batch, tokenizer=calib.tokenizer)
             with runtime.stdout_to_nothing():  # gptqmodel prints the folder's files and whole config.json
                 model.save(str(out_dir))
             del model
-            restored = restore_zeros_in_folder(Path(out_dir), zero_masks, self.bits) if zero_masks else 0
+            restored = restore_zeros_in_folder(Path(out_dir), zero_masks) if zero_masks else 0
             copy_tokenizer(Path(src_dir), Path(out_dir))
         metrics: dict[str, Any] = {"zeros_restored": restored, "sparse_modules": len(zero_masks)}
+        if len(set(widths)) > 1:
+            metrics["layer_bits"] = list(widths)
         return StageReport(self.kind, self.to_dict(), t.seconds, metrics)
+
+    def _layer_widths(self, src: Path, calib: Calibration) -> tuple[int, ...]:
+        """Each decoder layer's width: given, or the ``wider_layers`` most sensitive ones raised."""
+        n = _n_layers(src)
+        if not self.wider_layers:
+            return self.layer_bits or (self.bits,) * n
+        from slmsearch import checkpoint
+        from slmsearch.compress.sensitivity import cached_layer_sensitivity, most_sensitive
+
+        meta = checkpoint.read_meta(src) if (src / checkpoint.META_FILE).is_file() else {}
+        model_id = json.dumps({"base": meta.get("base_fingerprint") or calib.model_key, "plan": meta.get("plan")}, sort_keys=True)
+        model = checkpoint.load(src)[0]
+        scores = cached_layer_sensitivity(model, calib, self.bits, self.group_size, model_id)
+        del model
+        raised = set(most_sensitive(scores, self.wider_layers))
+        return tuple(WIDER[self.bits] if i in raised else self.bits for i in range(n))
 
 
 @dataclass(frozen=True)
@@ -187,6 +264,12 @@ def _n_layers(src: Path) -> int:
     return int(json.loads((src / CONFIG_FILE).read_text())["num_hidden_layers"])
 
 
+def _dynamic(widths: tuple[int, ...], bits: int) -> dict[str, dict[str, int]] | None:
+    """gptqmodel's per-module overrides for the layers whose width is not ``bits``."""
+    out = {rf"+:^model\.layers\.{i}\.": {"bits": b} for i, b in enumerate(widths) if b != bits}
+    return out or None
+
+
 def _check_group_divides(src: Path, group_size: int) -> None:
     if group_size == -1:
         return
@@ -218,11 +301,12 @@ def _zero_masks(src: Path) -> dict[str, torch.Tensor]:
     return masks
 
 
-def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor], bits: int) -> int:
+def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor]) -> int:
     """Rewrite the packed ``qweight`` of each masked module of a saved GPTQ (v1) checkpoint so
     that every masked weight holds its group's zero point, i.e. dequantizes to exactly 0.
 
-    v1 stores ``zero - 1`` in ``qzeros`` (gptqmodel's ``convert_gptq_v2_to_v1_format``).
+    v1 stores ``zero - 1`` in ``qzeros`` (gptqmodel's ``convert_gptq_v2_to_v1_format``). Each
+    module's width is read from its packed rows (mixed precision gives layers different widths).
     Returns the number of weights that were non-zero after GPTQ and are zero again.
     """
     from safetensors import safe_open
@@ -240,6 +324,7 @@ def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor], bits: 
             if f"{name}.qweight" not in tensors:
                 continue
             qweight = tensors[f"{name}.qweight"]  # [in * bits / 32, out]
+            bits = qweight.shape[0] * 32 // mask.shape[1]  # this module's width (layers may differ)
             codes = kernels.unpack_bits(qweight, bits)[: mask.shape[1]]  # [in, out]
             zeros = kernels.unpack_bits(tensors[f"{name}.qzeros"].T.contiguous(), bits).T + 1  # [groups, out]
             g_idx = tensors[f"{name}.g_idx"].long()

@@ -240,3 +240,26 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     words = (stream << torch.arange(32, dtype=torch.int64).view(1, 32, 1)).sum(1)
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
+
+
+def kv_fake_quant(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Keys or values ``[..., channels]`` rounded to ``bits`` as a KV cache stores them, returned
+    dequantized in ``x``'s dtype.
+
+    Asymmetric round-to-nearest per token, per group of ``group_size`` channels of the last
+    dimension (KIVI's per-token form, arXiv:2402.02750): a 16-bit scale ``(max - min) / (2**bits -
+    1)`` and a 16-bit zero point (the group's minimum) per group, codes in ``[0, 2**bits - 1]``.
+    A token's codes depend only on that token, so rounding the whole sequence at once equals
+    rounding each position as it enters the cache.
+    """
+    if not 2 <= bits <= 8:
+        raise SlmsearchError(f"KV-cache bits must satisfy 2 <= bits <= 8, got {bits}")
+    channels = x.shape[-1]
+    if group_size <= 0 or channels % group_size:
+        raise SlmsearchError(f"KV-cache group size {group_size} must divide the head size {channels}")
+    g = x.float().reshape(*x.shape[:-1], channels // group_size, group_size)
+    maxq = 2**bits - 1
+    low = g.amin(dim=-1, keepdim=True).to(torch.float16).float()
+    scale = ((g.amax(dim=-1, keepdim=True) - low) / maxq).to(torch.float16).float().clamp_min(1e-8)
+    q = torch.clamp(torch.round((g - low) / scale), 0, maxq)
+    return (q * scale + low).reshape(x.shape).to(x.dtype)

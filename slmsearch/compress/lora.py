@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_range
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from slmsearch.hwmodel.shape import ModelShape
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_LOSSES = ("lm", "kd")
+KD_TOP_K = 64  # teacher log-probabilities kept per position (MiniLLM/DistiLLM-style truncation)
 ADAPTER_ATTR = "_slmsearch_adapter"  # set on a model whose adapter is kept (merge=False)
 HELDOUT_SEED_OFFSET = 1000  # held-out windows use seed + this (a different stream from training)
 TRAIN_SEED_OFFSET = 1  # training windows use seed + this (not the calibration windows)
@@ -56,6 +59,10 @@ class LoraRecovery(Stage):
     seqlen: int = 256  # tokens per window
     alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
     heldout: int = 8  # held-out windows for the before/after loss report; 0 = no report (a study's default)
+    # "lm": next-token cross-entropy on the text; "kd": cross-entropy to the dense model's next-token
+    # distribution (its top KD_TOP_K log-probabilities, renormalised; computed once per base model and
+    # training windows, cached): recovery toward the teacher rather than adaptation to the text
+    loss: str = "lm"
 
     def __post_init__(self) -> None:
         check_range("lora", "rank", self.rank, 0, 4096, integer=True)
@@ -67,6 +74,8 @@ class LoraRecovery(Stage):
         check_range("lora", "heldout", self.heldout, 0, 4096, integer=True)
         if not isinstance(self.merge, bool):
             raise SlmsearchError(f"lora.merge must be true or false, got {self.merge!r}")
+        if self.loss not in LORA_LOSSES:
+            raise SlmsearchError(f"lora.loss must be one of {', '.join(LORA_LOSSES)}, got {self.loss!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad or not self.targets:
@@ -83,7 +92,7 @@ class LoraRecovery(Stage):
         return {} if self.merge else {"adapter": {"rank": self.rank, "bits": ADAPTER_BITS}}
 
     def label(self) -> str:
-        return f"lora{self.rank}"
+        return f"lora{self.rank}" + ("kd" if self.loss == "kd" else "")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> LoraRecovery | None:
@@ -92,7 +101,8 @@ class LoraRecovery(Stage):
         rank = int(params.get("lora_rank", 0))
         if not rank or not earlier:
             return None
-        return cls(rank=rank, steps=int(params.get("lora_steps", 10)), heldout=space.lora_heldout)
+        loss = str(params.get("lora_loss") or (getattr(space, "lora_loss", None) or ("lm",))[0])
+        return cls(rank=rank, steps=int(params.get("lora_steps", 10)), heldout=space.lora_heldout, loss=loss)
 
     def apply(self, model: Any, calib: Calibration) -> StageReport:
         with Timer() as t:
@@ -113,6 +123,7 @@ class LoraRecovery(Stage):
         train = calib.samples(self.steps * self.batch, seqlen=self.seqlen, seed=seed + TRAIN_SEED_OFFSET)
         held = calib.samples(self.heldout, part="heldout", seqlen=self.seqlen, seed=seed + HELDOUT_SEED_OFFSET) if self.heldout else None
         model.eval()
+        teacher = teacher_top_k(calib, train, KD_TOP_K) if self.loss == "kd" else None
         loss_before = mean_loss(model, held) if held is not None else None
         config = LoraConfig(
             r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=list(self.targets), bias="none"
@@ -126,7 +137,12 @@ class LoraRecovery(Stage):
         ticker = Ticker("lora", self.steps, "step")  # a line at the first and last step, and every ~10 s
         for step in range(self.steps):
             ids = train[step * self.batch : (step + 1) * self.batch].to(params[0].device)
-            loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+            if teacher is None:
+                loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+            else:
+                rows = slice(step * self.batch, (step + 1) * self.batch)
+                logits = peft_model(input_ids=ids, use_cache=False).logits
+                loss = kd_loss(logits, teacher[0][rows].to(logits.device), teacher[1][rows].to(logits.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -159,6 +175,64 @@ class LoraRecovery(Stage):
                 metrics["heldout_loss_after"] = loss_after_adapter
             setattr(model, ADAPTER_ATTR, {"config": config, "state": adapter_state})
         return metrics
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy from the teacher's top-k next-token distribution (renormalised over its k
+    tokens) to the student's: ``-sum_k p_t(k) log p_s(k)`` per position. Equal to the KL divergence
+    from the truncated teacher up to the teacher's entropy, a constant for the student."""
+    import torch
+
+    student = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_ids.long())
+    target = torch.softmax(teacher_logprobs.float(), dim=-1)
+    return -(target * student).sum(-1).mean()
+
+
+def teacher_top_k(calib: Calibration, windows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base model's top-``k`` next-token log-probabilities and token ids for every position of
+    ``windows`` (``[n, seqlen, k]`` fp16 and int32), cached in ``calib.score_dir`` by base model,
+    windows and ``k``."""
+    import hashlib
+
+    import torch
+
+    if not calib.base_location:
+        raise SlmsearchError("lora.loss=kd needs the base model as its teacher (run it through the pipeline)")
+    key = hashlib.sha256(f"{calib.model_key}|{k}|".encode() + windows.numpy().tobytes()).hexdigest()[:24]
+    path = Path(calib.score_dir) / f"teacher-{key}.safetensors" if calib.score_dir is not None else None
+    if path is not None and path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(path))
+            if data["values"].shape[:2] == windows.shape and data["ids"].shape == data["values"].shape:
+                return data["values"], data["ids"]
+        except (SafetensorError, KeyError, OSError):  # a torn or foreign file: computed again
+            pass
+    from slmsearch.checkpoint import load
+
+    teacher, _ = load(calib.base_location)
+    device = next(teacher.parameters()).device
+    values, ids = [], []
+    with torch.no_grad():
+        for start in range(0, windows.shape[0], 4):
+            logits = teacher(input_ids=windows[start : start + 4].to(device), use_cache=False).logits.float()
+            top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+            values.append(top.values.half().cpu())
+            ids.append(top.indices.int().cpu())
+    del teacher
+    out = (torch.cat(values), torch.cat(ids))
+    if path is not None:
+        import os
+
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file({"values": out[0].contiguous(), "ids": out[1].contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    return out
 
 
 def _merge_masked(peft_model: Any) -> int:

@@ -142,6 +142,7 @@ def run(
             calibration = Calibration.from_data(tokenizer, data_dir, calib, score_dir=score_dir, model_key=fingerprint)
             _CALIB_TOKENS.clear()
             _CALIB_TOKENS[token_key] = calibration.tokens
+        calibration.base_location = location
 
         for i in range(start, len(stages)):
             stage = stages[i]

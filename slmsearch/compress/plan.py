@@ -1,6 +1,6 @@
 """A compression plan: an ordered tuple of stages, in the canonical order, as YAML/JSON.
 
-Canonical order: depth -> wanda -> lora -> embedding -> gptq -> eora, each at most once.
+Canonical order: depth -> wanda -> lora -> embedding -> gptq -> eora -> kv_cache, each at most once.
 The YAML/JSON form is ``{"stages": [{"stage": "wanda", "sparsity": 0.5}, ...]}`` (a bare list
 is accepted too); unknown stage names and unknown keys are rejected by name.
 
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from slmsearch.compress.depth import DepthPrune
 from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.compress.gptq import Eora, Gptq
+from slmsearch.compress.kvcache import KvCacheQuant
 from slmsearch.compress.lora import LoraRecovery
 from slmsearch.compress.stage import Stage
 from slmsearch.compress.wanda import Wanda
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
     from slmsearch.hwmodel.shape import ModelShape
 
 STAGE_TYPES: dict[str, type[Stage]] = {
-    cls.kind: cls for cls in (DepthPrune, Wanda, LoraRecovery, EmbeddingQuant, Gptq, Eora)
+    cls.kind: cls for cls in (DepthPrune, Wanda, LoraRecovery, EmbeddingQuant, Gptq, Eora, KvCacheQuant)
 }
-CANONICAL_ORDER: tuple[str, ...] = ("depth", "wanda", "lora", "embedding", "gptq", "eora")
+CANONICAL_ORDER: tuple[str, ...] = ("depth", "wanda", "lora", "embedding", "gptq", "eora", "kv_cache")
 PLAN_VERSION = 1
 DENSE = {"format": "dense", "density": 1.0}  # the sparsity a checkpoint declares when no stage zeroed weights
 

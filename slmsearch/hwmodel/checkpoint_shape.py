@@ -137,6 +137,7 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
         hidden=hidden, layers=tuple(layer_shapes), vocab_size=vocab, tie_word_embeddings=tied,
         embedding_format=emb_fmt, lm_head_format=head_fmt,
         kv_cache_bits=int((meta.get("kv_cache") or {}).get("bits", 16)),
+        kv_cache_group=(meta.get("kv_cache") or {}).get("group_size"),
         activation_bits=int(meta.get("activation_bits", 16)),
         name=str(cfg.get("_name_or_path", folder.name)),
     )

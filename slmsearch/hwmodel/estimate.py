@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,7 +119,7 @@ def _check(context_len: int, prefill_len: int) -> None:
 def _placement(shape: ModelShape, p: Platform, context_len: int, mem: MemoryReport,
                dep: Deployment = DEFAULT) -> Placement:
     kv_layer = [
-        -(-(2 * layer.n_kv_heads * layer.head_dim * shape.kv_cache_bits * context_len) // 8)
+        int(math.ceil(2 * layer.n_kv_heads * layer.head_dim * shape.kv_bits_per_value * context_len / 8))
         for layer in shape.layers
     ]
     return place(p, mem.weight_groups, kv_layer, mem.by_kind["activations_peak"],
@@ -140,7 +141,8 @@ def _run_pass(shape: ModelShape, p: Platform, pl: Placement, tokens: int, attend
         add(None, op, splits.get(op.group, ()), ())
     for idx, layer in enumerate(shape.layers):
         attn, mlp = layer_static_ops(layer, shape.hidden, tokens, shape.activation_bits, p, idx)
-        ctx = layer_context_ops(layer, tokens, attended, shape.activation_bits, shape.kv_cache_bits, p, idx)
+        ctx = layer_context_ops(layer, tokens, attended, shape.activation_bits, shape.kv_cache_bits, p, idx,
+                                kv_stored_bits=shape.kv_bits_per_value)
         o_at = next(i for i, op in enumerate(attn) if op.name == "o_proj")
         ga, gm = splits[f"layers.{idx}.attn"], splits[f"layers.{idx}.mlp"]
         for op in attn[:o_at]:
@@ -173,8 +175,7 @@ def estimate(shape: ModelShape, platform: Platform, *, context_len: int = 512, p
     activation precision, what fills the weight memories first and where the KV cache lives."""
     _check(context_len, prefill_len)
     dep = deployment or DEFAULT
-    if dep.activation_bits is not None and dep.activation_bits != shape.activation_bits:
-        shape = shape.with_activation_bits(dep.activation_bits)
+    shape = _deployed(shape, dep)
     ctx = max(context_len, prefill_len)
     mem = memory_report(shape, ctx, prefill_len)
     pl = _placement(shape, platform, ctx, mem, dep)
@@ -187,4 +188,18 @@ def estimate(shape: ModelShape, platform: Platform, *, context_len: int = 512, p
                     decode_first, dep)
 
 
-__all__ = ["Estimate", "OpRow", "PassEstimate", "estimate"]
+def _deployed(shape: ModelShape, dep: Deployment) -> ModelShape:
+    if dep.activation_bits is not None and dep.activation_bits != shape.activation_bits:
+        return shape.with_activation_bits(dep.activation_bits)
+    return shape
+
+
+def footprint_bytes(shape: ModelShape, *, context_len: int = 512, prefill_len: int = 0,
+                    deployment: Deployment | None = None) -> int:
+    """The deployed footprint :func:`estimate` reports (``memory.total_bytes``), without the
+    placement and latency passes: microseconds instead of milliseconds, for the search's budget."""
+    _check(context_len, prefill_len)
+    return memory_report(_deployed(shape, deployment or DEFAULT), max(context_len, prefill_len), prefill_len).total_bytes
+
+
+__all__ = ["Estimate", "OpRow", "PassEstimate", "estimate", "footprint_bytes"]

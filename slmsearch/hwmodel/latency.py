@@ -278,13 +278,14 @@ def causal_pairs(tokens: int, attended: int) -> int:
 
 
 def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: int, kv_bits: int,
-                      p: Platform, idx: int) -> list[Op]:
+                      p: Platform, idx: int, kv_stored_bits: float | None = None) -> list[Op]:
     """Attention over the KV cache: scores, softmax, weighted sum (cost grows with ``attended``).
 
     Only the causal pairs are computed (``causal_pairs``): scores as batch x pairs dot products
     of length head_dim; the weighted sum as [tokens, attended] @ [attended, head_dim] with
-    compute_density = pairs / (tokens * attended) (each output sums over its own prefix)."""
-    a, k = act_bits / 8, kv_bits / 8
+    compute_density = pairs / (tokens * attended) (each output sums over its own prefix).
+    ``kv_stored_bits``: bits moved per cached element, scales and zeros included (default ``kv_bits``)."""
+    a, k = act_bits / 8, (kv_bits if kv_stored_bits is None else kv_stored_bits) / 8
     h, hd, kvh = layer.n_heads, layer.head_dim, layer.n_kv_heads
     g = f"layers.{idx}.attn"
     kv_row = kvh * hd * k  # bytes of K (or V) for one position

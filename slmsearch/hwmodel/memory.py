@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slmsearch.hwmodel.shape import ATTN_PROJS, LayerShape, ModelShape, TensorFormat
+from slmsearch.hwmodel.shape import ATTN_PROJS, KV_PARAM_BITS, LayerShape, ModelShape, TensorFormat
 
 KINDS = (
     "embedding", "lm_head", "attention", "mlp", "norms", "scales_zeros",
@@ -149,7 +149,10 @@ def static_bytes(shape: ModelShape) -> StaticBytes:
             kinds["scales_zeros"] += hs
             groups.append(("lm_head", hv + hs))
             groups.append(("embedding", ev + es))  # one row read per token: placed last
-    kv_bits = sum(2 * layer.n_kv_heads * layer.head_dim for layer in shape.layers) * shape.kv_cache_bits
+    kv_values = sum(2 * layer.n_kv_heads * layer.head_dim for layer in shape.layers)
+    kv_bits = kv_values * shape.kv_cache_bits
+    if shape.kv_cache_group is not None:
+        kv_bits += -(-kv_values // shape.kv_cache_group) * KV_PARAM_BITS
     return StaticBytes(tuple(kinds.items()), tuple(groups), kv_bits)
 
 

@@ -23,6 +23,7 @@ MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 PROJS = ATTN_PROJS + MLP_PROJS
 
 SPARSITY_FORMATS = ("dense", "unstructured", "2:4", "4:8")
+KV_PARAM_BITS = 32  # one fp16 scale + one fp16 zero point per group of a quantized KV-cache row
 
 
 def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
@@ -221,6 +222,9 @@ class ModelShape:
     kv_cache_bits: int = 16
     activation_bits: int = 16
     name: str = ""
+    # channels of one cached key (value) row sharing a 16-bit scale and a 16-bit zero point; None =
+    # no scales (a 16-bit float cache). compress/kvcache.py quantizes per token and head this way.
+    kv_cache_group: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("hidden", self.hidden)
@@ -231,6 +235,8 @@ class ModelShape:
             v = getattr(self, name)
             if not (isinstance(v, int) and 1 <= v <= 32):
                 raise SlmsearchError(f"{name} must be an integer in 1..32, but got {v!r}")
+        if self.kv_cache_group is not None:
+            _positive_int("kv_cache_group", self.kv_cache_group)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -339,8 +345,17 @@ class ModelShape:
         adapter = Adapter(rank, bits) if rank else None
         return self._with_each_layer(lambda layer: dataclasses.replace(layer, adapter=adapter))
 
-    def with_kv_cache_bits(self, bits: int) -> ModelShape:
-        return dataclasses.replace(self, kv_cache_bits=bits)
+    def with_kv_cache_bits(self, bits: int, group: int | None = None) -> ModelShape:
+        """A KV cache of ``bits``-bit values, with a 16-bit scale and zero per ``group`` channels
+        (None: no scales, for a float cache)."""
+        return dataclasses.replace(self, kv_cache_bits=bits, kv_cache_group=group)
+
+    @property
+    def kv_bits_per_value(self) -> float:
+        """Stored bits per cached key or value element, its share of the scales and zeros included."""
+        if self.kv_cache_group is None:
+            return float(self.kv_cache_bits)
+        return self.kv_cache_bits + KV_PARAM_BITS / self.kv_cache_group
 
     def with_activation_bits(self, bits: int) -> ModelShape:
         return dataclasses.replace(self, activation_bits=bits)

@@ -4,9 +4,11 @@ Under a tight budget most of the default space is infeasible or broken: at 64 MB
 of SmolLM2-135M is usually over budget (rejected, free) or 2-bit (perplexity 1e4-1e6, pruned), and
 NSGA-II's first generation is random sampling. A study of 8 trials then evaluates few usable
 plans. The anchors give the sampler one usable point per weight precision from the start: for
-each GPTQ width of 3 bits or more in the space (widest first), the plan that removes the fewest
-layers while fitting the budget (no WANDA, the smallest embedding precision, the largest group
-size that divides the model, LoRA recovery when layers are dropped, no EoRA). Priced by the
+each GPTQ width of 3 bits or more in the space, the plan that removes the fewest layers while
+fitting the budget and widens as many layers as then fit (no WANDA, the smallest embedding
+precision with the group that leaves the fewest layers to drop, the largest GPTQ group size that
+divides the model, the narrowest KV cache, LoRA recovery when layers are dropped, no EoRA); the
+anchors are the ones that drop the fewest layers (then the wider width). Priced by the
 hardware model only: choosing them compresses nothing.
 """
 
@@ -14,45 +16,69 @@ from __future__ import annotations
 
 from typing import Any
 
+from slmsearch.compress.gptq import WIDER
 from slmsearch.compress.plan import Plan
+from slmsearch.search.budget import Fits, place_size
 from slmsearch.search.config import SpaceConfig
-from slmsearch.search.space import base_dims, plan_from_params, valid_group_sizes
+from slmsearch.search.space import base_dims, kv_cache_group, plan_from_params, valid_group_sizes
 
 MIN_ANCHOR_BITS = 3  # 2-bit GPTQ breaks SmolLM2 (docs/benchmarks.md: every 2-bit grid point ppl > 1e6)
 MAX_ANCHORS = 2
 
 
-def anchor_params(
-    space: SpaceConfig, base_shape: Any, footprint_mb: Any, budget_mb: float, *, max_anchors: int = MAX_ANCHORS
-) -> list[dict[str, Any]]:
+def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchors: int = MAX_ANCHORS) -> list[dict[str, Any]]:
     """Parameter sets (as ``study.enqueue_trial`` takes them) of up to ``max_anchors`` feasible anchor plans.
 
-    ``footprint_mb(shape) -> float`` prices a shape (the study passes the hardware model).
+    ``fits(plan) -> bool`` is the budget (the study passes the hardware model's footprint).
     """
     if "none" not in space.wanda_patterns or 0 not in space.eora_ranks:
         return []  # the space cannot express an anchor (no WANDA, no EoRA)
     dims = base_dims(base_shape)
+    group_size = max([g for g in valid_group_sizes(space, dims) if g > 0] or [-1])
     n_layers = len(base_shape.layers)
-    group = max([g for g in valid_group_sizes(space, dims) if g > 0] or [-1])
-    lo, hi = space.drop_layers
-    hi = min(hi, n_layers - 1)
     lora = 8 if 8 in space.lora_ranks else max(space.lora_ranks)
-    out: list[dict[str, Any]] = []
+    found: list[tuple[int, int, dict[str, Any]]] = []
     for bits in sorted((b for b in space.gptq_bits if MIN_ANCHOR_BITS <= b < 16), reverse=True):
-        for drop in range(min(lo, hi), hi + 1):
+        best: tuple[int, dict[str, Any]] | None = None
+        # the embedding group that leaves the fewest layers to drop (the finer one on a tie)
+        for group in sorted(space.embedding_groups, key=lambda g: g or 10**9):
             params: dict[str, Any] = {
-                "drop_layers": drop, "wanda_pattern": "none", "lora_rank": lora if drop or 0 not in space.lora_ranks else 0,
+                "wanda_pattern": "none", "lora_rank": 0 if 0 in space.lora_ranks else lora,
                 "embedding_bits": min(space.embedding_bits), "gptq_bits": bits,
-                "group_size": group, "act_order": space.act_order[0], "eora_rank": 0,
+                "group_size": group_size, "act_order": space.act_order[0], "gptq_mse": space.gptq_mse[0], "eora_rank": 0,
+                "kv_cache_bits": min(space.kv_cache_bits), "drop_fraction": 0.0, "wider_fraction": space.wider_fraction[1],
             }
-            if footprint_mb(anchor_plan(params, space, base_shape).shape(base_shape)) <= budget_mb:
-                out.append(params)
-                break
-        if len(out) >= max_anchors:
-            break
-    return out
+            if params["embedding_bits"] != 16:
+                params["embedding_group"] = group
+            placed, repaired = _placed(params, space, base_shape, fits)
+            if repaired or not fits(_plan(placed, space, base_shape)):
+                continue
+            if placed["gptq_wider_layers"] and placed["gptq_wider_layers"] == n_layers - placed["drop_layers"] \
+                    and WIDER[bits] in space.gptq_bits:
+                continue  # every layer widened: the wider width's own plan
+            if placed["drop_layers"]:
+                params["lora_rank"] = lora
+            if best is None or placed["drop_layers"] < best[0]:
+                best = (placed["drop_layers"], params)
+        if best is not None:
+            found.append((best[0], -bits, best[1]))
+    # fewest layers dropped first (dropping costs more quality than a narrower width), then the wider
+    return [params for _, _, params in sorted(found, key=lambda f: f[:2])[:max_anchors]]
 
 
-def anchor_plan(params: dict[str, Any], space: SpaceConfig, base_shape: Any) -> Plan:
-    """The plan an anchor's parameters stand for (fixed settings such as LoRA steps from the space)."""
-    return plan_from_params({**params, "lora_steps": space.lora_steps}, space, base_dims(base_shape), len(base_shape.layers))
+def anchor_plan(params: dict[str, Any], space: SpaceConfig, base_shape: Any, fits: Fits) -> Plan:
+    """The plan an anchor's parameters stand for (sizes placed in the budget as a trial places them)."""
+    return _plan(_placed(params, space, base_shape, fits)[0], space, base_shape)
+
+
+def _placed(params: dict[str, Any], space: SpaceConfig, base_shape: Any, fits: Fits) -> tuple[dict[str, Any], dict[str, Any]]:
+    n_layers = len(base_shape.layers)
+    return place_size({**params, "lora_steps": space.lora_steps}, space, n_layers,
+                      lambda p: _plan(p, space, base_shape), fits, float(params.get("drop_fraction", 0.0)),
+                      float(params.get("wider_fraction", 0.0)))
+
+
+def _plan(params: dict[str, Any], space: SpaceConfig, base_shape: Any) -> Plan:
+    dims = base_dims(base_shape)
+    return plan_from_params({**params, "lora_steps": space.lora_steps, "kv_cache_group": kv_cache_group(space, dims)},
+                            space, dims, len(base_shape.layers))

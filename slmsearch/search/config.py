@@ -33,6 +33,9 @@ KV_CACHE_LEVELS = ("l2", "l3")
 GPTQ_BITS = (2, 3, 4, 8, 16)  # 16 = not quantized
 GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
 EMBEDDING_BITS = (16, 8, 4)
+EMBEDDING_GROUPS = (0, 32, 64, 128)  # 0 = one scale per row
+KV_CACHE_BITS = (16, 8, 4)  # 16 = a float cache
+KV_CACHE_GROUPS = (16, 32, 64, 128)
 WANDA_PATTERNS = ("none", "unstructured", "2:4", "4:8", "structured")
 GB = 10**9  # bytes in a GB: sizes in a study file are decimal, as budget_mb's MB is 1e6 bytes
 SEED_LIMIT = 2**32  # numpy's and Optuna's samplers take seeds in 0 .. 2**32 - 1
@@ -75,14 +78,29 @@ class SpaceConfig:
     unstructured_sparsity: tuple[float, float] = (0.1, 0.5)  # WANDA unstructured sparsity
     lora_ranks: tuple[int, ...] = (0, 4, 8, 16)  # LoRA recovery rank, 0 = none
     lora_steps: int = 10  # optimizer steps per recovery (about 2.5 s each on 2 cores)
+    # the recovery's loss: kd (toward the dense model's next-token distribution) or lm (the text's tokens)
+    lora_loss: tuple[str, ...] = ("kd",)
     # held-out windows for LoRA's before/after loss report; 0 = none: the trial's evaluation measures
     # quality, and 8 windows were ~7 s (4%) of a default trial on 2 cores (docs/benchmarks.md section 1)
     lora_heldout: int = 0
     gptq_bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # 16 = no GPTQ
     group_sizes: tuple[int, ...] = (32, 64, 128)  # filtered to those dividing the model's dims
     act_order: tuple[bool, ...] = (False,)
+    # gptqmodel's scale search norm (0 = plain min/max range): on SmolLM2-135M 3-bit g64, token ppl
+    # x2.77 the dense model's without it, x1.85 with 2.4, at twice the GPTQ time (docs/benchmarks.md)
+    gptq_mse: tuple[float, ...] = (2.4,)
     eora_ranks: tuple[int, ...] = (0, 8, 16, 32)  # only with GPTQ
     embedding_bits: tuple[int, ...] = (16, 8, 4)
+    # columns per 16-bit scale of a quantized embedding, 0 = one per row. On SmolLM2-135M at 4 bits,
+    # token ppl x1.38 (per row), x1.21 (64), x1.16 (32) the dense model's (docs/benchmarks.md)
+    embedding_groups: tuple[int, ...] = (32, 64)
+    # the KV cache's stored width (16 = float); quantized ones keep a 16-bit scale and zero per
+    # kv_cache_group channels of each head's row (compress/kvcache.py)
+    kv_cache_bits: tuple[int, ...] = (16, 8, 4)
+    kv_cache_group: int = 32
+    # mixed precision: the share of the layers the budget leaves room to widen (one GPTQ width up)
+    # that a trial widens, chosen by sensitivity (compress/sensitivity.py); [0, 0] = uniform widths
+    wider_fraction: tuple[float, float] = (0.0, 1.0)
     # deployment choices (priced by the hardware model; quality is the fp16 checkpoint's)
     activation_bits: tuple[int, ...] = (16,)  # 8 = integer activations: matrix work on N-EUREKA
     weight_memory_first: tuple[str, ...] = ("layers",)  # what fills the NPU weight memories first
@@ -98,6 +116,7 @@ class SpaceConfig:
         object.__setattr__(self, "kv_groups", tuple(int(v) for v in _range(s, "kv_groups", self.kv_groups, 0, 64)))
         object.__setattr__(self, "unstructured_sparsity", _range(s, "unstructured_sparsity", self.unstructured_sparsity, 0.0, 0.95))
         object.__setattr__(self, "lora_ranks", _choices(s, "lora_ranks", self.lora_ranks, tuple(range(0, 1025))))
+        object.__setattr__(self, "lora_loss", _choices(s, "lora_loss", self.lora_loss, ("lm", "kd")))
         if not 1 <= self.lora_steps <= 100_000:
             raise SlmsearchError(f"space.lora_steps must be an integer in 1..100000, got {self.lora_steps}")
         if not 0 <= self.lora_heldout <= 4096:
@@ -105,8 +124,16 @@ class SpaceConfig:
         object.__setattr__(self, "gptq_bits", _choices(s, "gptq_bits", self.gptq_bits, GPTQ_BITS))
         object.__setattr__(self, "group_sizes", _choices(s, "group_sizes", self.group_sizes, GROUP_SIZES))
         object.__setattr__(self, "act_order", _choices(s, "act_order", self.act_order, (False, True)))
+        object.__setattr__(self, "gptq_mse", _choices(s, "gptq_mse", self.gptq_mse, (0.0, 2.0, 2.4, 3.0)))
         object.__setattr__(self, "eora_ranks", _choices(s, "eora_ranks", self.eora_ranks, tuple(range(0, 4097))))
         object.__setattr__(self, "embedding_bits", _choices(s, "embedding_bits", self.embedding_bits, EMBEDDING_BITS))
+        object.__setattr__(self, "embedding_groups", _choices(s, "embedding_groups", self.embedding_groups, EMBEDDING_GROUPS))
+        object.__setattr__(self, "kv_cache_bits", _choices(s, "kv_cache_bits", self.kv_cache_bits, KV_CACHE_BITS))
+        object.__setattr__(self, "wider_fraction", _range(s, "wider_fraction", self.wider_fraction, 0.0, 1.0))
+        if self.kv_cache_group not in KV_CACHE_GROUPS:
+            raise SlmsearchError(
+                f"space.kv_cache_group: unsupported value {self.kv_cache_group!r}; supported: {', '.join(map(str, KV_CACHE_GROUPS))}"
+            )
         object.__setattr__(self, "activation_bits", _choices(s, "activation_bits", self.activation_bits, ACTIVATION_BITS))
         object.__setattr__(self, "weight_memory_first",
                            _choices(s, "weight_memory_first", self.weight_memory_first, WEIGHT_MEMORY_FIRST))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from slmsearch import interrupt
+from slmsearch.compress.plan import Plan
 from slmsearch.search.config import StudyConfig
 from slmsearch.search.slots import SurplusTrial, claim_slot
 from slmsearch.search.space import suggest_deployment, suggest_plan
@@ -58,6 +59,23 @@ class TrialContext:
     stage_calls: list[str] = field(default_factory=list)  # every stage the pipeline ran (tests count it)
     baseline_first_ppl: float | None = None
     current: int | None = None  # number of the trial running now, for Ctrl-C
+    space: Any = None  # config.space without the choices no plan can hold in the budget (search.budget)
+
+    def sampled_space(self) -> Any:
+        return self.space if self.space is not None else self.config.space
+
+    def fits(self, deployment: Any) -> Any:
+        """``fits(plan) -> bool``: the plan's deployed footprint is within the budget."""
+        from slmsearch.hwmodel.estimate import footprint_bytes
+
+        config = self.config
+
+        def fits(plan: Any) -> bool:
+            size = footprint_bytes(plan.shape(self.base_shape), context_len=config.context_len,
+                                   prefill_len=config.prefill_len, deployment=deployment)
+            return size / 1e6 <= config.budget_mb
+
+        return fits
 
 
 def hardware_attrs(estimate: Any, ranges: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -97,10 +115,13 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
     config = ctx.config
     ctx.current = trial.number
     trial.set_user_attr(WORKER_ATTR, WORKER)
-    plan = suggest_plan(trial, config.space, ctx.base_shape)
-    trial.set_user_attr(PLAN_ATTR, plan.to_dict())
     start = time.perf_counter()
     dep = Deployment(**suggest_deployment(trial, config.space))
+    if trial.user_attrs.get(BASELINE_ATTR):
+        plan = Plan(())  # the uncompressed reference: nothing to sample
+    else:
+        plan = suggest_plan(trial, ctx.sampled_space(), ctx.base_shape, fits=ctx.fits(dep))
+    trial.set_user_attr(PLAN_ATTR, plan.to_dict())
     shape = plan.shape(ctx.base_shape)
     est = estimate(shape, ctx.platform, context_len=config.context_len,
                    prefill_len=config.prefill_len, deployment=dep)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from slmsearch.compress.geometry import allowed_kv_group_removals, undivided_inputs
+from slmsearch.compress.gptq import WIDER
 from slmsearch.compress.plan import CANONICAL_ORDER, STAGE_TYPES, Plan
 from slmsearch.compress.stage import Stage
 from slmsearch.errors import SlmsearchError
@@ -50,6 +51,14 @@ def kv_group_choices(space: SpaceConfig, base_shape: Any, multiple: int) -> list
     return [k for k in allowed if lo <= k <= hi] or [0]
 
 
+def kv_cache_group(space: SpaceConfig, dims: dict[str, int]) -> int:
+    """The KV cache's group: ``space.kv_cache_group``, or the largest smaller one dividing the head size."""
+    from slmsearch.compress.kvcache import KV_GROUPS
+
+    fitting = [g for g in KV_GROUPS if g <= space.kv_cache_group and dims["head_dim"] % g == 0]
+    return max(fitting) if fitting else space.kv_cache_group  # none divides: the stage says why
+
+
 def structured_multiple(groups: tuple[int, ...], dims: dict[str, int]) -> int:
     """Channel counts after structured pruning stay multiples of this (the largest group in use)."""
     sized = [g for g in groups if g > 0]
@@ -70,14 +79,19 @@ def plan_from_params(params: dict[str, Any], space: SpaceConfig, dims: dict[str,
     return Plan(tuple(stages))
 
 
-def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any) -> Plan:
-    """Sample one plan from ``space`` for the model ``base_shape`` describes."""
+def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Any = None) -> Plan:
+    """Sample one plan from ``space`` for the model ``base_shape`` describes.
+
+    The kinds of compression are sampled first, the sizes last (:mod:`slmsearch.search.budget`):
+    ``drop_fraction`` and ``wider_fraction`` place the dropped layers and the layers GPTQ quantizes
+    one width wider within the room ``fits(plan) -> bool`` (the budget) leaves; without ``fits``
+    every plan fits. A repaired trial records what changed (``budget.REPAIRED_ATTR``)."""
+    from slmsearch.search.budget import REPAIRED_ATTR, drop_bounds, place_size
+
     dims = base_dims(base_shape)
     n_layers = len(base_shape.layers)
     groups = valid_group_sizes(space, dims)
-    lo, hi = space.drop_layers
-    hi = min(hi, n_layers - 1)
-    params: dict[str, Any] = {"drop_layers": trial.suggest_int("drop_layers", min(lo, hi), hi)}
+    params: dict[str, Any] = {}
     pattern = trial.suggest_categorical("wanda_pattern", list(space.wanda_patterns))
     params["wanda_pattern"] = pattern
     if pattern == "structured":
@@ -89,13 +103,39 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any) -> Plan:
         params["sparsity"] = trial.suggest_float("sparsity", *space.unstructured_sparsity, step=0.05)
     params["lora_rank"] = trial.suggest_categorical("lora_rank", list(space.lora_ranks))
     params["lora_steps"] = space.lora_steps
+    if params["lora_rank"]:
+        params["lora_loss"] = _choose(trial, "lora_loss", space.lora_loss)
     params["embedding_bits"] = trial.suggest_categorical("embedding_bits", list(space.embedding_bits))
+    if params["embedding_bits"] != 16:
+        params["embedding_group"] = _choose(trial, "embedding_group", space.embedding_groups)
     params["gptq_bits"] = trial.suggest_categorical("gptq_bits", list(space.gptq_bits))
     if params["gptq_bits"] != 16:
         params["group_size"] = trial.suggest_categorical("group_size", list(groups))
         params["act_order"] = trial.suggest_categorical("act_order", list(space.act_order))
+        params["gptq_mse"] = _choose(trial, "gptq_mse", space.gptq_mse)
         params["eora_rank"] = trial.suggest_categorical("eora_rank", list(space.eora_ranks))
-    return plan_from_params(params, space, dims, n_layers)
+    params["kv_cache_bits"] = _choose(trial, "kv_cache_bits", space.kv_cache_bits)
+    params["kv_cache_group"] = kv_cache_group(space, dims)
+    lo, hi = drop_bounds(space, n_layers)
+    drop_fraction = trial.suggest_float("drop_fraction", 0.0, 1.0, step=0.05) if hi > lo else 0.0
+    wide_lo, wide_hi = space.wider_fraction
+    wider_fraction = 0.0
+    if params["gptq_bits"] in WIDER and wide_hi > 0:
+        wider_fraction = trial.suggest_float("wider_fraction", wide_lo, wide_hi, step=0.05) if wide_hi > wide_lo else wide_lo
+
+    def plan_of(p: dict[str, Any]) -> Plan:
+        return plan_from_params(p, space, dims, n_layers)
+
+    params, repaired = place_size(params, space, n_layers, plan_of, fits or (lambda plan: True), drop_fraction,
+                                  wider_fraction, default_group=max(groups, key=lambda g: g if g > 0 else 10**9))
+    if repaired:
+        trial.set_user_attr(REPAIRED_ATTR, repaired)
+    return plan_of(params)
+
+
+def _choose(trial: Any, name: str, choices: tuple[Any, ...]) -> Any:
+    """A categorical parameter; a single choice is no parameter of the study (not suggested)."""
+    return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
 
 
 def suggest_deployment(trial: Any, space: SpaceConfig) -> dict[str, Any]:
@@ -108,9 +148,11 @@ def suggest_deployment(trial: Any, space: SpaceConfig) -> dict[str, Any]:
     return out
 
 
-def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = "structured") -> Plan:
-    """The most compressed plan with this WANDA pattern; the smallest footprint the space reaches is
-    the least over its patterns (for "budget unreachable" messages)."""
+def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = "structured",
+                         overrides: dict[str, Any] | None = None) -> Plan:
+    """The most compressed plan with this WANDA pattern (and ``overrides`` of its parameters); the
+    smallest footprint the space reaches is the least over its patterns (for "budget unreachable"
+    messages, and for which choices can fit at all: :func:`slmsearch.search.budget.feasible_space`)."""
     dims = base_dims(base_shape)
     groups = valid_group_sizes(space, dims)
     n_layers = len(base_shape.layers)
@@ -123,21 +165,27 @@ def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = 
         "structured_multiple": structured_multiple(groups, dims),
         "lora_rank": 0,
         "embedding_bits": min(space.embedding_bits),
+        "embedding_group": max(space.embedding_groups, key=lambda g: g or 10**9),
         "gptq_bits": min(space.gptq_bits),
+        "kv_cache_bits": min(space.kv_cache_bits),
+        "kv_cache_group": kv_cache_group(space, dims),
         "group_size": max(groups, key=lambda g: g if g > 0 else 10**9),
         "eora_rank": 0,
+        **(overrides or {}),
     }
     return plan_from_params(params, space, dims, n_layers)
 
 
 def baseline_params(space: SpaceConfig) -> dict[str, Any]:
     """The uncompressed baseline as a parameter set, enqueued as the study's first trial."""
-    params: dict[str, Any] = {"drop_layers": 0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16, "gptq_bits": 16}
+    params: dict[str, Any] = {"drop_layers": 0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16, "gptq_bits": 16,
+                              "kv_cache_bits": 16}
     for name, field, choices in (
         ("wanda_pattern", "wanda_patterns", space.wanda_patterns),
         ("lora_rank", "lora_ranks", space.lora_ranks),
         ("embedding_bits", "embedding_bits", space.embedding_bits),
         ("gptq_bits", "gptq_bits", space.gptq_bits),
+        ("kv_cache_bits", "kv_cache_bits", space.kv_cache_bits),
     ):
         if params[name] not in choices:
             raise SlmsearchError(

@@ -114,8 +114,10 @@ def estimate_trial_seconds(config: StudyConfig) -> float:
     settings = config.evaluation
     # per window / page / question, measured in bench/trial_cost.py (docs/benchmarks.md §1)
     eval_s = 0.6 * (settings.token_windows or 580) + 4 * (settings.word_pages or 62) + 0.2 * (settings.triviaqa_limit or 1900)
-    # GPTQ ~50 s and EoRA ~60 s per trial since gptqmodel's workers stopped oversubscribing the cores
-    return 15 + gptq_share * 50 + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s
+    # GPTQ ~50 s and EoRA ~60 s per trial since gptqmodel's workers stopped oversubscribing the cores;
+    # GPTQ's scale search doubles its time (docs/benchmarks.md section 6)
+    gptq_s = 50 * (2 if max(space.gptq_mse) > 0 else 1)
+    return 15 + gptq_share * gptq_s + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s
 
 
 def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = None) -> dict[str, Any]:
@@ -157,6 +159,21 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
             f"budget {config.budget_mb:g} MB is below the smallest footprint this space reaches "
             f"({smallest:.2f} MB); raise --budget-mb or widen the space (more dropped layers, lower bits)"
         )
+    from slmsearch.hwmodel.estimate import footprint_bytes
+    from slmsearch.search.budget import feasible_space
+
+    def fits(plan: Any) -> bool:  # the default deployment's footprint (anchors; which choices can fit)
+        size = footprint_bytes(plan.shape(base_shape), context_len=config.context_len, prefill_len=config.prefill_len)
+        return size / 1e6 <= config.budget_mb
+
+    space = feasible_space(config.space, lambda overrides: [
+        most_compressed_plan(config.space, base_shape, pattern=p, overrides=overrides) for p in config.space.wanda_patterns
+    ], fits)
+    removed = {f: sorted(set(getattr(config.space, f)) - set(getattr(space, f)), key=str)
+               for f in ("gptq_bits", "embedding_bits", "kv_cache_bits", "embedding_groups", "eora_ranks")}
+    if any(removed.values()):
+        log("choices no plan fits in the budget, not sampled: "
+            + "; ".join(f"{k} {v}" for k, v in removed.items() if v))
     url = storage_url(config)
     storage = open_storage(url, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s)
     study = open_study(config, storage)
@@ -166,12 +183,10 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
         study.enqueue_trial(baseline_params(config.space), user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
         if config.anchors:
             from slmsearch.search.anchors import anchor_params, anchor_plan
-            def footprint_mb(shape: Any) -> float:
-                return estimate(shape, platform, context_len=config.context_len).memory.total_bytes / 1e6
 
-            for params in anchor_params(config.space, base_shape, footprint_mb, config.budget_mb):
+            for params in anchor_params(space, base_shape, fits):
                 study.enqueue_trial(params, user_attrs={ANCHOR_ATTR: True}, skip_if_exists=True)
-                log(f"anchor plan enqueued: {anchor_plan(params, config.space, base_shape).label()}")
+                log(f"anchor plan enqueued: {anchor_plan(params, space, base_shape, fits).label()}")
     per_trial = estimate_trial_seconds(config)
     remaining = max(0, config.trials - done)
     log(
@@ -181,7 +196,7 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
     )
     ctx = TrialContext(
         config=config, base_location=location, base_shape=base_shape, platform=platform, data_dir=data_dir,
-        storage=storage, cache=StageCache(max_bytes=config.cache_bytes), log=log,
+        storage=storage, cache=StageCache(max_bytes=config.cache_bytes), log=log, space=space,
     )
     started = time.perf_counter()
     try:

@@ -84,9 +84,10 @@ TINY_CALIB = dict(n_samples=8, seqlen=64, seed=0, batch=4)
 
 @pytest.fixture(scope="session")
 def quantized(tiny_base, tmp_path_factory):
-    """Three GPTQ plans of the tiny base, run once per session through the pipeline and its cache,
+    """GPTQ plans of the tiny base, run once per session through the pipeline and its cache,
     from an empty working directory: ``plans[name]`` is the PipelineResult of "gptq", "eora"
-    (gptq + EoRA) and "sparse" (WANDA + gptq); ``plans["cwd_after"]`` lists what the runs left in
+    (gptq + EoRA), "sparse" (WANDA + gptq), "mixed" (the most sensitive layer one bit wider)
+    and "sparse_mixed" (WANDA + gptq with given per-layer widths); ``plans["cwd_after"]`` lists what the runs left in
     the working directory."""
     from slmsearch.compress.cache import StageCache
     from slmsearch.compress.calib import CalibSettings
@@ -103,6 +104,8 @@ def quantized(tiny_base, tmp_path_factory):
             "gptq": "[{stage: gptq, bits: 4, group_size: 32}]",
             "eora": "[{stage: gptq, bits: 4, group_size: 32}, {stage: eora, rank: 16}]",
             "sparse": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32}]",
+            "mixed": "[{stage: gptq, bits: 3, group_size: 32, wider_layers: 1}]",
+            "sparse_mixed": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32, layer_bits: [3, 4, 3, 8]}]",
         }.items():
             plans[name] = run(Plan.from_yaml(text), str(tiny_base), DATA_DIR, settings, cache=cache)
     plans["cwd_after"] = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))

@@ -244,3 +244,80 @@ def test_gptqmodel_progress_bars_are_not_redrawn_into_a_file(monkeypatch):
     gptqmodel_env()
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     assert terminal.render_backend_state(stream=sys.stdout).headless
+
+
+# mixed precision across layers -----------------------------------------------------------------
+def _layer_widths(folder):
+    from slmsearch.hwmodel import ModelShape
+
+    return [layer.linear_format.weight_bits for layer in ModelShape.from_checkpoint(folder).layers]
+
+
+def test_mixed_precision_widens_the_layer_whose_rounding_hurts_most(quantized, tiny_base):
+    from conftest import byte_tokenizer
+    from slmsearch.compress.calib import Calibration
+    from slmsearch.compress.sensitivity import layer_sensitivity
+
+    result = quantized["mixed"]
+    calib = Calibration.from_data(byte_tokenizer(), DATA_DIR, CalibSettings(**TINY_CALIB))
+    scores = layer_sensitivity(checkpoint.load(tiny_base)[0], calib, 3, 32)
+    widest = max(range(4), key=lambda i: scores[i])
+    expected = [4 if i == widest else 3 for i in range(4)]
+    assert result.reports[-1].metrics["layer_bits"] == expected
+    assert _layer_widths(result.checkpoint_dir) == expected  # what the tensors hold
+    model = checkpoint.load(result.checkpoint_dir)[0]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits.float()).all()
+
+
+def test_mixed_plan_prices_what_the_checkpoint_holds(quantized, tiny_base):
+    from slmsearch.hwmodel import ModelShape
+    from slmsearch.hwmodel.memory import static_bytes
+
+    base = ModelShape.from_hf_config(json.loads((tiny_base / checkpoint.CONFIG_FILE).read_text()))
+    for name in ("mixed", "sparse_mixed"):
+        result = quantized[name]
+        measured = ModelShape.from_checkpoint(result.checkpoint_dir)
+        predicted = result.plan.shape(base)
+        # the plan does not know which layer sensitivity widens; the bytes do not depend on it
+        assert static_bytes(measured).static_total == static_bytes(predicted).static_total, name
+        assert sorted(_layer_widths(result.checkpoint_dir)) == sorted(l.linear_format.weight_bits for l in predicted.layers)
+    assert _layer_widths(quantized["sparse_mixed"].checkpoint_dir) == [3, 4, 3, 8]
+
+
+def test_sparsity_survives_mixed_widths(quantized):
+    model, _ = checkpoint.load(quantized["sparse_mixed"].checkpoint_dir)
+    for name, module in model.named_modules():
+        if hasattr(module, "qweight"):
+            w = module.dequantize_weight()
+            assert int((w == 0).sum(0).min()) >= w.shape[0] // 2, name
+    assert quantized["sparse_mixed"].reports[-1].metrics["zeros_restored"] >= 0
+
+
+@pytest.mark.parametrize("stage,match", [
+    ({"bits": 3, "group_size": 32, "layer_bits": [3, 4, 3]}, "gptq.layer_bits has 3 entries, but the model quantized has 4 decoder layers"),
+    ({"bits": 3, "group_size": 32, "wider_layers": 5}, "gptq.wider_layers=5 exceeds the 4 decoder layers"),
+])
+def test_per_layer_widths_must_fit_the_model(stage, match, tiny_base, tmp_path):
+    plan = Plan.from_dict([{"stage": "gptq", **stage}])
+    with pytest.raises(SlmsearchError, match=match):
+        run(plan, str(tiny_base), DATA_DIR, CalibSettings(**TINY_CALIB), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage,match", [
+    ({"bits": 4, "layer_bits": [4, 5]}, "layer_bits entries must be one of"),
+    ({"bits": 4, "layer_bits": [8, 8]}, "gptq.bits must be the narrowest"),
+    ({"bits": 8, "wider_layers": 2}, "needs a width with a wider one"),
+    ({"bits": 3, "wider_layers": 2, "layer_bits": [3, 4]}, "not both"),
+])
+def test_mixed_settings_are_checked(stage, match):
+    with pytest.raises(SlmsearchError, match=match):
+        Gptq(**stage)
+
+
+def test_most_sensitive_picks_the_largest_scores_in_layer_order():
+    from slmsearch.compress.sensitivity import most_sensitive
+
+    assert most_sensitive([0.1, 0.5, 0.2, 0.5, 0.0], 2) == (1, 3)
+    assert most_sensitive([0.1, 0.5, 0.2], 0) == ()

@@ -67,3 +67,62 @@ def test_heldout_zero_trains_without_the_loss_report(model, calib):
     assert len(report.metrics["loss_curve"]) == 2
     assert not [k for k in report.metrics if k.startswith("heldout")]
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# distillation ---------------------------------------------------------------------------------
+def test_kd_loss_is_least_for_the_teachers_own_distribution():
+    from slmsearch.compress.lora import kd_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 50) * 3
+    top = torch.log_softmax(teacher, dim=-1).topk(8, dim=-1)
+    own = kd_loss(teacher, top.values, top.indices)
+    for scale in (0.1, 1.0):
+        assert own < kd_loss(teacher + scale * torch.randn_like(teacher), top.values, top.indices)
+    # a student that puts all mass outside the teacher's top-k pays for it
+    flat = torch.zeros_like(teacher)
+    assert kd_loss(flat, top.values, top.indices) > own
+
+
+def test_distilled_recovery_moves_the_student_toward_the_teacher(tiny_base, tmp_path):
+    """drop one layer, then LoRA with the KD loss: the KL from the dense model on held-out windows
+    falls, and the teacher's top-k are cached once per base model and windows."""
+    from conftest import DATA_DIR, TINY_CALIB
+    from slmsearch import checkpoint
+    from slmsearch.compress.cache import StageCache
+    from slmsearch.compress.calib import CalibSettings
+    from slmsearch.compress.depth import DepthPrune
+    from slmsearch.compress.pipeline import run
+    from slmsearch.compress.plan import Plan
+
+    cache = StageCache(tmp_path / "stages")
+    settings = CalibSettings(**TINY_CALIB)
+    dropped = run(Plan((DepthPrune(drop=1),)), str(tiny_base), DATA_DIR, settings, cache=cache)
+    kd = LoraRecovery(rank=4, steps=30, lr=3e-3, seqlen=64, heldout=0, loss="kd")
+    recovered = run(Plan((DepthPrune(drop=1), kd)), str(tiny_base), DATA_DIR, settings, cache=cache)
+    teacher = checkpoint.load(tiny_base)[0]
+    from conftest import byte_tokenizer
+    from slmsearch.compress.calib import Calibration
+
+    text = Calibration.from_data(byte_tokenizer(), DATA_DIR, settings).samples(8, part="heldout", seqlen=64, seed=5)
+
+    def kl(folder):
+        student = checkpoint.load(folder)[0]
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(text).logits, -1)
+            s = torch.log_softmax(student(text).logits, -1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+    assert kl(recovered.checkpoint_dir) < kl(dropped.checkpoint_dir)
+    assert len(list(cache.score_dir().glob("teacher-*.safetensors"))) == 1
+    curve = recovered.reports[-1].metrics["loss_curve"]
+    assert sum(curve[-5:]) < sum(curve[:5])
+
+
+def test_an_unknown_recovery_loss_is_refused():
+    import pytest
+
+    from slmsearch.errors import SlmsearchError
+
+    with pytest.raises(SlmsearchError, match="lora.loss must be one of lm, kd, got 'mse'"):
+        LoraRecovery(loss="mse")

@@ -20,6 +20,7 @@ from slmsearch.compress.calib import CalibSettings
 from slmsearch.compress.depth import DepthPrune
 from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.compress.gptq import Eora, Gptq
+from slmsearch.compress.kvcache import KvCacheQuant
 from slmsearch.compress.lora import LoraRecovery
 from slmsearch.compress.pipeline import run
 from slmsearch.compress.plan import STAGE_TYPES, Plan
@@ -36,6 +37,7 @@ NOOP: dict[str, Stage] = {
     "lora": LoraRecovery(rank=0),
     "embedding": EmbeddingQuant(bits=16),
     "eora": Eora(rank=0),
+    "kv_cache": KvCacheQuant(bits=16),
 }
 WITHOUT_NOOP = {"gptq"}
 
@@ -51,6 +53,7 @@ TYPICAL: dict[str, tuple[Stage, ...]] = {
     "embedding": (EmbeddingQuant(bits=4, group_size=32),),
     "gptq": (Gptq(bits=4, group_size=32),),
     "eora": (Gptq(bits=4, group_size=32), Eora(rank=16)),
+    "kv_cache": (KvCacheQuant(bits=4, group_size=16),),
 }
 
 

@@ -1,32 +1,44 @@
-"""Anchor plans of the default study: feasible, at least 3-bit, and the fewest dropped layers."""
+"""Anchor plans of the default study: feasible, at least 3-bit, the fewest dropped layers, and as
+many layers widened as then fit."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from slmsearch.hwmodel import estimate, load_platform
+from slmsearch.hwmodel.estimate import footprint_bytes
 from slmsearch.hwmodel.shape import smollm2_135m
-from slmsearch.search.anchors import anchor_params
+from slmsearch.search.anchors import anchor_params, anchor_plan
 from slmsearch.search.config import load_study_config
 from slmsearch.search.space import base_dims, plan_from_params
 
 
-def test_default_study_anchors_fit_with_the_fewest_dropped_layers():
+def budget(config, base, mb):
+    def fits(plan):
+        return footprint_bytes(plan.shape(base), context_len=config.context_len) / 1e6 <= mb
+
+    return fits
+
+
+def test_default_study_anchors_fit_with_the_fewest_dropped_layers_and_the_most_widened():
     config = load_study_config(None)
-    base, platform = smollm2_135m(), load_platform(config.platform)
-
-    def footprint(shape):
-        return estimate(shape, platform, context_len=config.context_len).memory.total_bytes / 1e6
-
-    anchors = anchor_params(config.space, base, footprint, config.budget_mb)
-    assert [a["gptq_bits"] for a in anchors] == [4, 3]
+    base = smollm2_135m()
+    fits = budget(config, base, config.budget_mb)
+    anchors = anchor_params(config.space, base, fits)
+    assert [a["gptq_bits"] for a in anchors] == [3, 4]  # 3-bit drops none at 64 MB, 4-bit drops 7
     dims, n = base_dims(base), len(base.layers)
     for params in anchors:
-        assert footprint(plan_from_params(params, config.space, dims, n).shape(base)) <= config.budget_mb
-        one_less = dict(params, drop_layers=params["drop_layers"] - 1)
-        assert footprint(plan_from_params(one_less, config.space, dims, n).shape(base)) > config.budget_mb
+        plan = anchor_plan(params, config.space, base, fits)
+        assert fits(plan)
+        drop = plan.get("depth").n_dropped if plan.get("depth") else 0
+        wider = plan.get("gptq").wider_layers
+        placed = {**params, "lora_steps": config.space.lora_steps, "drop_layers": drop, "gptq_wider_layers": wider}
+        assert plan_from_params(placed, config.space, dims, n) == plan
+        if drop:  # one layer fewer dropped does not fit, even with nothing widened
+            assert not fits(plan_from_params({**placed, "drop_layers": drop - 1, "gptq_wider_layers": 0}, config.space, dims, n))
+        if wider < n - drop:  # one more layer widened does not fit
+            assert not fits(plan_from_params({**placed, "gptq_wider_layers": wider + 1}, config.space, dims, n))
         assert params["group_size"] in (32, 64) and params["lora_rank"] in config.space.lora_ranks
     # a budget nothing 3-bit or wider can meet: no anchors (the sampler is on its own)
-    assert anchor_params(config.space, base, footprint, 30.0) == []
+    assert anchor_params(config.space, base, budget(config, base, 30.0)) == []
     narrow = dataclasses.replace(config.space, gptq_bits=(2, 16))
-    assert anchor_params(narrow, base, footprint, config.budget_mb) == []
+    assert anchor_params(narrow, base, fits) == []

@@ -162,7 +162,7 @@ def _searched_study(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, di
     tiny = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": True}
     shape = ModelShape.from_hf_config(tiny)
-    config = StudyConfig(name="searched", budget_mb=0.2, context_len=128, trials=4, space=SpaceConfig(drop_layers=(0, 2)))
+    config = StudyConfig(name="searched", budget_mb=0.01, context_len=128, trials=4, space=SpaceConfig(drop_layers=(0, 2)))
     measured = {"wikitext_word_ppl": 31.5, "triviaqa_exact_match": 0.04, "wikitext_token_ppl": 20.0}
     monkeypatch.setattr(pipeline, "run", lambda *a, **k: PipelineResult(checkpoint_dir=path.parent, reports=[]))
     monkeypatch.setattr(objective, "evaluate_staged", lambda trial, ctx, folder: dict(measured))

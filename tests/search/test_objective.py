@@ -21,11 +21,13 @@ from slmsearch.search.space import plan_from_params
 
 TINY = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": True}
-PARAMS = {"drop_layers": 1, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 8, "gptq_bits": 16}
+PARAMS = {"drop_fraction": 0.5, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 8, "embedding_group": 0,
+          "gptq_bits": 16, "kv_cache_bits": 16}
 
 
 def _context(budget_mb: float, trials: int = 8) -> TrialContext:
-    config = StudyConfig(name="unit", budget_mb=budget_mb, context_len=128, trials=trials, space=SpaceConfig(drop_layers=(0, 2)))
+    space = SpaceConfig(drop_layers=(0, 2), embedding_groups=(0, 32))
+    config = StudyConfig(name="unit", budget_mb=budget_mb, context_len=128, trials=trials, space=space)
     # No data folder, model or cache: these paths must never reach compression or evaluation.
     return TrialContext(config=config, base_location="/nonexistent", base_shape=ModelShape.from_hf_config(TINY),
                         platform=load_platform("siracusa"), data_dir=Path("/nonexistent"), cache=None, log=lambda _: None)
@@ -34,7 +36,8 @@ def _context(budget_mb: float, trials: int = 8) -> TrialContext:
 def _plan(ctx: TrialContext) -> dict:
     """The plan dict ``PARAMS`` stand for (as the space builds it for the trial)."""
     dims = {"hidden": 64, "attn_out": 64, "intermediate": 128}
-    return plan_from_params({**PARAMS, "lora_steps": ctx.config.space.lora_steps}, ctx.config.space, dims, 4).to_dict()
+    placed = {**PARAMS, "drop_layers": 1, "lora_steps": ctx.config.space.lora_steps}  # round(0.5 * 2) of 4 layers
+    return plan_from_params(placed, ctx.config.space, dims, 4).to_dict()
 
 
 def _run(study: optuna.Study, ctx: TrialContext, params: dict) -> optuna.trial.FrozenTrial:
@@ -54,16 +57,22 @@ def test_hardware_attrs_are_the_estimate_flat_and_json_able():
 
 
 def test_an_over_budget_plan_is_rejected_before_any_work():
-    ctx = _context(budget_mb=0.1)
+    """A budget no plan meets (the study refuses one up front; a worker of a study whose budget
+    another process set could still meet one): the repair shrinks the plan as far as it goes, says
+    what it changed, and the plan ends rejected without any work."""
+    ctx = _context(budget_mb=0.01)
     study = optuna.create_study(directions=ctx.config.directions)
     trial = _run(study, ctx, PARAMS)
-    plan = Plan.from_dict(_plan(ctx))
+    plan = Plan.from_dict(trial.user_attrs[tr.PLAN_ATTR])
     footprint = estimate(plan.shape(ctx.base_shape), ctx.platform, context_len=128).memory.total_bytes / 1e6
     assert tr.status(trial) == tr.REJECTED and ctx.stage_calls == []
-    assert trial.user_attrs[tr.PLAN_ATTR] == plan.to_dict() and plan.label() == "drop1 emb8"
+    assert plan.label() == "drop2 emb4 w2g64 kv4"  # every repair taken, the deepest drop
+    assert trial.user_attrs["repaired_params"] == {
+        "kv_cache_bits": [16, 4], "embedding_bits": [8, 4], "gptq_bits": [16, 2], "group_size": [None, 64],
+        "act_order": [None, False], "eora_rank": [None, 0]}
     assert trial.user_attrs["footprint_mb"] == footprint
-    assert trial.user_attrs[tr.REJECTED_ATTR] == f"footprint {footprint:.2f} MB > budget 0.1 MB"
-    assert trial.constraints == {tr.CONSTRAINT_KEY: pytest.approx(footprint - 0.1)}
+    assert trial.user_attrs[tr.REJECTED_ATTR] == f"footprint {footprint:.2f} MB > budget 0.01 MB"
+    assert trial.constraints == {tr.CONSTRAINT_KEY: pytest.approx(footprint - 0.01)}
     # nothing was measured, so no objective value is stored: it ends PRUNED with its constraint
     # (TPE reads it as infeasible; the dashboard shows no made-up value), and does not count
     assert trial.state == TrialState.PRUNED and trial.values is None and not tr.counted(trial)

@@ -12,6 +12,7 @@ from optuna.trial import FixedTrial
 from slmsearch.compress.depth import DepthPrune
 from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.compress.gptq import Eora, Gptq
+from slmsearch.compress.kvcache import KvCacheQuant
 from slmsearch.compress.lora import LoraRecovery
 from slmsearch.compress.plan import Plan
 from slmsearch.compress.wanda import Wanda
@@ -56,10 +57,10 @@ def test_kv_group_choices_keep_the_space_range_and_the_model_rules():
 def test_plan_from_params_builds_every_stage_in_order():
     plan = plan_from_params(FULL, dataclasses.replace(SPACE, depth_score="ppl", lora_heldout=8), DIMS, 30)
     assert plan == Plan((
-        DepthPrune(drop=4, by="ppl"), Wanda(pattern="2:4", sparsity=0.5), LoraRecovery(rank=8, steps=10, heldout=8),
-        EmbeddingQuant(bits=4), Gptq(bits=3, group_size=64, act_order=True), Eora(rank=16),
+        DepthPrune(drop=4, by="ppl"), Wanda(pattern="2:4", sparsity=0.5), LoraRecovery(rank=8, steps=10, heldout=8, loss="kd"),
+        EmbeddingQuant(bits=4), Gptq(bits=3, group_size=64, act_order=True, mse=2.4), Eora(rank=16),
     ))
-    assert Plan.from_dict(plan.to_dict()).label() == "drop4 wanda2:4@0.50 lora8 emb4 w3g64 eora16"
+    assert Plan.from_dict(plan.to_dict()).label() == "drop4 wanda2:4@0.50 lora8kd emb4 w3g64 eora16"
 
 
 @pytest.mark.parametrize("params, stages", [
@@ -69,9 +70,9 @@ def test_plan_from_params_builds_every_stage_in_order():
     ({"wanda_pattern": "unstructured", "sparsity": 0.3}, (Wanda(sparsity=0.3),)),
     ({"wanda_pattern": "4:8"}, (Wanda(pattern="4:8", sparsity=0.5),)),
     ({"lora_rank": 8}, ()),  # recovery only after a stage removed something
-    ({"wanda_pattern": "2:4", "lora_rank": 4}, (Wanda(pattern="2:4", sparsity=0.5), LoraRecovery(rank=4, steps=10, heldout=0))),
+    ({"wanda_pattern": "2:4", "lora_rank": 4}, (Wanda(pattern="2:4", sparsity=0.5), LoraRecovery(rank=4, steps=10, heldout=0, loss="kd"))),
     ({"eora_rank": 8}, ()),  # EoRA only beside GPTQ
-    ({"gptq_bits": 8, "group_size": -1}, (Gptq(bits=8, group_size=-1),)),
+    ({"gptq_bits": 8, "group_size": -1}, (Gptq(bits=8, group_size=-1, mse=2.4),)),
     ({"embedding_bits": 16, "gptq_bits": 16, "drop_layers": 0}, ()),
 ])
 def test_plan_from_params_rules(params, stages):
@@ -85,25 +86,27 @@ def test_plan_from_params_refuses_to_drop_every_layer():
 
 def test_suggest_plan_on_a_fixed_trial_records_the_params_that_rebuild_it():
     trial = FixedTrial({
-        "drop_layers": 4, "wanda_pattern": "structured", "structured_fraction": 0.25, "lora_rank": 8,
-        "embedding_bits": 8, "gptq_bits": 4, "group_size": 64, "act_order": False, "eora_rank": 8,
+        "drop_fraction": 0.35, "wanda_pattern": "structured", "structured_fraction": 0.25, "lora_rank": 8,
+        "embedding_bits": 8, "embedding_group": 32, "gptq_bits": 4, "group_size": 64, "act_order": False,
+        "eora_rank": 8, "kv_cache_bits": 8, "wider_fraction": 0.5, "lora_loss": "kd",
     })
-    plan = suggest_plan(trial, SPACE, BASE)
+    plan = suggest_plan(trial, SPACE, BASE)  # no budget: the sizes span the whole space
     assert plan == Plan((
-        DepthPrune(drop=4), Wanda(pattern="structured", mlp_fraction=0.25, kv_groups=0, multiple=64),
-        LoraRecovery(rank=8, steps=SPACE.lora_steps, heldout=SPACE.lora_heldout), EmbeddingQuant(bits=8),
-        Gptq(bits=4, group_size=64), Eora(rank=8),
+        DepthPrune(drop=4), Wanda(pattern="structured", mlp_fraction=0.25, kv_groups=0, multiple=64),  # round(0.35 * 12)
+        LoraRecovery(rank=8, steps=SPACE.lora_steps, heldout=SPACE.lora_heldout, loss="kd"), EmbeddingQuant(bits=8, group_size=32),
+        Gptq(bits=4, group_size=64, wider_layers=13, mse=2.4), Eora(rank=8), KvCacheQuant(bits=8, group_size=32),  # 0.5 * 26 kept
     ))
-    fixed = {"structured_multiple": 64, "lora_steps": SPACE.lora_steps}  # derived, not sampled
+    fixed = {"structured_multiple": 64, "lora_steps": SPACE.lora_steps, "drop_layers": 4, "gptq_wider_layers": 13}
     assert plan_from_params({**trial.params, **fixed}, SPACE, DIMS, 30) == plan
     with pytest.raises(ValueError, match="128"):  # a group size the model does not allow is never offered
         suggest_plan(FixedTrial({**trial.params, "group_size": 128}), SPACE, BASE)
 
 
 def test_suggest_plan_without_gptq_asks_for_no_gptq_settings():
-    trial = FixedTrial({"drop_layers": 0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16, "gptq_bits": 16})
+    trial = FixedTrial({"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16,
+                        "gptq_bits": 16, "kv_cache_bits": 16})
     assert suggest_plan(trial, SPACE, BASE) == Plan(())
-    assert set(trial.params) == {"drop_layers", "wanda_pattern", "lora_rank", "embedding_bits", "gptq_bits"}
+    assert set(trial.params) == {"drop_fraction", "wanda_pattern", "lora_rank", "embedding_bits", "gptq_bits", "kv_cache_bits"}
 
 
 def test_baseline_params_are_the_empty_plan():
@@ -116,7 +119,7 @@ def test_baseline_params_are_the_empty_plan():
 def test_most_compressed_plan_takes_every_extreme():
     assert most_compressed_plan(SPACE, BASE) == Plan((
         DepthPrune(drop=12), Wanda(pattern="structured", mlp_fraction=0.5, kv_groups=0, multiple=64),
-        EmbeddingQuant(bits=4), Gptq(bits=2, group_size=64),
+        EmbeddingQuant(bits=4, group_size=64), Gptq(bits=2, group_size=64, mse=2.4), KvCacheQuant(bits=4, group_size=32),
     ))
     assert most_compressed_plan(SPACE, BASE, pattern="unstructured").get("wanda") == Wanda(sparsity=0.5)
 

@@ -1,0 +1,78 @@
+"""How much each decoder layer's quantization hurts: the allocation behind mixed precision.
+
+``layer_sensitivity`` rounds the Linear weights of one layer at a time (round-to-nearest on
+GPTQ's symmetric grid, :func:`slmsearch.compress.kernels.rtn_quantize`) and measures the KL
+divergence of the model's next-token distribution from the unrounded model's on calibration
+windows. The layers with the largest divergence are those a wider width helps most (HAWQ and
+its successors rank layers the same way, by the output error each one alone causes). The
+scores are cached as JSON beside the depth scores, keyed by the input model and the setting, so a
+study measures them once per model it quantizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slmsearch.fsutil import read_json_checked, write_json_checked
+
+if TYPE_CHECKING:
+    from slmsearch.compress.calib import Calibration
+
+SENSITIVITY_VERSION = 1
+MAX_WINDOWS = 2  # calibration windows scored per layer
+
+
+def layer_sensitivity(model: Any, calib: Calibration, bits: int, group_size: int) -> list[float]:
+    """Mean per-token KL(unrounded || layer ``l`` rounded to ``bits``) for every decoder layer."""
+    import torch
+
+    from slmsearch.compress.calib import model_device
+    from slmsearch.compress.kernels import rtn_quantize
+    from slmsearch.compress.surgery import decoder_layers
+
+    device = model_device(model)
+    windows = calib.tokens[:MAX_WINDOWS].to(device)
+    group = None if group_size == -1 else group_size
+    model.eval()
+    with torch.no_grad():
+        reference = [torch.log_softmax(model(w[None], use_cache=False).logits[0].float(), dim=-1) for w in windows]
+        scores: list[float] = []
+        for layer in decoder_layers(model):
+            linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            saved = [m.weight.data.clone() for m in linears]
+            for m in linears:
+                m.weight.data.copy_(rtn_quantize(m.weight.data, bits, group))
+            total = 0.0
+            for w, ref in zip(windows, reference):
+                logp = torch.log_softmax(model(w[None], use_cache=False).logits[0].float(), dim=-1)
+                total += float(torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="batchmean"))
+            for m, weight in zip(linears, saved):
+                m.weight.data.copy_(weight)
+            scores.append(total / len(windows))
+    return scores
+
+
+def cached_layer_sensitivity(model: Any, calib: Calibration, bits: int, group_size: int, model_id: str) -> list[float]:
+    """:func:`layer_sensitivity`, read from / written to ``calib.score_dir`` when it is set.
+    ``model_id`` names the model's weights (e.g. its fingerprint and the plan that made it)."""
+    path: Path | None = None
+    if calib.score_dir is not None:
+        key = json.dumps({"model": model_id, "bits": bits, "group": group_size, "calib": calib.settings.key(),
+                          "windows": MAX_WINDOWS, "v": SENSITIVITY_VERSION}, sort_keys=True)
+        path = Path(calib.score_dir) / f"sensitivity-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        data = read_json_checked(path)
+        if data is not None and data.get("key") == key:
+            return [float(x) for x in data["scores"]]
+    scores = layer_sensitivity(model, calib, bits, group_size)
+    if path is not None:
+        write_json_checked(path, {"key": key, "scores": scores})
+    return scores
+
+
+def most_sensitive(scores: list[float], count: int) -> tuple[int, ...]:
+    """The ``count`` layers with the largest scores (ties: the earlier layer), in layer order."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return tuple(sorted(order[:count]))
