@@ -30,10 +30,12 @@ class EmbeddingQuant(Stage):
     column_defaults = {"embedding_bits": 16}
     bits: int = 16  # 16 = unchanged; 8 or 4 = symmetric round-to-nearest
     group_size: int | None = None  # None = one 16-bit scale per row; else one per group of columns
+    mse: float = 0.0  # > 0: each scale chosen by a clipping search (kernels.rtn_codes); 0 = max-abs
 
     def __post_init__(self) -> None:
         check_choice("embedding", "bits", self.bits, (16, 8, 4))
         check_choice("embedding", "group_size", self.group_size, (None, 32, 64, 128))
+        check_choice("embedding", "mse", self.mse, (0.0, 2.0, 2.4, 3.0))
 
     def is_noop(self) -> bool:
         return self.bits == 16
@@ -56,10 +58,12 @@ class EmbeddingQuant(Stage):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> EmbeddingQuant | None:
-        """``embedding_bits`` (16 = no stage) and ``embedding_group`` (0 or absent = per row)."""
+        """``embedding_bits`` (16 = no stage), ``embedding_group`` (0 or absent = per row) and
+        ``embedding_mse`` (else the space's first)."""
         bits = int(params.get("embedding_bits", 16))
         group = int(params.get("embedding_group") or 0)
-        return cls(bits=bits, group_size=group or None) if bits != 16 else None
+        mse = float(params.get("embedding_mse", (getattr(space, "embedding_mse", None) or (0.0,))[0]))
+        return cls(bits=bits, group_size=group or None, mse=mse) if bits != 16 else None
 
     def apply(self, model: Any, calib: Any = None) -> StageReport:
         import torch
@@ -89,6 +93,6 @@ class EmbeddingQuant(Stage):
         """Replace ``weight``'s values by their round-to-nearest grid values; (codes, fp16 scales)."""
         from slmsearch.compress.kernels import rtn_codes, rtn_dequantize
 
-        codes, scales = rtn_codes(weight.data, self.bits, self.group_size)
+        codes, scales = rtn_codes(weight.data, self.bits, self.group_size, mse=self.mse)
         weight.data.copy_(rtn_dequantize(codes, scales, self.bits, weight.dtype))
         return codes.cpu(), scales.cpu()

@@ -94,6 +94,8 @@ class SpaceConfig:
     # columns per 16-bit scale of a quantized embedding, 0 = one per row. On SmolLM2-135M at 4 bits,
     # token ppl x1.38 (per row), x1.21 (64), x1.16 (32) the dense model's (docs/benchmarks.md)
     embedding_groups: tuple[int, ...] = (32, 64)
+    # the embedding's clipping search norm (0 = max-abs scales; kernels.rtn_codes)
+    embedding_mse: tuple[float, ...] = (2.4,)
     # the KV cache's stored width (16 = float); quantized ones keep a 16-bit scale and zero per
     # kv_cache_group channels of each head's row (compress/kvcache.py)
     kv_cache_bits: tuple[int, ...] = (16, 8, 4)
@@ -128,6 +130,7 @@ class SpaceConfig:
         object.__setattr__(self, "eora_ranks", _choices(s, "eora_ranks", self.eora_ranks, tuple(range(0, 4097))))
         object.__setattr__(self, "embedding_bits", _choices(s, "embedding_bits", self.embedding_bits, EMBEDDING_BITS))
         object.__setattr__(self, "embedding_groups", _choices(s, "embedding_groups", self.embedding_groups, EMBEDDING_GROUPS))
+        object.__setattr__(self, "embedding_mse", _choices(s, "embedding_mse", self.embedding_mse, (0.0, 2.0, 2.4, 3.0)))
         object.__setattr__(self, "kv_cache_bits", _choices(s, "kv_cache_bits", self.kv_cache_bits, KV_CACHE_BITS))
         object.__setattr__(self, "wider_fraction", _range(s, "wider_fraction", self.wider_fraction, 0.0, 1.0))
         if self.kv_cache_group not in KV_CACHE_GROUPS:

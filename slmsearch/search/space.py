@@ -108,6 +108,7 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Any = No
     params["embedding_bits"] = trial.suggest_categorical("embedding_bits", list(space.embedding_bits))
     if params["embedding_bits"] != 16:
         params["embedding_group"] = _choose(trial, "embedding_group", space.embedding_groups)
+        params["embedding_mse"] = _choose(trial, "embedding_mse", space.embedding_mse)
     params["gptq_bits"] = trial.suggest_categorical("gptq_bits", list(space.gptq_bits))
     if params["gptq_bits"] != 16:
         params["group_size"] = trial.suggest_categorical("group_size", list(groups))

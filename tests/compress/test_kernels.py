@@ -122,3 +122,16 @@ def test_masked_delta_and_scores():
     assert torch.equal(kernels.masked_delta(delta, weight), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
     scores = torch.tensor([3.0, 1.0, 2.0, 0.5])
     assert kernels.keep_lowest_removed(scores, 2).tolist() == [0, 2]
+
+
+def test_rtn_clipping_search_lowers_the_error_it_minimises():
+    from slmsearch.compress.kernels import rtn_codes, rtn_dequantize
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 128))  # heavy tails: the max-abs range wastes levels
+    plain = rtn_dequantize(*rtn_codes(w, 4, 64), 4, torch.float32)
+    searched_codes, searched_scales = rtn_codes(w, 4, 64, mse=2.4)
+    searched = rtn_dequantize(searched_codes, searched_scales, 4, torch.float32)
+    assert (w - searched).abs().pow(2.4).sum() < (w - plain).abs().pow(2.4).sum()
+    assert (searched_scales <= rtn_codes(w, 4, 64)[1]).all()  # ranges only shrink
+    assert int(searched_codes.max()) <= 15
