@@ -108,18 +108,25 @@ def _checkpoint_format(folder: Path) -> str:
         fmt = "gptq+eora" if adapter else "gptq"
     else:
         fmt = "hf+lora-adapter" if adapter else "hf"
-    return fmt + (PACKED_SUFFIX if has_packed_embedding(folder) else "")
+    fmt += PACKED_SUFFIX if has_packed_embedding(folder) else ""
+    from slmsearch.checkpoint import META_FILE, read_meta
+    from slmsearch.compress.kvcache import kv_settings
+
+    kv = kv_settings(read_meta(folder)) if (folder / META_FILE).is_file() else None
+    return fmt + (f"{KV_SUFFIX}{kv[0]}" if kv else "")
 
 
 PACKED_SUFFIX = "+packed-embedding"  # the embedding is stored as packed codes + scales (slmsearch.checkpoint)
+KV_SUFFIX = "+kv"  # the deployed KV cache is quantized: slmsearch.checkpoint.load computes with it
 
 
 def load_snippet(name: str, fmt: str, adapter_rank: int | None) -> list[str]:
     """Two lines of Python that load the folder ``name`` in format ``fmt``."""
     from slmsearch.checkpoint import ADAPTER_DIR
-    if fmt.endswith(PACKED_SUFFIX):  # neither transformers nor gptqmodel reads the packed codes
+    if PACKED_SUFFIX in fmt or KV_SUFFIX in fmt:  # neither transformers nor gptqmodel reads these
         return ["from slmsearch.checkpoint import load",
-                f'model, tokenizer = load("{name}")  # unpacks the embedding; GPTQ through gptqmodel, adapters applied']
+                f'model, tokenizer = load("{name}")  # unpacks the embedding; GPTQ through gptqmodel, adapters '
+                "applied; attention on the KV cache's rounded keys and values"]
     if fmt == "gptq+eora":
         return ["from gptqmodel import GPTQModel; from gptqmodel.adapter.adapter import Lora",
                 f'model = GPTQModel.load("{name}", adapter=Lora(path="{name}/{ADAPTER_DIR}", rank={adapter_rank}))']
@@ -256,7 +263,7 @@ def size_section(record: dict[str, Any]) -> list[str]:
         f"| weight files (`*.safetensors`, adapter and packed embedding included) | on disk | {mb(disk['weights'])} |",
         f"| config, tokenizer and records (this card and `trial.json` not counted) | on disk | {mb(disk['other'])} |",
         f"| weights + scales/zeros + sparsity metadata + adapters | deployed | {mb(weights)} |",
-        f"| KV cache ({hw.get('context_len')} positions) | deployed | {mb(kv)} |",
+        f"| KV cache ({hw.get('context_len')} positions, {_kv_width(record)}) | deployed | {mb(kv)} |",
         f"| peak activations (one decode step / prefill) | deployed | {mb(act)} |",
         f"| footprint (what the budget is compared with) | deployed | {mb(weights + kv + act)} |",
         "| code and runtime buffers | deployed | not counted: the platform's memory levels reserve space for them |",
@@ -269,6 +276,13 @@ def size_section(record: dict[str, Any]) -> list[str]:
         "in the footprint.",
         "",
     ]
+
+
+def _kv_width(record: dict[str, Any]) -> str:
+    for stage in (record.get("plan") or {}).get("stages", []):
+        if stage.get("stage") == "kv_cache" and int(stage.get("bits", 16)) < 16:
+            return f"{stage['bits']}-bit, a 16-bit scale and zero per {stage.get('group_size')} channels"
+    return "16-bit"
 
 
 def model_card(record: dict[str, Any], name: str, adapter_rank: int | None) -> str:

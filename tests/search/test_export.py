@@ -226,7 +226,9 @@ def test_card_size_section_puts_disk_bytes_beside_the_deployed_ones() -> None:
     table = {cells[1].strip(): cells[3].strip() for cells in (line.split("|") for line in lines) if len(cells) == 5}
     assert table["weight files (`*.safetensors`, adapter and packed embedding included)"] == "52.52 MB"
     assert table["weights + scales/zeros + sparsity metadata + adapters"] == "52.00 MB"
-    assert table["KV cache (512 positions)"] == "8.65 MB"
+    assert table["KV cache (512 positions, 16-bit)"] == "8.65 MB"
+    kv4 = {**record, "plan": {"stages": [{"stage": "kv_cache", "bits": 4, "group_size": 32}]}}
+    assert any("KV cache (512 positions, 4-bit, a 16-bit scale and zero per 32 channels)" in line for line in size_section(kv4))
     assert table["footprint (what the budget is compared with)"] == "60.75 MB"
     assert "(+1.0% apart" in "\n".join(lines)
     assert size_section({"hardware": {"memory_bytes": memory}}) == []  # nothing measured on disk: no section
