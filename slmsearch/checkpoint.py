@@ -384,7 +384,8 @@ def load(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool 
     """(model in eval mode, tokenizer) for any checkpoint folder: plain HF (with a kept LoRA
     adapter applied through peft) or GPTQ (through gptqmodel, with its EoRA adapter).
 
-    ``dtype`` is a plain model's; a GPTQ model computes in gptqmodel's dtype (bf16 on a CPU).
+    ``dtype`` is a plain model's; a GPTQ model computes in :func:`compute_dtype` (bf16 where the
+    CPU has it natively, else float32).
     ``dense``: a GPTQ model's quantized Linears become plain Linears in that dtype holding the
     dequantized weights, EoRA merged (:func:`dequantize_to_dense`): the kernel model's function
     without its per-call dequantization. Evaluation uses it.
@@ -416,7 +417,7 @@ def _load_model(source: Path, folder: Path, dtype: str, dense: bool) -> Any:
 
     adapter_dir = folder / ADAPTER_DIR
     if is_gptq_folder(folder):
-        from slmsearch.compress.gptqmodel_runtime import compute_device, gptqmodel_env
+        from slmsearch.compress.gptqmodel_runtime import compute_device, compute_dtype, gptqmodel_env
 
         gptqmodel_env()
         from gptqmodel import GPTQModel
@@ -426,7 +427,7 @@ def _load_model(source: Path, folder: Path, dtype: str, dense: bool) -> Any:
         rank = adapter_rank(folder)
         if rank is not None:
             kwargs["adapter"] = Lora(path=str(adapter_dir), rank=rank)
-        model = GPTQModel.load(str(source), device=compute_device(), **kwargs).model
+        model = GPTQModel.load(str(source), device=compute_device(), dtype=compute_dtype(), **kwargs).model
         if dense:
             dequantize_to_dense(model, model.dtype)  # the kernel's compute dtype (bf16 on a CPU)
     else:

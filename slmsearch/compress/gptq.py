@@ -152,8 +152,6 @@ class Gptq(Stage):
                    wider_layers=wider, mse=float(mse))
 
     def apply_dir(self, src_dir: Path, out_dir: Path, calib: Calibration, base_dir: Path | None = None) -> StageReport:
-        import torch
-
         from slmsearch.compress import gptqmodel_runtime as runtime
 
         runtime.gptqmodel_env()
@@ -169,7 +167,7 @@ class Gptq(Stage):
                                   mse=float(self.mse), **({"gptaq": {"device": runtime.compute_device()}} if self.gptaq else {}),
                                   # gptqmodel's group-aware reordering (its default) needs groups
                                   act_group_aware=not self.act_order and self.group_size != -1)
-            model = GPTQModel.load(str(src_dir), quantize_config=qcfg, dtype=torch.bfloat16)
+            model = GPTQModel.load(str(src_dir), quantize_config=qcfg, dtype=runtime.compute_dtype())
             model.layer_callback = runtime.layer_progress("gptq", _n_layers(Path(src_dir)))
             model.quantize(calibration_rows(calib), batch_size=calib.settings.batch, tokenizer=calib.tokenizer)
             with runtime.stdout_to_nothing():  # gptqmodel prints the folder's files and whole config.json
@@ -234,8 +232,6 @@ class Eora(Stage):
             if not self.is_noop():
                 if base_dir is None:
                     raise SlmsearchError("eora needs the dense checkpoint that GPTQ quantized (base_dir)")
-                import torch
-
                 from slmsearch.compress import gptqmodel_runtime as runtime
 
                 runtime.gptqmodel_env()
@@ -252,7 +248,7 @@ class Eora(Stage):
                         calibration_dataset=calibration_rows(calib),
                         batch_size=calib.settings.batch,
                         tokenizer=calib.tokenizer,
-                        dtype=torch.bfloat16,
+                        dtype=runtime.compute_dtype(),
                         device=runtime.compute_device(),
                     )
                 if not (Path(out_dir) / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file():

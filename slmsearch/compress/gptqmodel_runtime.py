@@ -219,6 +219,52 @@ def limit_worker_threads() -> int:
     return per_worker
 
 
+ENV_COMPUTE_DTYPE = "SLMSEARCH_COMPUTE_DTYPE"  # bfloat16 | float32: overrides the measured choice
+_DTYPE_CHOICE: list[str] = []
+
+
+def compute_dtype() -> Any:
+    """The dtype gptqmodel computes in: bfloat16 where the CPU has it natively (or on a GPU),
+    float32 where bfloat16 is emulated and slower (x86 without AVX-512 bf16 / AMX: 4-10x), chosen
+    once per process by timing the same matmul in both (:func:`choose_dtype`);
+    ``$SLMSEARCH_COMPUTE_DTYPE`` overrides it."""
+    import torch
+
+    forced = os.environ.get(ENV_COMPUTE_DTYPE, "").strip()
+    if forced:
+        if forced not in ("bfloat16", "float32"):
+            raise SlmsearchError(f"{ENV_COMPUTE_DTYPE}={forced!r}: use bfloat16 or float32")
+        return getattr(torch, forced)
+    if not _DTYPE_CHOICE:
+        _DTYPE_CHOICE.append("bfloat16" if torch.cuda.is_available() else choose_dtype(*matmul_seconds()))
+    return getattr(torch, _DTYPE_CHOICE[0])
+
+
+def matmul_seconds(rows: int = 256, inner: int = 576, cols: int = 1536, reps: int = 5) -> tuple[float, float]:
+    """Best-of-``reps`` seconds of one [rows, inner] @ [inner, cols] matmul in bfloat16, then float32
+    (a decoder MLP's shape at the default model's width)."""
+    import time
+
+    import torch
+
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        out.append(best)
+    return out[0], out[1]
+
+
+def choose_dtype(bf16_s: float, fp32_s: float, *, margin: float = 1.2) -> str:
+    """float32 when bfloat16 is more than ``margin`` times slower (emulated), else bfloat16."""
+    return "float32" if bf16_s > margin * fp32_s else "bfloat16"
+
+
 def compute_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 

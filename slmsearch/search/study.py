@@ -192,7 +192,8 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
     log(
         f"study {config.name!r} on {redact(url)}: {done} of {config.trials} trials done; "
         f"~{per_trial * remaining / 60:.0f} min estimated for the {remaining} left "
-        f"(~{per_trial:.0f} s each on 2 CPU cores); smallest reachable footprint {smallest:.1f} MB"
+        f"(~{per_trial:.0f} s each on the reference machine, 2 AMD EPYC cores; re-estimated after each trial "
+        f"from this machine's); smallest reachable footprint {smallest:.1f} MB"
     )
     ctx = TrialContext(
         config=config, base_location=location, base_shape=base_shape, platform=platform, data_dir=data_dir,
@@ -285,10 +286,38 @@ def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None
             waiting_logged = False
             interrupt.check()
             study.optimize(lambda t: run_trial(t, ctx), n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
-            ctx.current = None
+            finished, ctx.current = ctx.current, None
             runs += 1
+            if finished is not None:
+                _re_estimate(study, ctx, finished, log)
     finally:
         bar.close()
+
+
+def remaining_seconds(measured: list[tuple[bool, float]], remaining: int, formula_s: float) -> float:
+    """Seconds for ``remaining`` trials from this run's measured ``(is_baseline, seconds)``: their mean
+    once one compressed trial was measured (the baseline compresses nothing: it is not
+    representative); before that the reference machine's ``formula_s`` per trial."""
+    compressed = [s for baseline, s in measured if not baseline]
+    if compressed:
+        return remaining * sum(compressed) / len(compressed)
+    return remaining * formula_s
+
+
+def _re_estimate(study: Any, ctx: TrialContext, number: int, log: Any) -> None:
+    """After each trial this worker evaluated: its seconds, and the time left re-estimated from
+    the trials measured on this machine (the estimate printed first is the reference machine's)."""
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is None or not counted(trial) or "seconds_total" not in trial.user_attrs:
+        return
+    seconds = float(trial.user_attrs["seconds_total"])
+    ctx.trial_seconds.append((bool(trial.user_attrs.get(BASELINE_ATTR)), seconds))
+    remaining = max(0, ctx.config.trials - sum(counted(t) for t in trials))
+    if remaining:
+        left = remaining_seconds(ctx.trial_seconds, remaining, estimate_trial_seconds(ctx.config))
+        log(f"trial {number}: {seconds:.0f} s; ~{left / 60:.0f} min left for the {remaining} remaining "
+            f"(from this machine's trials so far)")
 
 
 def _interrupted_message(study: Any, ctx: TrialContext) -> str:

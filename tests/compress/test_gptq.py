@@ -321,3 +321,30 @@ def test_most_sensitive_picks_the_largest_scores_in_layer_order():
 
     assert most_sensitive([0.1, 0.5, 0.2, 0.5, 0.0], 2) == (1, 3)
     assert most_sensitive([0.1, 0.5, 0.2], 0) == ()
+
+
+# the compute dtype ---------------------------------------------------------------------------------
+def test_emulated_bfloat16_falls_back_to_float32():
+    from slmsearch.compress.gptqmodel_runtime import choose_dtype
+
+    assert choose_dtype(bf16_s=1.0, fp32_s=1.0) == "bfloat16"
+    assert choose_dtype(bf16_s=0.4, fp32_s=1.0) == "bfloat16"  # AMX / AVX-512 bf16: faster
+    assert choose_dtype(bf16_s=5.0, fp32_s=1.0) == "float32"  # emulated (AVX only): 4-10x slower
+
+
+def test_float32_compute_quantizes_and_loads_in_float32(tiny_base, tmp_path, monkeypatch):
+    """The path a CPU without native bfloat16 takes, forced: GPTQ in float32, the checkpoint loaded in
+    float32, its logits those of the bfloat16 run's codes to bfloat16 precision."""
+    from slmsearch.compress import gptqmodel_runtime as runtime
+
+    monkeypatch.setenv(runtime.ENV_COMPUTE_DTYPE, "float32")
+    result = run(Plan.from_dict([{"stage": "gptq", "bits": 4, "group_size": 32}]), str(tiny_base), DATA_DIR,
+                 CalibSettings(**TINY_CALIB), out=tmp_path / "f32")
+    model, _ = checkpoint.load(result.checkpoint_dir, dense=True)
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+    monkeypatch.setenv(runtime.ENV_COMPUTE_DTYPE, "float16")
+    with pytest.raises(SlmsearchError, match="SLMSEARCH_COMPUTE_DTYPE='float16': use bfloat16 or float32"):
+        runtime.compute_dtype()

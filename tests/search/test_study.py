@@ -221,3 +221,11 @@ def test_the_readers_do_not_import_the_runner(reader):
     imported |= {a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
     assert "slmsearch.search.study" not in imported and "slmsearch.search.objective" not in imported
     assert "slmsearch.search.storage" in imported
+
+
+def test_the_time_left_comes_from_this_machines_trials():
+    from slmsearch.search.study import remaining_seconds
+
+    assert remaining_seconds([], 4, formula_s=100.0) == 400.0
+    assert remaining_seconds([(True, 30.0)], 4, formula_s=100.0) == 400.0  # the baseline alone says little
+    assert remaining_seconds([(True, 30.0), (False, 500.0), (False, 700.0)], 3, formula_s=100.0) == 1800.0

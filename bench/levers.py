@@ -1,0 +1,84 @@
+"""Each quality lever alone (and the 64 MB anchor) on the default model: token perplexity over the
+first 4 x 512 WikiText test windows, the deployed footprint (context 512) and the compression time.
+
+Every configuration is a plan run through the pipeline on the user's stage cache with the default
+study's calibration (16 x 256 tokens of wiki.valid), then scored with the same windows as the
+dense model. Appends one JSON line per configuration to bench/results/levers.jsonl.
+
+Run (real model; GPTQ configurations take 1-3 min each on 2 cores):
+  flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/levers.py [NAME ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchlib import REPO, machine, quiet_env  # noqa: E402
+
+OUT = REPO / "bench" / "results" / "levers.jsonl"
+G3 = {"stage": "gptq", "bits": 3, "group_size": 64}
+CONFIGS: dict[str, list[dict]] = {
+    "dense": [],
+    "embedding 4-bit per row": [{"stage": "embedding", "bits": 4}],
+    "embedding 4-bit g64": [{"stage": "embedding", "bits": 4, "group_size": 64}],
+    "embedding 4-bit g32": [{"stage": "embedding", "bits": 4, "group_size": 32}],
+    "embedding 4-bit g64 clip-search": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4}],
+    "embedding 4-bit g32 clip-search": [{"stage": "embedding", "bits": 4, "group_size": 32, "mse": 2.4}],
+    "kv cache 8-bit g64": [{"stage": "kv_cache", "bits": 8, "group_size": 64}],
+    "kv cache 4-bit g64": [{"stage": "kv_cache", "bits": 4, "group_size": 64}],
+    "kv cache 4-bit g32": [{"stage": "kv_cache", "bits": 4, "group_size": 32}],
+    "kv cache 4-bit g16": [{"stage": "kv_cache", "bits": 4, "group_size": 16}],
+    "gptq 3-bit g64": [G3],
+    "gptq 3-bit g64 act_order": [{**G3, "act_order": True}],
+    "gptq 3-bit g64 gptaq": [{**G3, "gptaq": True}],
+    "gptq 3-bit g64 scale search": [{**G3, "mse": 2.4}],
+    "gptq 3-bit per channel": [{"stage": "gptq", "bits": 3, "group_size": -1}],
+    "gptq 3-bit g64 + 8 layers 4-bit": [{**G3, "wider_layers": 8}],
+    "gptq 3-bit g64 scale search + 8 layers 4-bit": [{**G3, "mse": 2.4, "wider_layers": 8}],
+    "gptq 4-bit g64": [{"stage": "gptq", "bits": 4, "group_size": 64}],
+    "gptq 4-bit g64 scale search": [{"stage": "gptq", "bits": 4, "group_size": 64, "mse": 2.4}],
+    "64 MB anchor": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4}, {**G3, "mse": 2.4, "wider_layers": 1},
+                     {"stage": "kv_cache", "bits": 4, "group_size": 32}],
+}
+
+
+def main() -> None:
+    quiet_env()
+    from slmsearch import checkpoint
+    from slmsearch.compress.cache import StageCache
+    from slmsearch.compress.pipeline import run
+    from slmsearch.compress.plan import Plan
+    from slmsearch.data import resolve_data_dir
+    from slmsearch.evals.wikitext import token_perplexity
+    from slmsearch.hwmodel.estimate import footprint_bytes
+    from slmsearch.search.config import load_study_config
+
+    data = resolve_data_dir(None)
+    calib = load_study_config(None).calibration
+    names = sys.argv[1:] or list(CONFIGS)
+    cache = StageCache()
+    from slmsearch.models import resolve_model
+    from slmsearch.search.hardware import base_shape
+
+    base = base_shape(resolve_model(None))
+    for name in names:
+        plan = Plan.from_dict(CONFIGS[name])
+        start = time.perf_counter()
+        result = run(plan, None, data, calib, cache=cache)
+        seconds = time.perf_counter() - start
+        model, tok = checkpoint.load(result.checkpoint_dir, dense=True)
+        ppl, _ = token_perplexity(model, tok, data, seqlen=512, n_windows=4)
+        row = {"name": name, "plan": plan.label(), "token_ppl": round(ppl, 3),
+               "footprint_mb": round(footprint_bytes(plan.shape(base), context_len=512) / 1e6, 2),
+               "compress_s": round(seconds, 1), "cache_hits": result.cache_hits, "machine": machine()}
+        print(json.dumps(row), flush=True)
+        with OUT.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
