@@ -33,11 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchlib import Profiler, format_profile, fresh_cache, instrument_trial, machine, optimize_walls, quiet_env  # noqa: E402
 
 GOAL = 1.3
-# examples/plan-64mb.yaml as the default space's parameters (the space fills in lora_steps=10).
+# examples/plan-64mb.yaml as parameters of the default space narrowed to that plan's levers (the
+# space fills in lora_steps=10; with drop_layers [8, 8] the budget-aware depth is exactly 8).
 PLAN_64MB = {
-    "drop_layers": 8, "wanda_pattern": "none", "lora_rank": 8, "embedding_bits": 4,
+    "wanda_pattern": "none", "lora_rank": 8, "embedding_bits": 4,
     "gptq_bits": 3, "group_size": 64, "act_order": False, "eora_rank": 8,
 }
+PLAN_64MB_SPACE = {"drop_layers": [8, 8], "kv_cache_bits": [16], "embedding_groups": [0], "embedding_mse": [0.0],
+                   "wider_fraction": [0.0, 0.0], "gptq_mse": [0.0], "lora_loss": ["lm"]}
 
 
 def build_config(args: argparse.Namespace, storage_dir: Path) -> Any:
@@ -53,8 +56,7 @@ def build_config(args: argparse.Namespace, storage_dir: Path) -> Any:
         overrides["evaluation"] = {**config.evaluation.to_dict(), **json.loads(args.evaluation)}
     if args.calibration:
         overrides["calibration"] = {**config.calibration.to_dict(), **json.loads(args.calibration)}
-    if args.space:
-        overrides["space"] = {**_space_dict(config.space), **json.loads(args.space)}
+    overrides["space"] = {**_space_dict(config.space), **PLAN_64MB_SPACE, **(json.loads(args.space) if args.space else {})}
     if args.budget_mb:
         overrides["budget_mb"] = args.budget_mb
     return with_overrides(config, **overrides)
