@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ class TrialContext:
     def sampled_space(self) -> Any:
         return self.space if self.space is not None else self.config.space
 
-    def fits(self, deployment: Any) -> Any:
+    def fits(self, deployment: Any) -> Callable[[Any], bool]:
         """``fits(plan) -> bool``: the plan's deployed footprint is within the budget."""
         from slmsearch.hwmodel.estimate import footprint_bytes
 

@@ -9,6 +9,7 @@ group size left. Each stage type turns the sampled parameters into its stage
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from slmsearch.compress.geometry import allowed_kv_group_removals, undivided_inputs
@@ -79,7 +80,7 @@ def plan_from_params(params: dict[str, Any], space: SpaceConfig, dims: dict[str,
     return Plan(tuple(stages))
 
 
-def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Any = None) -> Plan:
+def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable[[Plan], bool] | None = None) -> Plan:
     """Sample one plan from ``space`` for the model ``base_shape`` describes.
 
     The kinds of compression are sampled first, the sizes last (:mod:`slmsearch.search.budget`):
