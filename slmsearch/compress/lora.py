@@ -60,7 +60,7 @@ class LoraRecovery(Stage):
     alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / rank)
     heldout: int = 8  # held-out windows for the before/after loss report; 0 = no report (a study's default)
     # "lm": next-token cross-entropy on the text; "kd": cross-entropy to the dense model's next-token
-    # distribution (its top KD_TOP_K log-probabilities, renormalised; computed once per base model and
+    # distribution (its top KD_TOP_K log-probabilities and the rest's mass; computed once per base model and
     # training windows, cached): recovery toward the teacher rather than adaptation to the text
     loss: str = "lm"
 
@@ -178,14 +178,20 @@ class LoraRecovery(Stage):
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy from the teacher's top-k next-token distribution (renormalised over its k
-    tokens) to the student's: ``-sum_k p_t(k) log p_s(k)`` per position. Equal to the KL divergence
-    from the truncated teacher up to the teacher's entropy, a constant for the student."""
+    """Mean cross-entropy from the teacher's next-token distribution to the student's, over the
+    teacher's top-k tokens plus one bucket holding all the other tokens' mass (so the target keeps
+    the teacher's confidence: renormalising the top-k alone would train the student to be sharper
+    than the teacher). ``teacher_logprobs`` are the teacher's full-vocabulary log-probabilities of
+    its top-k tokens. Equal to the KL divergence over those k+1 outcomes up to the teacher's
+    entropy, a constant for the student."""
     import torch
 
-    student = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_ids.long())
-    target = torch.softmax(teacher_logprobs.float(), dim=-1)
-    return -(target * student).sum(-1).mean()
+    student_all = torch.log_softmax(student_logits.float(), dim=-1)
+    student = student_all.gather(-1, teacher_ids.long())
+    target = teacher_logprobs.float().exp()
+    rest_target = (1 - target.sum(-1)).clamp_min(0)
+    rest_student = torch.log1p(-student.exp().sum(-1).clamp(max=1 - 1e-6))
+    return -((target * student).sum(-1) + rest_target * rest_student).mean()
 
 
 def teacher_top_k(calib: Calibration, windows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

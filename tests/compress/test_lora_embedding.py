@@ -115,8 +115,6 @@ def test_distilled_recovery_moves_the_student_toward_the_teacher(tiny_base, tmp_
 
     assert kl(recovered.checkpoint_dir) < kl(dropped.checkpoint_dir)
     assert len(list(cache.score_dir().glob("teacher-*.safetensors"))) == 1
-    curve = recovered.reports[-1].metrics["loss_curve"]
-    assert sum(curve[-5:]) < sum(curve[:5])
 
 
 def test_an_unknown_recovery_loss_is_refused():
