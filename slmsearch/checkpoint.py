@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slmsearch.errors import SlmsearchError
-from slmsearch.fsutil import write_text_atomic
+from slmsearch.fsutil import atomic_file, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -285,9 +285,8 @@ def finish(folder: str | os.PathLike[str]) -> int:
                     dense_dtype = dense.dtype
                     if not torch.equal(p.dense(dense.dtype), dense):
                         raise SlmsearchError(f"{path}: {name} differs from its packed codes; re-create the checkpoint")
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(keep, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(keep, str(tmp), metadata=meta)
     if dense_dtype is not None:  # record the dtype the dense copy had (gptqmodel may have changed it)
         write_packed(folder, packed, str(dense_dtype).removeprefix("torch."))
     index = folder / "model.safetensors.index.json"

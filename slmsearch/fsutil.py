@@ -177,20 +177,28 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         release(tmp)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text through a temporary file and an atomic rename (which also replaces a hard link
-    instead of writing into the inode it shares with another folder); mode as the umask allows."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write ``path``'s new content to; on success it replaces
+    ``path`` by an atomic rename (which also replaces a hard link instead of writing into the
+    inode it shares with another folder), mode as the umask allows; on failure it is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

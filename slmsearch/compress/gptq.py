@@ -15,7 +15,6 @@ weight was zero, and the memory model may count the pruning's density.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, CONFIG_FILE, 
 from slmsearch.compress.geometry import undivided_inputs
 from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_choice, check_range
 from slmsearch.errors import SlmsearchError
+from slmsearch.fsutil import atomic_file
 
 if TYPE_CHECKING:
     import torch
@@ -331,7 +331,6 @@ def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor]) -> int
             tensors[f"{name}.qweight"] = kernels.pack_bits(codes, bits)
             touched = True
         if touched:
-            tmp = file.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, file)
+            with atomic_file(file) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
     return changed

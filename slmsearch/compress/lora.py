@@ -230,14 +230,13 @@ def teacher_top_k(calib: Calibration, windows: torch.Tensor, k: int) -> tuple[to
     del teacher
     out = (torch.cat(values), torch.cat(ids))
     if path is not None:
-        import os
-
         from safetensors.torch import save_file
 
+        from slmsearch.fsutil import atomic_file
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({"values": out[0].contiguous(), "ids": out[1].contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({"values": out[0].contiguous(), "ids": out[1].contiguous()}, str(tmp))
     return out
 
 
