@@ -11,7 +11,6 @@ what a cache written once per token and read at every later step holds.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,12 +114,14 @@ def install(model: Any, bits: int, group_size: int) -> str:
     return name
 
 
+def folder_kv_settings(folder: Path) -> tuple[int, int] | None:
+    """:func:`kv_settings` of a checkpoint folder's ``slmsearch.json`` (None without one)."""
+    from slmsearch.checkpoint import META_FILE, read_meta
+
+    return kv_settings(read_meta(folder)) if (Path(folder) / META_FILE).is_file() else None
+
+
 def install_from_folder(model: Any, folder: Path) -> str | None:
     """:func:`install` with the width a checkpoint folder's ``slmsearch.json`` records, if any."""
-    from slmsearch.checkpoint import META_FILE
-
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        return None
-    settings = kv_settings(json.loads(path.read_text()))
+    settings = folder_kv_settings(folder)
     return install(model, *settings) if settings else None

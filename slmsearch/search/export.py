@@ -102,6 +102,7 @@ def select_trials(located: LocatedStudy, *, pareto: bool = False, numbers: tuple
 
 def _checkpoint_format(folder: Path) -> str:
     from slmsearch.checkpoint import has_adapter, has_packed_embedding, is_gptq_folder
+    from slmsearch.compress.kvcache import folder_kv_settings
 
     adapter = has_adapter(folder)
     if is_gptq_folder(folder):
@@ -109,10 +110,7 @@ def _checkpoint_format(folder: Path) -> str:
     else:
         fmt = "hf+lora-adapter" if adapter else "hf"
     fmt += PACKED_SUFFIX if has_packed_embedding(folder) else ""
-    from slmsearch.checkpoint import META_FILE, read_meta
-    from slmsearch.compress.kvcache import kv_settings
-
-    kv = kv_settings(read_meta(folder)) if (folder / META_FILE).is_file() else None
+    kv = folder_kv_settings(folder)
     return fmt + (f"{KV_SUFFIX}{kv[0]}" if kv else "")
 
 
