@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice
+from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, space_first
 from slmsearch.errors import SlmsearchError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class EmbeddingQuant(Stage):
         ``embedding_mse`` (else the space's first)."""
         bits = int(params.get("embedding_bits", 16))
         group = int(params.get("embedding_group") or 0)
-        mse = float(params.get("embedding_mse", (getattr(space, "embedding_mse", None) or (0.0,))[0]))
+        mse = float(params.get("embedding_mse", space_first(space, "embedding_mse", 0.0)))
         return cls(bits=bits, group_size=group or None, mse=mse) if bits != 16 else None
 
     def apply(self, model: Any, calib: Any = None) -> StageReport:

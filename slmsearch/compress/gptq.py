@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, CONFIG_FILE, copy_folder, copy_tokenizer
 from slmsearch.compress.geometry import undivided_inputs
-from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_choice, check_range
+from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_choice, check_range, space_first
 from slmsearch.errors import SlmsearchError
 from slmsearch.fsutil import atomic_file
 
@@ -113,24 +113,15 @@ class Gptq(Stage):
             )
 
     def shape(self, shape: ModelShape) -> ModelShape:
-        """gptqmodel's symmetric v1 format: ``bits``-bit codes, a 16-bit scale and a ``bits``-bit
-        zero point per group, and a 32-bit group index per input."""
+        """gptqmodel's symmetric v1 format, per layer at its width (:meth:`widths`): ``b``-bit codes,
+        a 16-bit scale and a ``b``-bit zero point per group, and a 32-bit group index per input."""
         from slmsearch.hwmodel.shape import TensorFormat
 
-        import dataclasses
-
         group = None if self.group_size == -1 else self.group_size
-        widths = self.widths(len(shape.layers))
-        if len(set(widths)) == 1:
-            return shape.with_linear_format(
-                TensorFormat(weight_bits=self.bits, group_size=group, scale_bits=16, zero_bits=self.bits, g_idx_bits=32)
-            )
-        layers = tuple(
-            dataclasses.replace(layer, proj_formats=(), linear_format=TensorFormat(
-                weight_bits=b, group_size=group, scale_bits=16, zero_bits=b, g_idx_bits=32))
-            for layer, b in zip(shape.layers, widths)
+        return shape.with_linear_formats(
+            TensorFormat(weight_bits=b, group_size=group, scale_bits=16, zero_bits=b, g_idx_bits=32)
+            for b in self.widths(len(shape.layers))
         )
-        return dataclasses.replace(shape, layers=layers)
 
     def label(self) -> str:
         mixed = f"+{self.wider_layers}" if self.wider_layers else (f"~{sum(self.layer_bits) / len(self.layer_bits):.2f}" if self.layer_bits else "")
@@ -147,7 +138,7 @@ class Gptq(Stage):
         if bits == 16:
             return None
         wider = int(params.get("gptq_wider_layers", 0)) if bits in WIDER else 0
-        mse = params.get("gptq_mse", (getattr(space, "gptq_mse", None) or (0.0,))[0])
+        mse = params.get("gptq_mse", space_first(space, "gptq_mse", 0.0))
         return cls(bits=bits, group_size=int(params["group_size"]), act_order=bool(params.get("act_order", False)),
                    wider_layers=wider, mse=float(mse))
 
@@ -184,7 +175,7 @@ class Gptq(Stage):
         """Each decoder layer's width: given, or the ``wider_layers`` most sensitive ones raised."""
         n = _n_layers(src)
         if not self.wider_layers:
-            return self.layer_bits or (self.bits,) * n
+            return self.widths(n)
         from slmsearch import checkpoint
         from slmsearch.compress.sensitivity import cached_layer_sensitivity, most_sensitive
 

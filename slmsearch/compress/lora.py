@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_range
+from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_range, space_first
 from slmsearch.errors import SlmsearchError
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class LoraRecovery(Stage):
         rank = int(params.get("lora_rank", 0))
         if not rank or not earlier:
             return None
-        loss = str(params.get("lora_loss") or (getattr(space, "lora_loss", None) or ("lm",))[0])
+        loss = str(params.get("lora_loss") or space_first(space, "lora_loss", "lm"))
         return cls(rank=rank, steps=int(params.get("lora_steps", 10)), heldout=space.lora_heldout, loss=loss)
 
     def apply(self, model: Any, calib: Calibration) -> StageReport:

@@ -141,6 +141,12 @@ class Stage:
         raise NotImplementedError
 
 
+def space_first(space: Any, field: str, default: Any) -> Any:
+    """The first of the search space's choices ``field`` (what a stage takes when the sampled
+    parameters do not name the setting: a single choice is not sampled), else ``default``."""
+    return (getattr(space, field, None) or (default,))[0]
+
+
 def check_range(stage: str, name: str, value: Any, low: float, high: float, *, integer: bool = False) -> None:
     """Raise a SlmsearchError unless ``low <= value <= high`` (and an int when ``integer``)."""
     if integer and (isinstance(value, bool) or not isinstance(value, int)):

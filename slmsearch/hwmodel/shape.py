@@ -324,7 +324,15 @@ class ModelShape:
         return self._with_each_layer(pruned)
 
     def with_linear_format(self, fmt: TensorFormat) -> ModelShape:
-        return self._with_each_layer(lambda layer: dataclasses.replace(layer, linear_format=fmt, proj_formats=()))
+        return self.with_linear_formats((fmt,) * self.n_layers)
+
+    def with_linear_formats(self, fmts: Iterable[TensorFormat]) -> ModelShape:
+        """Layer ``i``'s projections all stored as ``fmts[i]`` (mixed precision across layers)."""
+        fmts = tuple(fmts)
+        if len(fmts) != self.n_layers:
+            raise SlmsearchError(f"{len(fmts)} layer formats given for {self.n_layers} layers")
+        layers = tuple(dataclasses.replace(layer, linear_format=f, proj_formats=()) for layer, f in zip(self.layers, fmts))
+        return dataclasses.replace(self, layers=layers)
 
     def with_embedding_format(self, fmt: TensorFormat) -> ModelShape:
         return dataclasses.replace(self, embedding_format=fmt, lm_head_format=None)
