@@ -27,11 +27,29 @@ from typing import Any
 
 from slmsearch.compress.gptq import WIDER
 from slmsearch.compress.plan import Plan
-from slmsearch.search.config import SpaceConfig
+from slmsearch.search.config import SpaceConfig, StudyConfig
 
 REPAIRED_ATTR = "repaired_params"  # {param: [proposed, used]} of a trial whose choices did not fit at any depth
 Fits = Callable[[Plan], bool]
 PlanOf = Callable[[dict[str, Any]], Plan]
+
+
+# the categorical dimensions whose never-feasible values feasible_space removes: (space field, parameter)
+FILTERED_CHOICES = (("gptq_bits", "gptq_bits"), ("embedding_bits", "embedding_bits"), ("kv_cache_bits", "kv_cache_bits"),
+                    ("embedding_groups", "embedding_group"), ("eora_ranks", "eora_rank"))
+
+
+def within_budget(config: StudyConfig, base_shape: Any, deployment: Any = None) -> Fits:
+    """``fits(plan) -> bool``: the plan's deployed footprint (``deployment``, default the
+    platform's) at the study's context is within ``config.budget_mb``."""
+    from slmsearch.hwmodel.estimate import footprint_bytes
+
+    def fits(plan: Plan) -> bool:
+        size = footprint_bytes(plan.shape(base_shape), context_len=config.context_len,
+                               prefill_len=config.prefill_len, deployment=deployment)
+        return size / 1e6 <= config.budget_mb
+
+    return fits
 
 
 def drop_bounds(space: SpaceConfig, n_layers: int) -> tuple[int, int]:
@@ -108,9 +126,7 @@ def feasible_space(space: SpaceConfig, candidates: Callable[[dict[str, Any]], li
     WANDA pattern). A dimension none of whose values fits is left whole (the study's own check
     reports an unreachable budget)."""
     changes: dict[str, tuple[Any, ...]] = {}
-    for field, param in (("gptq_bits", "gptq_bits"), ("embedding_bits", "embedding_bits"),
-                         ("kv_cache_bits", "kv_cache_bits"), ("embedding_groups", "embedding_group"),
-                         ("eora_ranks", "eora_rank")):
+    for field, param in FILTERED_CHOICES:
         values = getattr(space, field)
         kept = tuple(v for v in values if any(fits(plan) for plan in candidates({param: v})))
         if kept and kept != values:

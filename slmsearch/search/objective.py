@@ -68,16 +68,9 @@ class TrialContext:
 
     def fits(self, deployment: Any) -> Callable[[Any], bool]:
         """``fits(plan) -> bool``: the plan's deployed footprint is within the budget."""
-        from slmsearch.hwmodel.estimate import footprint_bytes
+        from slmsearch.search.budget import within_budget
 
-        config = self.config
-
-        def fits(plan: Any) -> bool:
-            size = footprint_bytes(plan.shape(self.base_shape), context_len=config.context_len,
-                                   prefill_len=config.prefill_len, deployment=deployment)
-            return size / 1e6 <= config.budget_mb
-
-        return fits
+        return within_budget(self.config, self.base_shape, deployment)
 
 
 def hardware_attrs(estimate: Any, ranges: dict[str, Any] | None = None) -> dict[str, Any]:

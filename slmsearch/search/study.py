@@ -159,18 +159,13 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
             f"budget {config.budget_mb:g} MB is below the smallest footprint this space reaches "
             f"({smallest:.2f} MB); raise --budget-mb or widen the space (more dropped layers, lower bits)"
         )
-    from slmsearch.hwmodel.estimate import footprint_bytes
-    from slmsearch.search.budget import feasible_space
+    from slmsearch.search.budget import FILTERED_CHOICES, feasible_space, within_budget
 
-    def fits(plan: Any) -> bool:  # the default deployment's footprint (anchors; which choices can fit)
-        size = footprint_bytes(plan.shape(base_shape), context_len=config.context_len, prefill_len=config.prefill_len)
-        return size / 1e6 <= config.budget_mb
-
+    fits = within_budget(config, base_shape)  # the default deployment (anchors; which choices can fit)
     space = feasible_space(config.space, lambda overrides: [
         most_compressed_plan(config.space, base_shape, pattern=p, overrides=overrides) for p in config.space.wanda_patterns
     ], fits)
-    removed = {f: sorted(set(getattr(config.space, f)) - set(getattr(space, f)), key=str)
-               for f in ("gptq_bits", "embedding_bits", "kv_cache_bits", "embedding_groups", "eora_ranks")}
+    removed = {f: sorted(set(getattr(config.space, f)) - set(getattr(space, f)), key=str) for f, _ in FILTERED_CHOICES}
     if any(removed.values()):
         log("choices no plan fits in the budget, not sampled: "
             + "; ".join(f"{k} {v}" for k, v in removed.items() if v))
