@@ -181,9 +181,7 @@ class Gptq(Stage):
 
         meta = checkpoint.read_meta(src) if (src / checkpoint.META_FILE).is_file() else {}
         model_id = json.dumps({"base": meta.get("base_fingerprint") or calib.model_key, "plan": meta.get("plan")}, sort_keys=True)
-        model = checkpoint.load(src)[0]
-        scores = cached_layer_sensitivity(model, calib, self.bits, self.group_size, model_id)
-        del model
+        scores = cached_layer_sensitivity(lambda: checkpoint.load(src)[0], calib, self.bits, self.group_size, model_id)
         raised = set(most_sensitive(scores, self.wider_layers))
         return tuple(WIDER[self.bits] if i in raised else self.bits for i in range(n))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +73,11 @@ def layer_sensitivity(model: Any, calib: Calibration, bits: int, group_size: int
     return scores
 
 
-def cached_layer_sensitivity(model: Any, calib: Calibration, bits: int, group_size: int, model_id: str) -> list[float]:
+def cached_layer_sensitivity(load_model: Callable[[], Any], calib: Calibration, bits: int, group_size: int,
+                             model_id: str) -> list[float]:
     """:func:`layer_sensitivity`, read from / written to ``calib.score_dir`` when it is set.
-    ``model_id`` names the model's weights (e.g. its fingerprint and the plan that made it)."""
+    ``model_id`` names the model's weights (e.g. its fingerprint and the plan that made it);
+    ``load_model()`` is called only when the scores are not cached."""
     path: Path | None = None
     if calib.score_dir is not None:
         key = json.dumps({"model": model_id, "bits": bits, "group": group_size, "calib": calib.settings.key(),
@@ -83,7 +86,7 @@ def cached_layer_sensitivity(model: Any, calib: Calibration, bits: int, group_si
         data = read_json_checked(path)
         if data is not None and data.get("key") == key:
             return [float(x) for x in data["scores"]]
-    scores = layer_sensitivity(model, calib, bits, group_size)
+    scores = layer_sensitivity(load_model(), calib, bits, group_size)
     if path is not None:
         write_json_checked(path, {"key": key, "scores": scores})
     return scores

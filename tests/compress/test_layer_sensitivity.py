@@ -43,7 +43,7 @@ def test_cached_scores_are_reused(model, calib, tmp_path, monkeypatch):
     from slmsearch.compress import sensitivity
 
     calib.score_dir = tmp_path
-    first = cached_layer_sensitivity(model, calib, 3, 32, "tiny")
+    first = cached_layer_sensitivity(lambda: model, calib, 3, 32, "tiny")
     monkeypatch.setattr(sensitivity, "layer_sensitivity", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-    assert cached_layer_sensitivity(model, calib, 3, 32, "tiny") == first
+    assert cached_layer_sensitivity(lambda: pytest.fail("loaded the model for cached scores"), calib, 3, 32, "tiny") == first
     assert len(list(tmp_path.glob("sensitivity-*.json"))) == 1
