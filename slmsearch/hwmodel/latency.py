@@ -242,25 +242,71 @@ def _linear_ops(layer: LayerShape, pb: ProjBytes, tokens: int, act_bits: int, gr
     return ops
 
 
+def integer_graph(act_bits: int) -> bool:
+    """Whether a pass runs Deeploy's integer graph (activations of 8 bits or fewer).
+
+    That graph has more kernels per layer than the operators of the mathematics. Source B's
+    microLlama test networks (DeeployTest/Tests/Models/microLlama/INT8/*/network.onnx, 505 nodes for
+    8 layers) after the passes Deeploy runs for Siracusa (Deeploy/Targets/PULPOpen/Platform.py
+    ``PULPOptimizer``: SkipEmptyConcatPass, SkipUnityRequantPass after Concat/Reshape/Transpose,
+    MergeTrueIntegerDivRequantShiftPass, iHardswishRequantMergePass, MergeConstAddAndRequantPass,
+    PULPGEMMRequantMergePass, PULPMatMulRequantMergePass, PULPAddRequantMergePass; PULPOpen/Deployer.py:
+    TransposeMergePass, ReshapeConstOptPass) leave per layer: 2 iRMSNorm, 7 RQGEMM projections,
+    2 RoPE RQMatMuls (a constant 4x4 rotation per position), the Q/K/V/output Transposes, the
+    TrueIntegerDiv (scale), an RQAdd (mask), iSoftmax and its RequantShift, 2 attention RQMatMuls,
+    RQSiHardswish, Mul and its RequantShift, 2 RQAdd residuals: 26 kernels (the model's fp16 list
+    has 16); a step with a KV cache also concatenates K and V onto it and transposes the whole K
+    (29). Reshapes are aliases, not kernels.
+    """
+    return act_bits <= 8
+
+
+def _scalar(name: str, group: str, elements: int, p: Platform, bytes_per_el: float) -> Op:
+    """One of Deeploy's scalar int8 element-wise kernels (requant, transpose, concat, mul, div)."""
+    return _eltwise(name, group, elements, p.cluster.cycles_per_element_scalar, bytes_per_el)
+
+
+def _rope_matmul(name: str, group: str, tokens: int, heads: int, head_dim: int) -> Op:
+    """Deeploy's integer RoPE: per position, [heads, head_dim] @ a constant [head_dim, head_dim]
+    rotation (the RQMatMul _MatMul/_MatMul_1 of source B's microLlama graphs), on the cluster."""
+    return Op(name, ATTN, group, batch=tokens, tokens=heads, inner=head_dim, outputs=head_dim,
+              operand_bits=8, weight_bits=8,
+              act_bytes=tokens * (2 * heads * head_dim + head_dim * head_dim))
+
+
 def layer_static_ops(layer: LayerShape, hidden: int, tokens: int, act_bits: int, p: Platform,
                      idx: int) -> tuple[list[Op], list[Op]]:
-    """Operators whose cost does not depend on the context: (attention-group ops, MLP-group ops)."""
+    """Operators whose cost does not depend on the context: (attention-group ops, MLP-group ops).
+    With integer activations, the kernels of Deeploy's integer graph (:func:`integer_graph`)."""
     cl = p.cluster
     a = act_bits / 8
     ga, gm = f"layers.{idx}.attn", f"layers.{idx}.mlp"
     q, kv = layer.n_heads * layer.head_dim, layer.n_kv_heads * layer.head_dim
     npu_a = p.npu.activation_bits
+    ints = integer_graph(act_bits)
     q_pb, k_pb, v_pb, o_pb, gate_pb, up_pb, down_pb = layer_proj_bytes(layer, hidden)
     attn: list[Op] = [_eltwise("attn_norm", ga, tokens * hidden, cl.cycles_per_element_norm, 2 * a)]
     for pb in (q_pb, k_pb, v_pb):
         attn += _linear_ops(layer, pb, tokens, act_bits, ga, npu_a)
-    attn.append(_eltwise("rope", ga, tokens * (q + kv), cl.cycles_per_element_rope, 2 * a))
+    if ints:
+        attn += [_rope_matmul("rope_q", ga, tokens, layer.n_heads, layer.head_dim),
+                 _rope_matmul("rope_k", ga, tokens, layer.n_kv_heads, layer.head_dim),
+                 _scalar("transpose_q", ga, tokens * q, p, 2 * a),
+                 _scalar("transpose_v", ga, tokens * kv, p, 2 * a)]
+    else:
+        attn.append(_eltwise("rope", ga, tokens * (q + kv), cl.cycles_per_element_rope, 2 * a))
     attn += _linear_ops(layer, o_pb, tokens, act_bits, ga, npu_a)
     attn.append(_eltwise("attn_residual_add", ga, tokens * hidden, cl.cycles_per_element_add, 3 * a))
     mlp: list[Op] = [_eltwise("mlp_norm", gm, tokens * hidden, cl.cycles_per_element_norm, 2 * a)]
     for pb in (gate_pb, up_pb):
         mlp += _linear_ops(layer, pb, tokens, act_bits, gm, npu_a)
-    mlp.append(_eltwise("act_mul", gm, tokens * layer.intermediate, cl.cycles_per_element_act, 3 * a))
+    inter = tokens * layer.intermediate
+    if ints:  # RQSiHardswish, then Mul (int32 out, PULPMulBindings) and its RequantShift
+        mlp += [_eltwise("act", gm, inter, cl.cycles_per_element_act, 2 * a),
+                _scalar("mul", gm, inter, p, 2 * a + 4),
+                _scalar("mul_requant", gm, inter, p, 4 + a)]
+    else:
+        mlp.append(_eltwise("act_mul", gm, inter, cl.cycles_per_element_act, 3 * a))
     mlp += _linear_ops(layer, down_pb, tokens, act_bits, gm, npu_a)
     mlp.append(_eltwise("mlp_residual_add", gm, tokens * hidden, cl.cycles_per_element_add, 3 * a))
     return attn, mlp
@@ -304,7 +350,26 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
                 compute_density=pairs / full if full and pairs != full else 1.0,
                 act_bytes=int(math.ceil((h * pairs + tokens * h * hd) * a)),
                 kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
-    return [scores, softmax, values]
+    if not integer_graph(act_bits):
+        return [scores, softmax, values]
+    # Deeploy's integer graph (integer_graph): K is transposed for the scores; with a cache, the new
+    # K and V rows are concatenated onto it (Concat kernels) and the whole K is transposed again
+    kv_el = kvh * hd
+    if attended > tokens:
+        k_ops = [_scalar("transpose_k", g, tokens * kv_el, p, 2 * a),
+                 _scalar("concat_k", g, attended * kv_el, p, 2 * a),
+                 _scalar("transpose_kt", g, attended * kv_el, p, 2 * a),
+                 _scalar("concat_v", g, attended * kv_el, p, 2 * a)]
+    else:  # no cache: the empty Concat is skipped and the two K transposes merge into one
+        k_ops = [_scalar("transpose_k", g, tokens * kv_el, p, 2 * a)]
+    scored = h * pairs
+    return [*k_ops, scores,
+            _scalar("scale_div", g, scored, p, 2 * a),
+            _eltwise("mask_add", g, scored, p.cluster.cycles_per_element_add, 3 * a),
+            softmax,
+            _scalar("softmax_requant", g, scored, p, 2 * a),
+            values,
+            _scalar("transpose_o", g, tokens * h * hd, p, 2 * a)]
 
 
 def embedding_ops(shape: ModelShape, p: Platform, tokens: int) -> list[Op]:
@@ -346,4 +411,4 @@ def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
 
 __all__ = ["Op", "OpCost", "op_cost", "cluster_compute_cycles", "npu_compute_cycles", "n_tiles",
            "layer_static_ops", "layer_context_ops", "head_ops", "embedding_ops", "causal_pairs",
-           "dequant_cycles"]
+           "dequant_cycles", "integer_graph"]

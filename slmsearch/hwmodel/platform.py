@@ -57,6 +57,7 @@ class Cluster:
     cycles_per_element_softmax: float
     cycles_per_element_act: float
     cycles_per_element_rope: float
+    cycles_per_element_scalar: float  # Deeploy's scalar int8 element-wise kernels (requant, transpose, concat, mul, div)
     energy_pj_per_mac: float
 
     def macs_per_cycle(self, bits: int, floating: bool = False) -> float:
@@ -347,7 +348,8 @@ def _build(name: str, description: str, leaves: dict[str, dict[str, Any]], where
         **{f: _num(leaves, c + f, where) for f in (
             "kernel_overhead_cycles", "untiled_kernel_overhead_cycles", "fork_join_cycles", "output_overhead_cycles",
             "cycles_per_element_add", "cycles_per_element_norm", "cycles_per_element_softmax",
-            "cycles_per_element_act", "cycles_per_element_rope", "energy_pj_per_mac")},
+            "cycles_per_element_act", "cycles_per_element_rope", "cycles_per_element_scalar",
+            "energy_pj_per_mac")},
         l2_access_slowdown=_num(leaves, c + "l2_access_slowdown", where, minimum=1.0),
     )
     n = "npu."

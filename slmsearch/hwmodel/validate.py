@@ -28,16 +28,18 @@ Kernel rows (the tutorial's Part III, "Stacked speedup" table): one int8 LeakyRe
 A kernel row is priced as one element-wise operator (latency.op_cost) of 65,536 elements that
 reads and writes 1 byte each. The SIMD kernel's cost per element is 1 cycle per core, from the
 tutorial's description of its loop (a word load, pv.sra.b, pv.max.b and a store: four
-instructions for four elements); the scalar kernel's is not published and is fitted
-(LOCAL_KEYS, on leaky_tiled_scalar only).
+instructions for four elements); the scalar kernel is priced at cluster.cycles_per_element_scalar,
+the platform's cost of Deeploy's scalar int8 element-wise kernels (the requant, transpose,
+concat, mul and div kernels of its integer graph, latency.integer_graph), fitted on
+leaky_tiled_scalar together with the tiled group.
 
 Fit groups (FITS), fitted in order, each on its own named rows, the others held out:
-  tiled    cluster.kernel_overhead_cycles, cluster.output_overhead_cycles on prefill_l1_64k and
-           decode64_npu (the published tiled runtimes of microLlama with Deeploy's default L1 of
-           the tutorial's "good" configuration, one prefill and one decode)
+  tiled    cluster.kernel_overhead_cycles, cluster.output_overhead_cycles,
+           cluster.cycles_per_element_scalar on prefill_l1_64k, decode64_npu (the published tiled
+           runtimes of microLlama with Deeploy's default L1 of the tutorial's "good"
+           configuration, one prefill and one decode) and leaky_tiled_scalar
   untiled  cluster.untiled_kernel_overhead_cycles, cluster.l2_access_slowdown on decode_1core
            and decode_8core (the only untiled model rows)
-  leaky    the scalar LeakyReLU's cycles per element on leaky_tiled_scalar
 ``leave_one_out`` refits the left-out row's group on the other fit rows (starting from the
 low end of each value's range) and predicts it; a group with as many values as rows is
 underdetermined once a row is left out, which the table says.
@@ -68,10 +70,7 @@ LEAKY_TILED = {"tiling.l1_budget_bytes": 32768, "npu.enabled": 0, **NO_WMEM}
 SOURCE_B = "B: Deeploy docs/tutorials/introduction.md @e20293c"
 LEAKY_ELEMENTS = 1 * 16 * 64 * 64
 LEAKY_SIMD_CPE = 1.0  # four instructions (load, pv.sra.b, pv.max.b, store) per four int8 elements
-
-# validation-only constants (properties of a test kernel, not of the platform), fitted like the others
-LOCAL_KEYS = ("local.leaky_scalar_cycles_per_element",)
-LOCAL_VALUES = {"local.leaky_scalar_cycles_per_element": 10.654}  # fitted (FITS "leaky")
+SCALAR = "cluster.cycles_per_element_scalar"  # the scalar kernel rows' cost per element
 
 
 @dataclass(frozen=True)
@@ -82,13 +81,12 @@ class FitGroup:
 
 
 FITS = (
-    FitGroup("tiled", ("cluster.kernel_overhead_cycles", "cluster.output_overhead_cycles"),
-             ("prefill_l1_64k", "decode64_npu")),
+    FitGroup("tiled", ("cluster.kernel_overhead_cycles", "cluster.output_overhead_cycles", SCALAR),
+             ("prefill_l1_64k", "decode64_npu", "leaky_tiled_scalar")),
     FitGroup("untiled", ("cluster.untiled_kernel_overhead_cycles", "cluster.l2_access_slowdown"),
              ("decode_1core", "decode_8core")),
-    FitGroup("leaky", ("local.leaky_scalar_cycles_per_element",), ("leaky_tiled_scalar",)),
 )
-FIT_KEYS = tuple(k for g in FITS for k in g.keys if not k.startswith("local."))
+FIT_KEYS = tuple(k for g in FITS for k in g.keys)
 FIT_ROWS = tuple(r for g in FITS for r in g.rows)
 
 
@@ -104,7 +102,7 @@ class Row:
     context_len: int = 0
     prefill_len: int = 0
     derived: bool = False  # computed from a published ratio, not a published runtime
-    cycles_per_element: float | str = 0.0  # kernel rows: a number, or a LOCAL_KEYS name
+    cycles_per_element: float | str = 0.0  # kernel rows: a number, or the platform key that prices it
     regime: str = field(default="")
 
 
@@ -130,27 +128,20 @@ ROWS = (
         derived=True, regime="tiled"),
     Row("leaky_untiled_1core", "int8 LeakyReLU, 65,536 elements, untiled L2, scalar kernel, 1 core", 2.49297,
         "Mcycles", SOURCE_B, {**UNTILED, "cluster.cores": 1}, "kernel",
-        cycles_per_element="local.leaky_scalar_cycles_per_element", regime="untiled"),
+        cycles_per_element=SCALAR, regime="untiled"),
     Row("leaky_untiled_8core", "same, 8 cores", 0.313541, "Mcycles", SOURCE_B, dict(UNTILED), "kernel",
-        cycles_per_element="local.leaky_scalar_cycles_per_element", regime="untiled"),
+        cycles_per_element=SCALAR, regime="untiled"),
     Row("leaky_tiled_scalar", "same, tiled, L1 32,768 B, scalar kernel, 8 cores", 0.108090, "Mcycles", SOURCE_B,
-        dict(LEAKY_TILED), "kernel", cycles_per_element="local.leaky_scalar_cycles_per_element", regime="tiled"),
+        dict(LEAKY_TILED), "kernel", cycles_per_element=SCALAR, regime="tiled"),
     Row("leaky_tiled_simd", "same, tiled, L1 32,768 B, SIMD kernel (1 cycle per element per core), 8 cores",
         0.043005, "Mcycles", SOURCE_B, dict(LEAKY_TILED), "kernel", cycles_per_element=LEAKY_SIMD_CPE,
         regime="tiled"),
 )
 
 
-def _split(overrides: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    """(platform overrides, validation-local values) from one mapping."""
-    plat = {k: v for k, v in overrides.items() if not k.startswith("local.")}
-    local = {**LOCAL_VALUES, **{k: v for k, v in overrides.items() if k.startswith("local.")}}
-    return plat, local
-
-
-def _kernel_cycles(row: Row, p: Platform, local: dict[str, float]) -> float:
+def _kernel_cycles(row: Row, p: Platform) -> float:
     """One element-wise int8 operator reading and writing every element once."""
-    cpe = local[row.cycles_per_element] if isinstance(row.cycles_per_element, str) else row.cycles_per_element
+    cpe = _get(p, row.cycles_per_element) if isinstance(row.cycles_per_element, str) else row.cycles_per_element
     op = Op("leaky_relu", ELTWISE, "", elements=LEAKY_ELEMENTS, cycles_per_element=cpe,
             operand_bits=8, weight_bits=8, act_bytes=2 * LEAKY_ELEMENTS)
     return op_cost(op, p, (), ()).cycles
@@ -158,12 +149,11 @@ def _kernel_cycles(row: Row, p: Platform, local: dict[str, float]) -> float:
 
 def predict(row: Row, values: dict[str, float] | None = None, platform: str = "siracusa",
             shape: ModelShape | None = None) -> float:
-    """The model's cycles (in row.unit) for ``row`` with ``values`` (platform keys and LOCAL_KEYS)
-    overriding the platform file and LOCAL_VALUES."""
-    plat, local = _split(values or {})
-    p = load_platform(platform, {**plat, **row.overrides})
+    """The model's cycles (in row.unit) for ``row`` with ``values`` (platform keys) overriding the
+    platform file."""
+    p = load_platform(platform, {**(values or {}), **row.overrides})
     if row.mode == "kernel":
-        return _kernel_cycles(row, p, local) / 1e6
+        return _kernel_cycles(row, p) / 1e6
     return _predict(row, p, shape or microllama())
 
 
@@ -202,8 +192,7 @@ def validation_table(platform: str = "siracusa", fitted: dict[str, float] | None
     out = []
     for row in ROWS:
         pred = predict(row, fitted, platform, shape)
-        plat, _ = _split(fitted or {})
-        roof = _roofline(row, load_platform(platform, {**plat, **row.overrides}), shape)
+        roof = _roofline(row, load_platform(platform, {**(fitted or {}), **row.overrides}), shape)
         group = _group_of(row.name)
         d: dict[str, Any] = {
             "name": row.name, "role": "fit" if group else "held_out", "setup": row.setup,
@@ -233,7 +222,7 @@ def leave_one_out(platform: str = "siracusa", iters: int = 100) -> dict[str, flo
             if not others:
                 out[name] = None
                 continue
-            start = {k: low.get(k, _value(base, k) / 2) for k in g.keys}
+            start = {k: low.get(k, _get(base, k) / 2) for k in g.keys}
             vals = fit(platform, keys=g.keys, rows=others, iters=iters, start=start)
             out[name] = predict(_row(name), vals, platform)
     return out
@@ -283,7 +272,7 @@ def format_validation_table(table: list[dict[str, Any]]) -> str:
 def fit(platform: str = "siracusa", keys: tuple[str, ...] | None = None, rows: tuple[str, ...] | None = None,
         iters: int = 400, start: dict[str, float] | None = None) -> dict[str, float]:
     """Pattern search in log space minimising the squared log error of ``rows`` over ``keys``,
-    every other value as in the platform file (and LOCAL_VALUES). Without ``keys``/``rows``,
+    every other value as in the platform file. Without ``keys``/``rows``,
     fits every group of FITS in order on its own rows and returns all their values."""
     if keys is None or rows is None:
         vals: dict[str, float] = {}
@@ -292,7 +281,7 @@ def fit(platform: str = "siracusa", keys: tuple[str, ...] | None = None, rows: t
         return vals
     base = load_platform(platform)
     fixed = {k: v for k, v in (start or {}).items() if k not in keys}
-    x0 = {k: (start or {}).get(k, _value(base, k)) for k in keys}
+    x0 = {k: (start or {}).get(k, _get(base, k)) for k in keys}
     sel = [_row(r) for r in rows]
 
     def loss(vals: dict[str, float]) -> float:
@@ -322,12 +311,6 @@ def _pattern_search(loss: Callable[[dict[str, float]], float], x: dict[str, floa
 
 def _row(name: str) -> Row:
     return next(r for r in ROWS if r.name == name)
-
-
-def _value(p: Platform, dotted: str) -> float:
-    if dotted.startswith("local."):
-        return LOCAL_VALUES[dotted]
-    return _get(p, dotted)
 
 
 def _get(p: Platform, dotted: str) -> float:
