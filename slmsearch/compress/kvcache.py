@@ -107,11 +107,17 @@ def install(model: Any, bits: int, group_size: int) -> str:
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, sdpa_mask)
+    set_attention(model, name)
+    return name
+
+
+def set_attention(model: Any, name: str) -> None:
+    """Make every config of ``model`` use the attention implementation ``name`` (``"sdpa"``: the
+    unrounded cache again)."""
     configs = [model.config] + [getattr(m, "config", None) for m in model.modules()]
     for config in {id(c): c for c in configs if c is not None}.values():
         if hasattr(config, "_attn_implementation"):
             config._attn_implementation = name
-    return name
 
 
 def folder_kv_settings(folder: Path) -> tuple[int, int] | None:

@@ -180,6 +180,27 @@ class PruningConfig:
 
 
 @dataclass(frozen=True)
+class ScreeningConfig:
+    """Cheap fidelity first (``search/screening.py``): candidates are scored by the proxy
+    (``compress/proxy.py``: round-to-nearest in place of GPTQ, no LoRA/EoRA, seconds each) and only
+    the one predicted to add most to the front is compressed and evaluated. ``enabled: false`` is
+    the search without screening (every sampled plan evaluated)."""
+
+    enabled: bool = True
+    first: int = 16  # candidates screened before the first promoted trial (the anchors among them)
+    per_trial: int = 4  # more screened before each later one
+    extra_rounds: int = 3  # rounds of per_trial more when no candidate is predicted to improve the front
+    windows: int = 0  # token-ppl windows the proxy scores; 0 = pruning.first_windows (the same windows)
+
+    def __post_init__(self) -> None:
+        if self.first < 1 or self.per_trial < 0 or self.extra_rounds < 0 or self.windows < 0:
+            raise SlmsearchError(
+                "screening needs first >= 1, per_trial >= 0, extra_rounds >= 0 and windows >= 0, got "
+                f"{self.first}, {self.per_trial}, {self.extra_rounds}, {self.windows}"
+            )
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str = "smollm2-135m-siracusa"
     model: str | None = None  # None = the default SmolLM2-135M-Instruct
@@ -200,6 +221,7 @@ class StudyConfig:
     # what each trial evaluates; metrics () = the objectives' quality metrics + wikitext_token_ppl (drives pruning)
     evaluation: EvalSettings = EvalSettings(metrics=())
     pruning: PruningConfig = PruningConfig()
+    screening: ScreeningConfig = ScreeningConfig()
     sampler: str = "nsga2"
     population_size: int = 8  # NSGA-II generation size
     anchors: bool = True  # enqueue feasible anchor plans after the baseline (search/anchors.py)
@@ -285,7 +307,7 @@ def evaluation_from(raw: dict[str, Any] | None) -> EvalSettings:
     return EvalSettings.from_dict({"metrics": (), **check_section("evaluation", {} if raw is None else raw, EvalSettings)})
 
 
-_SECTIONS = ("space", "pruning", "objectives", "calibration", "evaluation")
+_SECTIONS = ("space", "pruning", "screening", "objectives", "calibration", "evaluation")
 
 
 def _objectives(raw: Any) -> tuple[Objective, ...]:
@@ -305,6 +327,9 @@ def _build(raw: dict[str, Any]) -> StudyConfig:
         data["space"] = SpaceConfig(**check_section("space", {} if raw["space"] is None else raw["space"], SpaceConfig))
     if "pruning" in raw:
         data["pruning"] = PruningConfig(**check_section("pruning", {} if raw["pruning"] is None else raw["pruning"], PruningConfig))
+    if "screening" in raw:
+        data["screening"] = ScreeningConfig(**check_section("screening", {} if raw["screening"] is None else raw["screening"],
+                                                            ScreeningConfig))
     if "objectives" in raw:
         data["objectives"] = _objectives(raw["objectives"])
     if "calibration" in raw:

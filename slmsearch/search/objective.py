@@ -62,6 +62,7 @@ class TrialContext:
     current: int | None = None  # number of the trial running now, for Ctrl-C
     space: Any = None  # config.space without the choices no plan can hold in the budget (search.budget)
     trial_seconds: list[tuple[bool, float]] = field(default_factory=list)  # (baseline?, s) of this worker's trials
+    screen_study: Any = None  # the companion study of proxy screens (search/screen_runner.py), when screening
 
     def sampled_space(self) -> Any:
         return self.space if self.space is not None else self.config.space

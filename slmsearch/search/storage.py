@@ -237,7 +237,10 @@ def locate_study(study_file: str | None = None, storage: str | None = None, stud
     with warnings.catch_warnings():  # heartbeat options warn as experimental; a reader never beats
         warnings.simplefilter("ignore")
         rdb = open_storage(url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False)]
+    from slmsearch.search.trials import SCREEN_SUFFIX
+
+    every = [s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False)]
+    names = [n for n in every if not n.endswith(SCREEN_SUFFIX)]  # a study's screens are not a study to read
     name = study_name or (config.name if config is not None else None)
     if name is None:
         if len(names) != 1:

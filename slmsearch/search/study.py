@@ -117,7 +117,10 @@ def estimate_trial_seconds(config: StudyConfig) -> float:
     # GPTQ ~50 s and EoRA ~60 s per trial since gptqmodel's workers stopped oversubscribing the cores;
     # GPTQ's scale search doubles its time (docs/benchmarks.md section 6)
     gptq_s = 50 * (2 if max(space.gptq_mse) > 0 else 1)
-    return 15 + gptq_share * gptq_s + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s
+    screening = config.screening
+    # a proxy screen: 5-25 s on the default model (bench/grid_levers.csv, proxy_s); the first screens spread over the trials
+    screen_s = 15 * (screening.per_trial + screening.first / config.trials) if screening.enabled else 0.0
+    return 15 + gptq_share * gptq_s + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s + screen_s
 
 
 def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = None) -> dict[str, Any]:
@@ -173,15 +176,26 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
     storage = open_storage(url, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s)
     study = open_study(config, storage)
     done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-    if not study.get_trials(deepcopy=False):
+    fresh = not study.get_trials(deepcopy=False)
+    if fresh:
         # skip_if_exists: workers started together enqueue the baseline once (as far as timing allows).
         study.enqueue_trial(baseline_params(config.space), user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
+    screen_study = None
+    if config.screening.enabled:
+        from slmsearch.search.screen_runner import open_screen_study
+
+        screen_study = open_screen_study(config, storage)
+    if fresh or (screen_study is not None and not screen_study.get_trials(deepcopy=False)):
         if config.anchors:
             from slmsearch.search.anchors import anchor_params, anchor_plan
 
+            # with screening, the anchors are the first candidates screened (promoted if the proxy
+            # ranks them on the front); without, the first trials evaluated
+            target = screen_study if screen_study is not None else study
             for params in anchor_params(space, base_shape, fits):
-                study.enqueue_trial(params, user_attrs={ANCHOR_ATTR: True}, skip_if_exists=True)
-                log(f"anchor plan enqueued: {anchor_plan(params, space, base_shape, fits).label()}")
+                target.enqueue_trial(params, user_attrs={ANCHOR_ATTR: True}, skip_if_exists=True)
+                log(f"anchor plan {'enqueued for screening' if screen_study is not None else 'enqueued'}: "
+                    f"{anchor_plan(params, space, base_shape, fits).label()}")
     per_trial = estimate_trial_seconds(config)
     remaining = max(0, config.trials - done)
     log(
@@ -192,7 +206,7 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
     )
     ctx = TrialContext(
         config=config, base_location=location, base_shape=base_shape, platform=platform, data_dir=data_dir,
-        storage=storage, cache=StageCache(max_bytes=config.cache_bytes), log=log, space=space,
+        storage=storage, cache=StageCache(max_bytes=config.cache_bytes), log=log, space=space, screen_study=screen_study,
     )
     started = time.perf_counter()
     try:
@@ -280,11 +294,18 @@ def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None
                 continue
             waiting_logged = False
             interrupt.check()
+            screening_s = 0.0
+            if ctx.screen_study is not None and not any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+                from slmsearch.search.screen_runner import promote
+
+                t0 = time.perf_counter()
+                promote(study, ctx.screen_study, ctx)
+                screening_s = time.perf_counter() - t0
             study.optimize(lambda t: run_trial(t, ctx), n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
             finished, ctx.current = ctx.current, None
             runs += 1
             if finished is not None:
-                _re_estimate(study, ctx, finished, log)
+                _re_estimate(study, ctx, finished, log, screening_s)
     finally:
         bar.close()
 
@@ -299,14 +320,14 @@ def remaining_seconds(measured: list[tuple[bool, float]], remaining: int, formul
     return remaining * formula_s
 
 
-def _re_estimate(study: Any, ctx: TrialContext, number: int, log: Any) -> None:
+def _re_estimate(study: Any, ctx: TrialContext, number: int, log: Any, screening_s: float = 0.0) -> None:
     """After each trial this worker evaluated: its seconds, and the time left re-estimated from
     the trials measured on this machine (the estimate printed first is the reference machine's)."""
     trials = study.get_trials(deepcopy=False)
     trial = next((t for t in trials if t.number == number), None)
     if trial is None or not counted(trial) or "seconds_total" not in trial.user_attrs:
         return
-    seconds = float(trial.user_attrs["seconds_total"])
+    seconds = float(trial.user_attrs["seconds_total"]) + screening_s  # the screens that chose it count too
     ctx.trial_seconds.append((bool(trial.user_attrs.get(BASELINE_ATTR)), seconds))
     remaining = max(0, ctx.config.trials - sum(counted(t) for t in trials))
     if remaining:

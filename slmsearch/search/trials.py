@@ -33,6 +33,7 @@ QUALITY_ATTRS = ("wikitext_word_ppl", "wikitext_token_ppl", "triviaqa_exact_matc
 CONFIG_STUDY_ATTR = "config"  # the StudyConfig as a dict (storage URL redacted)
 OBJECTIVES_STUDY_ATTR = "objectives"  # the metric behind each objective value
 RUN_SEGMENTS_STUDY_ATTR = "run_segments"  # one entry per change of trials/timeout/storage...: {started, settings}
+SCREEN_SUFFIX = ":screen"  # the companion study of a study's proxy screens (search/screen_runner.py)
 BASELINE_PPL_STUDY_ATTR = "baseline_early_token_ppl"  # the baseline's early token ppl (the pruning reference)
 
 # What :func:`status` returns.

@@ -1,0 +1,93 @@
+"""Screening in a real study (tiny random LLaMA, real stages, real SQLite): screens are stored in
+the companion study, full trials are promoted from them, and a resumed study keeps them."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from slmsearch.search import screen_runner
+from slmsearch.search.config import load_study_config, with_overrides
+from slmsearch.search.storage import locate_study
+from slmsearch.search.study import optimize
+from slmsearch.search.trials import BASELINE_ATTR, PLAN_ATTR
+from test_study import write_study  # same folder (pytest's rootdir-relative import)
+
+SCREENING = "screening: {enabled: true, first: 3, per_trial: 1, extra_rounds: 1}\n"
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLMSEARCH_RUNS", str(tmp_path / "runs"))
+
+
+def _config(tmp_path, tiny_checkpoint, data_dir, trials):
+    path = write_study(tmp_path, tiny_checkpoint, data_dir, trials=trials)
+    path.write_text(path.read_text() + SCREENING)
+    return load_study_config(path)
+
+
+def _count_proxies(monkeypatch):
+    from slmsearch.compress import proxy
+
+    calls = []
+    real = proxy.score_plan
+
+    def counted(plan, *args, **kwargs):
+        calls.append(plan.label())
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(proxy, "score_plan", counted)
+    return calls
+
+
+def test_full_trials_are_promoted_screens_and_a_resume_rescreens_nothing(tmp_path, tiny_checkpoint, data_dir, cache_env,
+                                                                         monkeypatch):
+    calls = _count_proxies(monkeypatch)
+    config = _config(tmp_path, tiny_checkpoint, data_dir, trials=3)
+    optimize(config, log=lambda m: None)
+    study = optuna.load_study(study_name="tiny", storage=config.storage)
+    screens = optuna.load_study(study_name="tiny:screen", storage=config.storage)
+    done = [t for t in screens.trials if t.state == TrialState.COMPLETE]
+    # 3 first, then 1 more after the first promotion (the baseline is not promoted)
+    assert len(done) >= 4
+    scored = [t for t in done if "repeat_of" not in t.user_attrs]
+    assert len(calls) == len(scored)  # a plan screened twice was scored once
+    for t in done:
+        assert t.user_attrs[screen_runner.PROXY_PPL_ATTR] > 0 and PLAN_ATTR in t.user_attrs
+    promoted = [t for t in study.trials if screen_runner.SCREENED_FROM_ATTR in t.user_attrs]
+    assert len(promoted) == 2 and not any(t.user_attrs.get(BASELINE_ATTR) for t in promoted)
+    for t in promoted:  # the full trial ran exactly the screened plan
+        source = screens.trials[t.user_attrs[screen_runner.SCREENED_FROM_ATTR]]
+        assert t.user_attrs[PLAN_ATTR] == source.user_attrs[PLAN_ATTR]
+        assert t.user_attrs[screen_runner.PROXY_PPL_ATTR] == source.user_attrs[screen_runner.PROXY_PPL_ATTR]
+        assert t.user_attrs[screen_runner.PREDICTED_ATTR] > 0
+    assert len({t.user_attrs[screen_runner.SCREENED_FROM_ATTR] for t in promoted}) == 2  # never the same screen twice
+
+    before = len(calls)
+    optimize(with_overrides(config, trials=4), log=lambda m: None)
+    screens = optuna.load_study(study_name="tiny:screen", storage=config.storage)
+    new = [t for t in screens.trials if t.state == TrialState.COMPLETE and t.number >= len(done)]
+    assert len(calls) - before == len([t for t in new if "repeat_of" not in t.user_attrs])  # only new screens scored
+    study = optuna.load_study(study_name="tiny", storage=config.storage)
+    assert len([t for t in study.trials if screen_runner.SCREENED_FROM_ATTR in t.user_attrs]) == 3
+    # the screens do not make the storage ambiguous for the readers
+    assert locate_study(storage=config.storage).study.study_name == "tiny"
+
+
+def test_the_choice_uses_the_correction_fitted_on_evaluated_trials(tmp_path, tiny_checkpoint, data_dir, cache_env):
+    config = _config(tmp_path, tiny_checkpoint, data_dir, trials=3)
+    optimize(config, log=lambda m: None)
+    study = optuna.load_study(study_name="tiny", storage=config.storage)
+    points = screen_runner.evaluated_points(study, config)
+    promoted = [t for t in study.trials if screen_runner.SCREENED_FROM_ATTR in t.user_attrs]
+    assert len(points) == len([t for t in promoted if "early_token_ppl" in t.user_attrs])
+    assert all(p.proxy_ppl is not None for p in points)
+    last = promoted[-1]
+    from slmsearch.search.screening import fit_correction
+
+    first_points = [p for p in points if p.key != points[-1].key]
+    assert last.user_attrs["correction"] == pytest.approx(
+        {k: round(v, 4) for k, v in fit_correction(first_points).items()}, abs=1e-4)

@@ -1,0 +1,92 @@
+"""The screening choice (search/screening.py): pure functions, no model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from slmsearch.search.screening import (
+    PRIOR, Point, choose, fallback, fit_correction, hypervolume, plan_features, predicted_ppl,
+)
+
+
+def _brute_hv(points, ref, steps=40):
+    """Hypervolume by counting cells of a regular grid (the exact answer for points on the grid)."""
+    dims = len(ref)
+    cell = [r / steps for r in ref]
+    count = 0
+    for index in itertools.product(range(steps), repeat=dims):
+        centre = [(i + 0.5) * c for i, c in zip(index, cell)]
+        if any(all(p[d] <= centre[d] for d in range(dims)) for p in points):
+            count += 1
+    return count * math.prod(cell)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_hypervolume_matches_counting_cells(dims):
+    rng = random.Random(dims)
+    for _ in range(5):
+        points = [tuple(rng.randrange(0, 40) / 40 for _ in range(dims)) for _ in range(6)]
+        assert hypervolume(points, (1.0,) * dims) == pytest.approx(_brute_hv(points, (1.0,) * dims), abs=1e-9)
+
+
+def test_hypervolume_ignores_points_outside_the_reference_box():
+    assert hypervolume([(0.5, 0.5), (2.0, 0.0)], (1.0, 1.0)) == pytest.approx(0.25)
+    assert hypervolume([], (1.0, 1.0)) == 0.0
+
+
+def test_plan_features_name_what_the_proxy_leaves_out():
+    plan = {"stages": [{"stage": "depth", "drop": 2}, {"stage": "lora", "rank": 8}, {"stage": "gptq", "bits": 3},
+                       {"stage": "eora", "rank": 0}, {"stage": "kv_cache", "bits": 4}]}
+    assert plan_features(plan) == ("lora", "gptq3")
+    assert plan_features({"stages": []}) == ()
+
+
+def test_correction_starts_at_the_prior_and_learns_each_feature_from_the_evaluated_plans():
+    assert fit_correction([]) == pytest.approx(dict(PRIOR))
+    # 3-bit plans measured 0.5 nats better than their proxy, 4-bit ones 0.1 nats worse
+    evaluated = [Point(f"a{i}", 100 * math.exp(-0.5), ("gptq3",), (1.0,), proxy_ppl=100) for i in range(20)]
+    evaluated += [Point(f"b{i}", 40 * math.exp(0.1), ("gptq4",), (2.0,), proxy_ppl=40) for i in range(20)]
+    theta = fit_correction(evaluated)
+    assert theta["gptq3"] == pytest.approx((PRIOR["gptq3"] + 20 * -0.5) / 21, rel=1e-6)
+    assert theta["gptq4"] == pytest.approx((PRIOR["gptq4"] + 20 * 0.1) / 21, rel=1e-6)
+    assert theta["lora"] == PRIOR["lora"]  # no evaluated LoRA plan: still the prior
+    # an evaluated plan that was never screened (no proxy) teaches nothing
+    assert fit_correction([Point("c", 10.0, ("gptq3",), (1.0,))]) == pytest.approx(dict(PRIOR))
+
+
+def test_two_features_of_one_plan_are_told_apart():
+    rows = [Point(f"x{i}", 50 * math.exp(-1.0), ("gptq3",), (1,), proxy_ppl=50) for i in range(30)]
+    rows += [Point(f"y{i}", 50 * math.exp(-1.4), ("lora", "gptq3"), (1,), proxy_ppl=50) for i in range(30)]
+    theta = fit_correction(rows, weight=1e-6)
+    assert theta["gptq3"] == pytest.approx(-1.0, abs=1e-3) and theta["lora"] == pytest.approx(-0.4, abs=1e-3)
+
+
+def test_choose_promotes_the_candidate_that_adds_most_to_the_front():
+    theta = {"gptq3": 0.0, "gptq4": 0.0}
+    evaluated = [Point("e", 40.0, ("gptq4",), (2.0,))]
+    dominated = Point("d", 60.0, ("gptq4",), (2.5,))  # worse in both: adds nothing
+    assert choose([dominated], evaluated, theta) is None
+    small = Point("s", 41.0, ("gptq4",), (1.99,))  # barely better latency
+    big = Point("b", 45.0, ("gptq3",), (1.0,))  # much faster, slightly worse
+    assert choose([dominated, small, big], evaluated, theta).key == "b"
+    # what the correction predicts decides: the 3-bit candidate predicted past the pruning limit
+    # (here 6 x the best evaluated) is not chosen, however fast
+    assert choose([small, big], evaluated, {"gptq3": 5.0, "gptq4": 0.0}, broken_ppl=240.0).key == "s"
+
+
+def test_a_candidate_predicted_broken_is_never_chosen():
+    evaluated = [Point("e", 40.0, ("gptq4",), (2.0,))]
+    broken = Point("x", 5000.0, ("gptq2",), (0.1,))
+    assert choose([broken], evaluated, {"gptq2": 0.0}, broken_ppl=1000.0) is None
+    assert choose([broken], evaluated, {"gptq2": -3.0}, broken_ppl=1000.0).key == "x"  # 5000 e^-3 = 249
+    assert fallback([broken], {"gptq2": 0.0}, broken_ppl=1000.0) is None
+
+
+def test_fallback_is_the_best_predicted_quality():
+    cands = [Point("a", 50.0, ("gptq4",), (1.0,)), Point("b", 80.0, ("gptq3",), (0.5,))]
+    assert fallback(cands, {"gptq3": -1.0, "gptq4": 0.0}).key == "b"  # 80 e^-1 = 29 < 50
+    assert predicted_ppl(cands[1], {"gptq3": -1.0}) == pytest.approx(80 * math.exp(-1))
