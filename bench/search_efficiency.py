@@ -10,7 +10,7 @@ Searches, each the study's own code on an in-memory Optuna study over the grid's
 - ``screened`` (the study's search with ``screening`` on, :mod:`slmsearch.search.screening`): the
   anchors and the sampler's proposals are *screened* (their proxy perplexity read, at the cost of
   the proxy's seconds, never counted as an evaluation); before each full evaluation ``per_trial``
-  more are screened (``first`` before the first), then :func:`screening.choose` promotes the
+  more are screened (``first`` before the first; the study's ``screening`` settings), then :func:`screening.choose` promotes the
   candidate whose corrected proxy point adds the most hypervolume to the evaluated ones (it screens
   more, up to ``extra_rounds`` times, when none is predicted to add any). The correction is refit on
   the evaluated points after each evaluation. Its sampler is the study's (NSGA-II, population 8).
@@ -52,7 +52,6 @@ AXES = ("drop_layers", "gptq_bits", "gptq_wider_layers", "kv_cache_bits")
 SEARCHES = ("screened", "nsga2+anchors+dedup", "random")
 GOAL_HV, GOAL_SHARE, ANCHOR_GOAL = 0.95, 0.10, 0.80
 REF = 1.1
-FIRST, PER_TRIAL, EXTRA_ROUNDS = 16, 4, 3  # the study's screening defaults (config.ScreeningConfig)
 
 
 class Grid:
@@ -144,6 +143,7 @@ class Run:
         self.found: dict[tuple[int, ...], tuple[float, ...]] = {}
         self.best: float | None = None
         self.curve: list[float] = []  # HV fraction after each full evaluation
+        self.screens_at: list[int] = []  # screens done by each full evaluation
         self.screens = 0
         self.screen_s = 0.0
         self.pruned = 0
@@ -161,6 +161,7 @@ class Run:
             self.best = row["ppl"] if self.best is None else min(self.best, row["ppl"])
             self.found[key] = self.norm(row)
         self.curve.append(hv(list(self.found.values())) / self.grid_hv)
+        self.screens_at.append(self.screens)
         return True
 
 
@@ -225,18 +226,19 @@ def run_screened(seed: int, grid: Grid, run: Run, n_evals: int) -> Run:
                 break
             proxy_study.optimize(objective, n_trials=1)
 
-    screen(FIRST)
+    settings = grid.config.screening
+    screen(settings.first)
     while len(run.curve) < n_evals:
         evaluated = [_point(k, r, proxy=False) for k, r in run.evaluated.items()]
         theta = screening.fit_correction(evaluated)
         broken = pruning_limit(run.baseline, evaluated, grid.config.pruning)
         choice = None
-        for round_ in range(EXTRA_ROUNDS + 1):
+        for round_ in range(settings.extra_rounds + 1):
             pool = [_point(k, r, proxy=True) for k, r in screened.items() if k not in run.evaluated]
             choice = screening.choose(pool, evaluated, theta, broken_ppl=broken)
-            if choice is not None or round_ == EXTRA_ROUNDS:
+            if choice is not None or round_ == settings.extra_rounds:
                 break
-            screen(PER_TRIAL)
+            screen(settings.per_trial)
         if choice is None:
             pool = [_point(k, r, proxy=True) for k, r in screened.items() if k not in run.evaluated]
             choice = screening.fallback(pool, theta, broken_ppl=broken)
@@ -244,7 +246,7 @@ def run_screened(seed: int, grid: Grid, run: Run, n_evals: int) -> Run:
                 break
         key = tuple(json.loads(choice.key))
         run.evaluate(key, grid.rows[key])
-        screen(PER_TRIAL)
+        screen(settings.per_trial)
     return run
 
 
@@ -253,6 +255,38 @@ def _point(key: tuple[int, ...], row: dict[str, Any], *, proxy: bool) -> Any:
 
     return Point(key=json.dumps(list(key)), ppl=row["proxy_ppl"] if proxy else row["ppl"], features=row["features"],
                  costs=(row["decode_latency_s"],), proxy_ppl=row["proxy_ppl"])
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        for rank, i in enumerate(order):
+            out[i] = float(rank)
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else 0.0
+
+
+def proxy_fidelity(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Rank correlation of the proxy with the real perplexity: raw, after the prior correction
+    (what the first promotion uses), and within each GPTQ width."""
+    from slmsearch.search import screening
+
+    def prior(r: dict[str, Any]) -> float:
+        return r["proxy_ppl"] * math.exp(sum(screening.PRIOR.get(f, 0.0) for f in r["features"]))
+
+    out = {"raw": spearman([r["proxy_ppl"] for r in rows], [r["ppl"] for r in rows]),
+           "prior_corrected": spearman([prior(r) for r in rows], [r["ppl"] for r in rows])}
+    for feature in sorted({r["features"][0] for r in rows}):
+        same = [r for r in rows if r["features"][0] == feature]
+        if len(same) >= 3:
+            out[f"within_{feature}"] = spearman([r["proxy_ppl"] for r in same], [r["ppl"] for r in same])
+    return out
 
 
 def first_reaching(curve: list[float], goal: float) -> float:
@@ -265,10 +299,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget-mb", type=float, default=None, help="default: the default study's (64)")
     ap.add_argument("--out", default=str(HERE / "results" / "search_efficiency.json"))
+    ap.add_argument("--screening", help="JSON overriding the study's screening settings, e.g. '{\"first\": 8}'")
     ap.add_argument("--max-evals", type=int, help="full evaluations per replay at most (default 3 x the goal's, >= 20)")
     ap.add_argument("--partial", action="store_true", help="replay on the points evaluated so far (a table being built)")
     args = ap.parse_args(argv)
 
+    import dataclasses
     import warnings
 
     import optuna
@@ -280,9 +316,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     started = time.perf_counter()
     grid = Grid(Path(args.table), args.budget_mb, args.partial)
+    if args.screening:
+        grid.config = dataclasses.replace(grid.config, screening=dataclasses.replace(grid.config.screening,
+                                                                                    **json.loads(args.screening)))
     baseline = float(json.loads(build_grid.baseline_path(Path(args.table)).read_text())["wikitext_token_ppl"])
     feasible = [r for r in grid.rows.values() if r["feasible"]]
-    limit = grid.config.pruning.max_baseline_ratio * baseline
+    # The results a study can keep: within max_baseline_ratio x the baseline, and within
+    # max_ppl_ratio x the grid's best feasible plan (once a study has found that plan, it prunes
+    # anything worse than this; a point past it survives only if evaluated before the best).
+    best = min(r["ppl"] for r in feasible)
+    limit = min(grid.config.pruning.max_baseline_ratio * baseline, grid.config.pruning.max_ppl_ratio * best)
     kept = [r for r in feasible if r["ppl"] <= limit]
     norm = Normalizer(kept)
     grid_hv = hv([norm(r) for r in kept])
@@ -292,9 +335,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     anchor_rows = [grid.lookup(p)[1] for p in grid.anchors()]
     anchors_hv = hv([norm(r) for r in anchor_rows if r["ppl"] <= limit]) / grid_hv
     print(f"table {args.table}: {len(grid.rows)} points, {n} within {grid.budget:g} MB, {len(kept)} within the pruning "
-          f"limit ({grid.config.pruning.max_baseline_ratio:g} x baseline {baseline:.2f}); goal: 95% of the grid's "
+          f"limit (token ppl {limit:.1f}: min of {grid.config.pruning.max_baseline_ratio:g} x baseline {baseline:.2f} and "
+          f"{grid.config.pruning.max_ppl_ratio:g} x the best feasible {best:.2f}); goal: 95% of the grid's "
           f"hypervolume within {k_goal} full evaluations ({GOAL_SHARE:.0%}); {args.seeds} seeds")
     print(f"anchors alone ({', '.join(r['plan'] for r in anchor_rows)}): {anchors_hv:.3f} of the grid's hypervolume")
+    fidelity = proxy_fidelity(kept)
+    print("proxy fidelity on the points within the pruning limit (Spearman rank correlation with the real token ppl): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in fidelity.items()))
     results: dict[str, Any] = {}
     for name in SEARCHES:
         runs = []
@@ -308,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "min_curve": [min(c[k] for c in curves) for k in range(n_evals)],
             "pruned_full_evaluations": [r.pruned for r in runs],
             "screens": [r.screens for r in runs],
+            "screens_by_95pct": [r.screens_at[int(k) - 1] if not math.isinf(k) else None
+                                 for r, k in zip(runs, (first_reaching(r.curve, GOAL_HV) for r in runs))],
             "screen_seconds": [round(r.screen_s, 1) for r in runs],
         }
     anchor_curve = [hv([norm(r) for r in anchor_rows[:k] if r["ppl"] <= limit]) / grid_hv for k in range(1, n_evals + 1)]
@@ -335,9 +384,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "points_within_pruning_limit": len(kept),
         "fraction_of_grid_for_95pct_hv": None if math.isinf(k95) else k95 / n,
         "anchors_only_hv_fraction": anchors_hv,
+        "proxy_rank_correlation": fidelity,
         "goal": {"fraction_of_grid_for_95pct_hv": GOAL_SHARE, "anchors_only_hv_fraction_below": ANCHOR_GOAL},
         "screened_beats_at_every_k": beats,
-        "screening": {"first": FIRST, "per_trial": PER_TRIAL, "extra_rounds": EXTRA_ROUNDS},
+        "screening": dataclasses.asdict(grid.config.screening),
         "searches": {name: {k: v for k, v in r.items()} for name, r in results.items()},
         "anchors_curve": anchor_curve,
     }

@@ -100,9 +100,14 @@ def run_screen(trial: Any, ctx: Any) -> tuple[float, ...]:
 
 def screen(screen_study: Any, ctx: Any, count: int) -> int:
     """Run ``count`` more screens (each ends COMPLETE, or FAILED if it raised); returns how many ran."""
+    from slmsearch import interrupt
+
     ran = 0
     for _ in range(count):
-        screen_study.optimize(lambda t: run_screen(t, ctx), n_trials=1, gc_after_trial=True)
+        interrupt.check()  # Ctrl-C between screens stops here (a screen takes seconds)
+        # a screen that raises ends FAILED and the search goes on (Optuna logs it); the plan, if
+        # promoted later, meets the same error in its full trial, which reports it
+        screen_study.optimize(lambda t: run_screen(t, ctx), n_trials=1, gc_after_trial=True, catch=(Exception,))
         ran += 1
     return ran
 

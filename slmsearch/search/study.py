@@ -214,7 +214,8 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
             _run_loop(study, ctx, log=log, stop_after=stop_after, started=started, max_runs=50 * max(1, remaining))
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(study, ctx)) from None
-    summary = summarize(study, config, stage_calls=ctx.stage_calls, seconds=time.perf_counter() - started)
+    summary = summarize(study, config, stage_calls=ctx.stage_calls, seconds=time.perf_counter() - started,
+                        screen_study=ctx.screen_study)
     return summary, LocatedStudy(study=study, url=url, config=dict(study.user_attrs.get(CONFIG_STUDY_ATTR) or {}), storage=storage)
 
 
@@ -350,9 +351,21 @@ def _interrupted_message(study: Any, ctx: TrialContext) -> str:
     return f"interrupted; trial {number} marked failed; re-run the same command to resume"
 
 
-def summarize(study: Any, config: StudyConfig, *, stage_calls: list[str] | None = None, seconds: float = 0.0) -> dict[str, Any]:
-    """Counts by outcome (:func:`trials.status`) and the feasible Pareto trials."""
+def summarize(study: Any, config: StudyConfig, *, stage_calls: list[str] | None = None, seconds: float = 0.0,
+              screen_study: Any = None) -> dict[str, Any]:
+    """Counts by outcome (:func:`trials.status`), the screens (when screening), and the feasible Pareto trials."""
+    from optuna.trial import TrialState
+
+    from slmsearch.search.screen_runner import PROXY_SECONDS_ATTR, SCREENED_FROM_ATTR
+
     statuses = [status(t) for t in study.get_trials(deepcopy=False)]
+    screening: dict[str, Any] = {}
+    if screen_study is not None:
+        screens = screen_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        scored = [t for t in screens if PROXY_SECONDS_ATTR in t.user_attrs]
+        screening = {"screens": len(screens), "screens_scored": len(scored),
+                     "screen_seconds": round(sum(float(t.user_attrs[PROXY_SECONDS_ATTR]) for t in scored), 1),
+                     "promoted": sum(SCREENED_FROM_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False))}
     return {
         "study": config.name,
         "trials": len(statuses),
@@ -362,6 +375,7 @@ def summarize(study: Any, config: StudyConfig, *, stage_calls: list[str] | None 
         "pruned": statuses.count(PRUNED),
         "failed": statuses.count(FAILED),
         "surplus": statuses.count(SURPLUS),
+        **screening,
         "pareto": [t.number for t in pareto_trials(study)],
         "stage_calls": list(stage_calls or []),
         "seconds": seconds,

@@ -47,10 +47,11 @@ def test_full_trials_are_promoted_screens_and_a_resume_rescreens_nothing(tmp_pat
                                                                          monkeypatch):
     calls = _count_proxies(monkeypatch)
     config = _config(tmp_path, tiny_checkpoint, data_dir, trials=3)
-    optimize(config, log=lambda m: None)
+    summary = optimize(config, log=lambda m: None)
     study = optuna.load_study(study_name="tiny", storage=config.storage)
     screens = optuna.load_study(study_name="tiny:screen", storage=config.storage)
     done = [t for t in screens.trials if t.state == TrialState.COMPLETE]
+    assert summary["screens"] == len(done) and summary["promoted"] == 2 and summary["screens_scored"] == len(calls)
     # 3 first, then 1 more after the first promotion (the baseline is not promoted)
     assert len(done) >= 4
     scored = [t for t in done if "repeat_of" not in t.user_attrs]
