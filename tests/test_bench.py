@@ -94,7 +94,9 @@ def test_replay_reports_every_search_and_writes_the_figures_the_issue_asks_for(t
             assert all(b >= a - 1e-9 for a, b in zip(curve, curve[1:]))  # the front only grows
     assert 0.0 < summary["anchors_only_hv_fraction"] < 1.0
     screened = summary["searches"]["screened"]
-    assert all(s >= 16 for s in screened["screens"])  # the first screens at least
+    from slmsearch.search.config import ScreeningConfig
+
+    assert all(s >= ScreeningConfig().first for s in screened["screens"])  # the first screens at least
     assert summary["searches"]["random"]["screens"] == [0, 0]  # no screening outside the screened search
     assert "anchors alone" in capsys.readouterr().out
 

@@ -187,8 +187,10 @@ class ScreeningConfig:
     the search without screening (every sampled plan evaluated)."""
 
     enabled: bool = True
-    first: int = 16  # candidates screened before the first promoted trial (the anchors among them)
-    per_trial: int = 4  # more screened before each later one
+    # a screen costs 14-70 s on the default study (depth/WANDA/sensitivity on first use), a full trial
+    # 200-240 s: 6 first and 2 per trial keep screening near a third of a study's time
+    first: int = 6  # candidates screened before the first promoted trial (the anchors among them)
+    per_trial: int = 2  # more screened before each later one
     extra_rounds: int = 3  # rounds of per_trial more when no candidate is predicted to improve the front
     windows: int = 0  # token-ppl windows the proxy scores; 0 = pruning.first_windows (the same windows)
 

@@ -23,7 +23,8 @@ from slmsearch.search.trials import (
 PROXY_PPL_ATTR = "proxy_token_ppl"  # a screen's proxy perplexity; on a promoted trial, its candidate's
 PROXY_SECONDS_ATTR = "proxy_seconds"
 SCREENED_FROM_ATTR = "screened_from"  # on a promoted trial: the number of the screen it came from
-PREDICTED_ATTR = "predicted_early_ppl"  # on a promoted trial: the corrected proxy the choice used
+PREDICTED_ATTR = "predicted_early_ppl"
+PROXY_KEY_ATTR = "proxy_key"  # on a screen: what its proxy scored (the plan without LoRA and EoRA)  # on a promoted trial: the corrected proxy the choice used
 
 
 def screen_study_name(name: str) -> str:
@@ -52,6 +53,16 @@ def _identity(attrs: dict[str, Any]) -> str:
     return json.dumps([attrs.get(PLAN_ATTR), attrs.get("deployment")], sort_keys=True)
 
 
+def _proxy_identity(plan: dict[str, Any], deployment: Any) -> str:
+    """What the proxy scores of a plan: its stages without LoRA and EoRA (and its deployment)."""
+    import json
+
+    from slmsearch.compress.proxy import RECOVERY
+
+    stages = [st for st in plan.get("stages", []) if st.get("stage") not in RECOVERY]
+    return json.dumps([stages, deployment], sort_keys=True)
+
+
 def _costs(attrs: dict[str, Any], config: Any) -> tuple[float, ...]:
     return tuple(float(attrs[o.metric]) * (1 if o.direction == "minimize" else -1) for o in hw_objectives(config))
 
@@ -78,8 +89,11 @@ def run_screen(trial: Any, ctx: Any) -> tuple[float, ...]:
     for key, value in hw.items():
         trial.set_user_attr(key, value)
     mine = _identity(trial.user_attrs)
+    # the proxy leaves LoRA and EoRA out: plans that differ only in them share one proxy score
+    scored_as = _proxy_identity(plan.to_dict(), trial.user_attrs.get("deployment"))
+    trial.set_user_attr(PROXY_KEY_ATTR, scored_as)
     earlier = next((t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if _identity(t.user_attrs) == mine and PROXY_PPL_ATTR in t.user_attrs), None)
+                    if t.user_attrs.get(PROXY_KEY_ATTR) == scored_as and PROXY_PPL_ATTR in t.user_attrs), None)
     if earlier is not None:
         ppl = float(earlier.user_attrs[PROXY_PPL_ATTR])
         trial.set_user_attr(REPEAT_ATTR, earlier.number)

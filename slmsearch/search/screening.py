@@ -33,12 +33,14 @@ from dataclasses import dataclass
 from typing import Any
 
 # Prior residual log(full / proxy) per feature, on the default model (SmolLM2-135M, 2 x 512
-# WikiText-2 test windows, measured 2026-12-01 on AMD EPYC, docs/benchmarks.md section 9):
+# WikiText-2 test windows, AMD EPYC, 2026-12-01; docs/benchmarks.md sections 6 and 9):
 # GPTQ 3-bit g64 with scale search x1.85 dense vs round-to-nearest x5.29 -> -1.05; 4-bit x1.13 vs
-# x1.40 -> -0.22. 2-bit is assumed (round-to-nearest 2-bit breaks the model; GPTQ less so).
+# x1.40 -> -0.22 (bench/levers.py's plans). 2-bit: GPTQ is *worse* than round-to-nearest there,
+# median +1.0 over the widened 2-bit plans of bench/grid_levers.csv (+2.1 with none widened; a first
+# version assumed -2.0 and promoted a 2-bit plan in the side-by-side bench).
 # LoRA and EoRA: assumed small recoveries (-0.05 each), so that a plan with them is preferred
 # over the same plan without only after an evaluation shows it.
-PRIOR: dict[str, float] = {"gptq2": -2.0, "gptq3": -1.05, "gptq4": -0.22, "gptq8": 0.0, "lora": -0.05, "eora": -0.05}
+PRIOR: dict[str, float] = {"gptq2": 1.0, "gptq3": -1.05, "gptq4": -0.22, "gptq8": 0.0, "lora": -0.05, "eora": -0.05}
 PRIOR_WEIGHT = 1.0  # the prior counts as this many evaluated plans per feature
 
 

@@ -118,8 +118,9 @@ def estimate_trial_seconds(config: StudyConfig) -> float:
     # GPTQ's scale search doubles its time (docs/benchmarks.md section 6)
     gptq_s = 50 * (2 if max(space.gptq_mse) > 0 else 1)
     screening = config.screening
-    # a proxy screen: 5-25 s on the default model (bench/grid_levers.csv, proxy_s); the first screens spread over the trials
-    screen_s = 15 * (screening.per_trial + screening.first / config.trials) if screening.enabled else 0.0
+    # a proxy screen: 14-70 s on the default study, median ~32 s (bench/search_side_by_side.py's log,
+    # docs/benchmarks.md section 9); the first screens spread over the trials
+    screen_s = 35 * (screening.per_trial + screening.first / config.trials) if screening.enabled else 0.0
     return 15 + gptq_share * gptq_s + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s + screen_s
 
 
