@@ -41,6 +41,7 @@ space:
 calibration: {{n_samples: 2, seqlen: 32, seed: 0}}
 evaluation: {{token_seqlen: 64, token_windows: {windows}, batch_size: 2}}
 pruning: {{first_windows: 1, max_ppl_ratio: 1000.0}}
+screening: {{enabled: false}}  # these tests stop workers inside full trials (screens: test_screen_runner.py)
 sampler: random
 seed: 0
 trials: {trials}
