@@ -58,6 +58,16 @@ def fresh_cache(bench: str, root: str | None = None) -> Path:
     return run
 
 
+def write_result(path: str | Path, data: Any) -> Path:
+    """A bench's figures as indented JSON at ``path`` (its folder made if needed), for review in git."""
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return out
+
+
 def quiet_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

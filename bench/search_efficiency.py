@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import optuna
 
     import build_grid
-    from _benchlib import machine
+    from _benchlib import machine, write_result
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -396,9 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(f"screened: median {_k(k95)} full evaluations to 95% = {_pct(k95, n)} of the grid (goal <= {GOAL_SHARE:.0%}); "
           f"anchors alone {anchors_hv:.3f} (goal < {ANCHOR_GOAL}); beats at every k: {beats}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1) + "\n")
+    out = write_result(args.out, summary)
     print(f"wrote {out}; replay wall time {time.perf_counter() - started:.1f} s")
     return summary
 

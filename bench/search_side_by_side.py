@@ -25,7 +25,6 @@ Writes bench/results/search_side_by_side.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchlib import fresh_cache, machine, quiet_env  # noqa: E402
+from _benchlib import fresh_cache, machine, quiet_env, write_result  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -139,9 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best = f"{s['best_token_ppl']:.2f}" if s["best_token_ppl"] else "-"
         print(f"| {name} | {s['wall_s']:.0f} | {s['hypervolume']:.3f} | {best} | {s['full_evaluations']} | "
               f"{s['pruned_after_full_compression']} | {s['budget_rejections']} | {s['screens']} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result(args.out, result)
     print(f"wrote {out}")
     return result
 

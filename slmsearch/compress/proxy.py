@@ -29,7 +29,6 @@ from slmsearch.compress.plan import Plan
 
 STRUCTURAL = ("depth", "wanda")  # stages the proxy runs for real
 RECOVERY = ("lora", "eora")  # stages the proxy leaves out
-PROXY_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,6 @@ class ProxyScore:
     seconds: float
     windows: int
     seqlen: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"token_ppl": self.token_ppl, "seconds": self.seconds, "windows": self.windows,
-                "seqlen": self.seqlen, "version": PROXY_VERSION}
 
 
 def structural_part(plan: Plan) -> Plan:

@@ -99,19 +99,15 @@ class Pruned(Exception):
     """Raised inside the staged evaluation when the early perplexity is hopeless."""
 
 
-def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
-    """The objective: returns one value per ``ctx.config.objectives``."""
-    import optuna
-
-    from slmsearch.compress import pipeline
+def sample_and_price(trial: Any, ctx: TrialContext, *, ranges: bool = True) -> tuple[Plan, dict[str, Any]]:
+    """The trial's deployment and plan (sampled within the budget; the baseline's is empty) and its
+    hardware attributes (with latency/energy ranges when ``ranges``), both recorded on the trial.
+    A full trial and a screen (``search/screen_runner.py``) sample and price a plan this way."""
     from slmsearch.hwmodel import estimate
     from slmsearch.hwmodel.deployment import Deployment
     from slmsearch.hwmodel.sensitivity import estimate_range
 
     config = ctx.config
-    ctx.current = trial.number
-    trial.set_user_attr(WORKER_ATTR, WORKER)
-    start = time.perf_counter()
     dep = Deployment(**suggest_deployment(trial, config.space))
     if trial.user_attrs.get(BASELINE_ATTR):
         plan = Plan(())  # the uncompressed reference: nothing to sample
@@ -119,11 +115,25 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
         plan = suggest_plan(trial, ctx.sampled_space(), ctx.base_shape, fits=ctx.fits(dep))
     trial.set_user_attr(PLAN_ATTR, plan.to_dict())
     shape = plan.shape(ctx.base_shape)
-    est = estimate(shape, ctx.platform, context_len=config.context_len,
-                   prefill_len=config.prefill_len, deployment=dep)
-    hw = hardware_attrs(est, estimate_range(shape, ctx.platform, context_len=config.context_len, deployment=dep))
+    est = estimate(shape, ctx.platform, context_len=config.context_len, prefill_len=config.prefill_len, deployment=dep)
+    spread = estimate_range(shape, ctx.platform, context_len=config.context_len, deployment=dep) if ranges else None
+    hw = hardware_attrs(est, spread)
     for key, value in hw.items():
         trial.set_user_attr(key, value)
+    return plan, hw
+
+
+def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, ...]:
+    """The objective: returns one value per ``ctx.config.objectives``."""
+    import optuna
+
+    from slmsearch.compress import pipeline
+
+    config = ctx.config
+    ctx.current = trial.number
+    trial.set_user_attr(WORKER_ATTR, WORKER)
+    start = time.perf_counter()
+    plan, hw = sample_and_price(trial, ctx)
     over = hw["footprint_mb"] - config.budget_mb
     with warnings.catch_warnings():  # a retried trial inherits its (identical) constraint: optuna warns, keeps it
         warnings.filterwarnings("ignore", message="The constraint value is ignored")

@@ -23,8 +23,8 @@ from slmsearch.search.trials import (
 PROXY_PPL_ATTR = "proxy_token_ppl"  # a screen's proxy perplexity; on a promoted trial, its candidate's
 PROXY_SECONDS_ATTR = "proxy_seconds"
 SCREENED_FROM_ATTR = "screened_from"  # on a promoted trial: the number of the screen it came from
-PREDICTED_ATTR = "predicted_early_ppl"
-PROXY_KEY_ATTR = "proxy_key"  # on a screen: what its proxy scored (the plan without LoRA and EoRA)  # on a promoted trial: the corrected proxy the choice used
+PREDICTED_ATTR = "predicted_early_ppl"  # on a promoted trial: the corrected proxy the choice used
+PROXY_KEY_ATTR = "proxy_key"  # on a screen: what its proxy scored (the plan without LoRA and EoRA)
 
 
 def screen_study_name(name: str) -> str:
@@ -73,21 +73,11 @@ def run_screen(trial: Any, ctx: Any) -> tuple[float, ...]:
     from optuna.trial import TrialState
 
     from slmsearch.compress.proxy import score_plan
-    from slmsearch.hwmodel import estimate
-    from slmsearch.hwmodel.deployment import Deployment
     from slmsearch.search import screening
-    from slmsearch.search.objective import hardware_attrs
-    from slmsearch.search.space import suggest_deployment, suggest_plan
+    from slmsearch.search.objective import sample_and_price
 
     config = ctx.config
-    dep = Deployment(**suggest_deployment(trial, config.space))
-    plan = suggest_plan(trial, ctx.sampled_space(), ctx.base_shape, fits=ctx.fits(dep))
-    trial.set_user_attr(PLAN_ATTR, plan.to_dict())
-    shape = plan.shape(ctx.base_shape)
-    hw = hardware_attrs(estimate(shape, ctx.platform, context_len=config.context_len, prefill_len=config.prefill_len,
-                                 deployment=dep))
-    for key, value in hw.items():
-        trial.set_user_attr(key, value)
+    plan, hw = sample_and_price(trial, ctx, ranges=False)
     mine = _identity(trial.user_attrs)
     # the proxy leaves LoRA and EoRA out: plans that differ only in them share one proxy score
     scored_as = _proxy_identity(plan.to_dict(), trial.user_attrs.get("deployment"))
