@@ -105,9 +105,12 @@ def proxy_model(plan: Plan, base_location: str, data_dir: Path, calib: CalibSett
     return model, tokenizer
 
 
-# The rounded embedding of the last few (weights, setting): the embedding is the same in every
-# plan of a study (depth and WANDA leave it alone), and its scale search is the proxy's costliest step.
+# The rounded embeddings of this process, by (weights, setting): the embedding is the same in every
+# plan of a study (depth and WANDA leave it alone) and a study samples a few settings (bits x
+# group), each rounded once; the scale search makes rounding the proxy's costliest step (~10 s on
+# SmolLM2-135M's 49152 x 576 table). Oldest dropped past _EMBEDDINGS_KEPT.
 _EMBEDDINGS: dict[tuple[str, str], Any] = {}
+_EMBEDDINGS_KEPT = 6
 
 
 def _round_embedding(model: Any, stage: Any) -> None:
@@ -123,7 +126,8 @@ def _round_embedding(model: Any, stage: Any) -> None:
             weight.data.copy_(_EMBEDDINGS[memo])
         return
     stage.apply(model)
-    _EMBEDDINGS.clear()
+    while len(_EMBEDDINGS) >= _EMBEDDINGS_KEPT:
+        del _EMBEDDINGS[next(iter(_EMBEDDINGS))]
     _EMBEDDINGS[memo] = weight.detach().clone()
 
 
