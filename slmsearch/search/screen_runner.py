@@ -77,6 +77,7 @@ def run_screen(trial: Any, ctx: Any) -> tuple[float, ...]:
     from slmsearch.search.objective import sample_and_price
 
     config = ctx.config
+    ctx.current_screen = trial.number
     plan, hw = sample_and_price(trial, ctx, ranges=False)
     mine = _identity(trial.user_attrs)
     # the proxy leaves LoRA and EoRA out: plans that differ only in them share one proxy score
@@ -112,6 +113,7 @@ def screen(screen_study: Any, ctx: Any, count: int) -> int:
         # a screen that raises ends FAILED and the search goes on (Optuna logs it); the plan, if
         # promoted later, meets the same error in its full trial, which reports it
         screen_study.optimize(lambda t: run_screen(t, ctx), n_trials=1, gc_after_trial=True, catch=(Exception,))
+        ctx.current_screen = None  # finished (COMPLETE or FAILED): nothing for a Ctrl-C to fail
         ran += 1
     return ran
 

@@ -339,17 +339,19 @@ def _re_estimate(study: Any, ctx: TrialContext, number: int, log: Any, screening
 
 
 def _interrupted_message(study: Any, ctx: TrialContext) -> str:
-    """Make sure the trial this worker ran is FAILED (not left RUNNING), and say so."""
+    """Make sure the trial (or screen) this worker ran is FAILED (not left RUNNING), and say so."""
     from optuna.trial import TrialState
 
-    number = ctx.current
+    number, target, what = ctx.current, study, "trial"
+    if number is None and ctx.current_screen is not None and ctx.screen_study is not None:
+        number, target, what = ctx.current_screen, ctx.screen_study, "screen"
     if number is None:
         return "interrupted between trials; the storage is consistent; re-run the same command to resume"
     try:
-        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        target.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     except Exception:  # the storage went away too: the heartbeat check fails the trial later
-        return f"interrupted; trial {number} will be marked failed after the grace period; re-run the same command to resume"
-    return f"interrupted; trial {number} marked failed; re-run the same command to resume"
+        return f"interrupted; {what} {number} will be marked failed after the grace period; re-run the same command to resume"
+    return f"interrupted; {what} {number} marked failed; re-run the same command to resume"
 
 
 def summarize(study: Any, config: StudyConfig, *, stage_calls: list[str] | None = None, seconds: float = 0.0,

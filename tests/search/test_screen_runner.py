@@ -92,3 +92,61 @@ def test_the_choice_uses_the_correction_fitted_on_evaluated_trials(tmp_path, tin
     first_points = [p for p in points if p.key != points[-1].key]
     assert last.user_attrs["correction"] == pytest.approx(
         {k: round(v, 4) for k, v in fit_correction(first_points).items()}, abs=1e-4)
+
+
+@pytest.mark.parametrize("stop", ["sigint", "sigkill"])
+def test_a_stop_during_a_screen_loses_no_finished_screen(tmp_path, tiny_checkpoint, data_dir, stop):
+    """A worker stopped inside a screen (blocked in the proxy's WANDA/depth stage; SIGINT: exit 130,
+    the screen FAILED; SIGKILL: the screen left RUNNING) is resumed by the same command: the
+    screens finished before the stop are kept as they were, no plan is scored twice, the study
+    ends with its trials, and the stopped screen ends FAILED (by the resumed worker's heartbeat
+    check after SIGKILL)."""
+    import signal
+
+    from slmsearch.search.storage import open_storage
+    from test_slots import start_worker, wait_all, wait_until_blocked, write_worker_study
+
+    url = f"sqlite:///{tmp_path / 'stop.db'}"
+    study_file = write_worker_study(tmp_path, tiny_checkpoint, data_dir, storage=url, trials=3, name="stop")
+    study_file.write_text(study_file.read_text().replace("screening: {enabled: false}", SCREENING.strip()))
+    log, marker = tmp_path / "worker.log", tmp_path / "mid-screen.json"
+    proc = start_worker(study_file, tmp_path / "cache", log, block_at=marker)
+    wait_until_blocked(proc, marker, log)
+    storage = open_storage(url)
+    screens = optuna.load_study(study_name="stop:screen", storage=storage).trials
+    running = [t for t in screens if t.state == TrialState.RUNNING]
+    assert len(running) == 1, "the worker is blocked in a screen, not in a full trial"
+    stopped = running[0].number
+    finished = {t.number: (t.user_attrs[screen_runner.PROXY_KEY_ATTR], t.user_attrs[screen_runner.PROXY_PPL_ATTR])
+                for t in screens if t.state == TrialState.COMPLETE}
+
+    proc.send_signal(signal.SIGINT if stop == "sigint" else signal.SIGKILL)
+    proc.wait(timeout=120)
+    out = log.read_text()
+    if stop == "sigint":
+        assert proc.returncode == 130, out[-3000:]
+        assert out.strip().splitlines()[-1] == (f"error: interrupted; screen {stopped} marked failed; "
+                                                "re-run the same command to resume"), out[-3000:]
+        assert "Traceback" not in out
+        state = optuna.load_study(study_name="stop:screen", storage=storage).trials[stopped].state
+        assert state == TrialState.FAIL
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert optuna.load_study(study_name="stop:screen", storage=storage).trials[stopped].state == TrialState.RUNNING
+
+    resumed = start_worker(study_file, tmp_path / "cache", tmp_path / "resumed.log")
+    (out,) = wait_all([resumed], [tmp_path / "resumed.log"])
+    assert resumed.returncode == 0, out[-3000:]
+    screens = optuna.load_study(study_name="stop:screen", storage=storage).trials
+    assert screens[stopped].state == TrialState.FAIL
+    for number, (key, ppl) in finished.items():  # kept as they were
+        assert screens[number].state == TrialState.COMPLETE
+        assert (screens[number].user_attrs[screen_runner.PROXY_KEY_ATTR],
+                screens[number].user_attrs[screen_runner.PROXY_PPL_ATTR]) == (key, ppl)
+    scored = [t.user_attrs[screen_runner.PROXY_KEY_ATTR] for t in screens
+              if t.state == TrialState.COMPLETE and screen_runner.PROXY_SECONDS_ATTR in t.user_attrs]
+    assert len(scored) == len(set(scored))  # no plan scored twice, across the stop
+    trials = optuna.load_study(study_name="stop", storage=storage).trials
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "repeat_of" not in t.user_attrs
+               and "rejected" not in t.user_attrs for t in trials) == 3
+    assert not [t for t in trials + screens if t.state == TrialState.RUNNING]
