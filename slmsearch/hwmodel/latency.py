@@ -21,6 +21,7 @@ those that support its formats. The largest term names the resource that bounds 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class Op:
     weight_bytes: int = 0
     act_bytes: int = 0  # activations read + written
     kv_bytes: int = 0  # KV cache read + written
+    deeploy_gemm: bool = False  # an RQGEMM of Deeploy's integer graph: priced by deeploy_gemm_cycles
 
     @property
     def macs(self) -> int:
@@ -78,17 +80,65 @@ class OpCost:
 
 def cluster_compute_cycles(op: Op, p: Platform) -> float:
     """Cycles of the busiest core: outputs split over cores; each output costs
-    output_overhead_cycles plus ceil(inner * density / SIMD MACs per cycle)."""
+    output_overhead_cycles plus ceil(inner * density / SIMD MACs per cycle). Matmuls of Deeploy's
+    integer graph (``op.deeploy_gemm``) follow its kernels instead (:func:`deeploy_gemm_cycles`)."""
     cl = p.cluster
     deq = dequant_cycles(op, p)
     if op.kind == ELTWISE:
         return math.ceil(op.elements / cl.cores) * op.cycles_per_element + deq
+    if op.deeploy_gemm:
+        return deeploy_gemm_cycles(op, p) + deq
     outputs = op.batch * op.tokens * op.outputs
     if outputs == 0:
         return deq
     per_core = math.ceil(outputs / min(cl.cores, outputs))
     inner = math.ceil(op.inner * op.compute_density / cl.macs_per_cycle(op.operand_bits, op.floating))
     return per_core * (cl.output_overhead_cycles + inner) + deq
+
+
+def deeploy_gemm_kernel(batch: int, m: int, outputs: int) -> str:
+    """Which of Deeploy's RequantizedGemm kernels Siracusa runs for batch x [m, n] @ [n, outputs]
+    (source B: Deeploy/Targets/PULPOpen/Platform.py maps 'RequantizedGemm' to MatrixVec, TallGEMM,
+    GEMM, tried in that order; their parsers in PULPOpen/Parsers.py accept MatrixVec when m == 1 and
+    batch >= 8, TallGEMM when batch < 8, m >= 8 and m % 8 < outputs % 8; the literal 8 is theirs)."""
+    if m == 1 and batch >= 8:
+        return "matrixvec"
+    if batch < 8 and m >= 8 and m % 8 < outputs % 8:
+        return "tallgemm"
+    return "gemm"
+
+
+def deeploy_gemm_cycles(op: Op, p: Platform) -> float:
+    """Cycles of the busiest core for one RQGEMM of Deeploy's integer graph, from its kernels
+    (source B, Deeploy/Targets/PULPOpen/Templates; pulp-platform/pulp-nn-mixed XpulpV2/32bit):
+
+    - GEMM (GEMMTemplate.PULPGEMM_8_Template, forked on every core): a loop over batch x m rows,
+      each one call of pulp_nn_linear, which splits the outputs over the cores
+      (chunk = ceil(outputs / cores)) and ends with pi_cl_team_barrier: every core makes
+      batch x m calls of ceil(outputs / cores) outputs;
+    - MatrixVec (MatrixVectorTemplate): the batch split over the cores (ceil(batch / cores) each),
+      each a single-core gemv_s8_s8_plp over all outputs (also ending with a team barrier);
+    - TallGEMM (TallGEMMTemplate): the m rows split over the cores, batch x ceil(m / cores) gemv
+      calls over all outputs each.
+
+    Both inner kernels compute two outputs at a time: each pair costs gemm_pair_cycles (set-up,
+    two noinline pulp_nn_bn_quant_i8 requantizations and stores) plus gemm_pair_step_cycles per
+    SIMD step over the inner dimension (two word loads of weights, one of the input, two
+    pv.sdotsp.b: 4 int8 MACs per output; narrower operands take SIMD steps of
+    macs_per_cycle(operand bits) MACs); an odd output costs a pair. Each call costs
+    gemm_call_cycles (the row loop with its three nops, the call of 12 arguments, the core's chunk
+    bounds, the closing barrier)."""
+    cl = p.cluster
+    kernel = deeploy_gemm_kernel(op.batch, op.tokens, op.outputs)
+    if kernel == "matrixvec":
+        calls, outs = math.ceil(op.batch / cl.cores), op.outputs
+    elif kernel == "tallgemm":
+        calls, outs = op.batch * math.ceil(op.tokens / cl.cores), op.outputs
+    else:
+        calls, outs = op.batch * op.tokens, math.ceil(op.outputs / cl.cores)
+    steps = math.ceil(op.inner * op.compute_density / cl.macs_per_cycle(op.operand_bits))
+    pair = cl.gemm_pair_cycles + steps * cl.gemm_pair_step_cycles
+    return calls * (cl.gemm_call_cycles + math.ceil(outs / 2) * pair)
 
 
 def dequant_cycles(op: Op, p: Platform) -> float:
@@ -219,6 +269,7 @@ def _linear_ops(layer: LayerShape, pb: ProjBytes, tokens: int, act_bits: int, gr
     a = act_bits / 8
     floating = act_bits >= 16
     deq = floating and fmt.quantized
+    gemm = integer_graph(act_bits)
     ops = [Op(
         proj, LINEAR, group, tokens=tokens, inner=pb.in_features, outputs=pb.out_features,
         operand_bits=max(fmt.weight_bits, act_bits), weight_bits=fmt.weight_bits, compute_density=density,
@@ -227,18 +278,19 @@ def _linear_ops(layer: LayerShape, pb: ProjBytes, tokens: int, act_bits: int, gr
         dequant_groups=fmt.n_groups(pb.in_features, pb.out_features) if deq else 0,
         npu_ok=sp.format == "dense" and act_bits <= npu_act_bits,
         weight_bytes=pb.weights + pb.scales_zeros + pb.sparsity_metadata,
-        act_bytes=int(math.ceil(tokens * (pb.in_features + pb.out_features) * a)),
+        act_bytes=int(math.ceil(tokens * (pb.in_features + pb.out_features) * a)), deeploy_gemm=gemm,
     )]
     if layer.adapter is not None:
         r, ab = layer.adapter.rank, layer.adapter.bits
         half = pb.adapter // 2
         ops.append(Op(proj + ".lora_a", LINEAR, group, tokens=tokens, inner=pb.in_features, outputs=r,
                       operand_bits=max(ab, act_bits), weight_bits=ab, floating=act_bits >= 16, npu_ok=act_bits <= npu_act_bits,
-                      weight_bytes=half, act_bytes=int(math.ceil(tokens * (pb.in_features + r) * a))))
+                      weight_bytes=half, act_bytes=int(math.ceil(tokens * (pb.in_features + r) * a)),
+                      deeploy_gemm=gemm))
         ops.append(Op(proj + ".lora_b", LINEAR, group, tokens=tokens, inner=r, outputs=pb.out_features,
                       operand_bits=max(ab, act_bits), weight_bits=ab, floating=act_bits >= 16, npu_ok=act_bits <= npu_act_bits,
                       weight_bytes=pb.adapter - half,
-                      act_bytes=int(math.ceil(tokens * (r + 2 * pb.out_features) * a))))
+                      act_bytes=int(math.ceil(tokens * (r + 2 * pb.out_features) * a)), deeploy_gemm=gemm))
     return ops
 
 
@@ -270,7 +322,7 @@ def _rope_matmul(name: str, group: str, tokens: int, heads: int, head_dim: int) 
     """Deeploy's integer RoPE: per position, [heads, head_dim] @ a constant [head_dim, head_dim]
     rotation (the RQMatMul _MatMul/_MatMul_1 of source B's microLlama graphs), on the cluster."""
     return Op(name, ATTN, group, batch=tokens, tokens=heads, inner=head_dim, outputs=head_dim,
-              operand_bits=8, weight_bits=8,
+              operand_bits=8, weight_bits=8, deeploy_gemm=True,
               act_bytes=tokens * (2 * heads * head_dim + head_dim * head_dim))
 
 
@@ -363,6 +415,11 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
     else:  # no cache: the empty Concat is skipped and the two K transposes merge into one
         k_ops = [_scalar("transpose_k", g, tokens * kv_el, p, 2 * a)]
     scored = h * pairs
+    # the RQGEMMs as Deeploy's graph shapes them (source B's ONNX files: scores [h, tokens, hd] @
+    # [h, hd, attended], values [h, tokens, attended] @ [h, attended, hd]); the full matrix is scored
+    assert pairs == full, "Deeploy's integer attention scores the full tokens x attended matrix"
+    scores = dataclasses.replace(scores, tokens=tokens, outputs=attended, deeploy_gemm=True)
+    values = dataclasses.replace(values, deeploy_gemm=True)
     return [*k_ops, scores,
             _scalar("scale_div", g, scored, p, 2 * a),
             _eltwise("mask_add", g, scored, p.cluster.cycles_per_element_add, 3 * a),
@@ -405,10 +462,11 @@ def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
                       dequant_weights=shape.vocab_size * shape.hidden if deq else 0,
                       dequant_groups=fmt.n_groups(shape.hidden, shape.vocab_size) if deq else 0,
                       npu_ok=shape.activation_bits <= p.npu.activation_bits, weight_bytes=v + s,
+                      deeploy_gemm=integer_graph(shape.activation_bits),
                       act_bytes=int(math.ceil((shape.hidden + shape.vocab_size) * a))))
     return ops
 
 
 __all__ = ["Op", "OpCost", "op_cost", "cluster_compute_cycles", "npu_compute_cycles", "n_tiles",
            "layer_static_ops", "layer_context_ops", "head_ops", "embedding_ops", "causal_pairs",
-           "dequant_cycles", "integer_graph"]
+           "dequant_cycles", "integer_graph", "deeploy_gemm_cycles", "deeploy_gemm_kernel"]

@@ -50,7 +50,10 @@ class Cluster:
     kernel_overhead_cycles: float  # fixed cost of one kernel in the tiled flow (tile loop, DMA set-up, call)
     untiled_kernel_overhead_cycles: float  # fixed cost of one kernel in the untiled flow (operands in L2)
     fork_join_cycles: float
-    output_overhead_cycles: float
+    output_overhead_cycles: float  # per output of a matmul outside Deeploy's integer graph (fp16)
+    gemm_call_cycles: float  # per pulp_nn_linear / gemv call of Deeploy's RQGEMM kernels (row loop, call, barrier)
+    gemm_pair_cycles: float  # per pair of outputs in those kernels (set-up, two requantizations, stores)
+    gemm_pair_step_cycles: float  # per SIMD step over the inner dimension of a pair of outputs
     l2_access_slowdown: float
     cycles_per_element_add: float
     cycles_per_element_norm: float
@@ -347,6 +350,7 @@ def _build(name: str, description: str, leaves: dict[str, dict[str, Any]], where
         dequant_cycles_per_weight=_num(leaves, c + "dequant_cycles_per_weight", where),
         **{f: _num(leaves, c + f, where) for f in (
             "kernel_overhead_cycles", "untiled_kernel_overhead_cycles", "fork_join_cycles", "output_overhead_cycles",
+            "gemm_call_cycles", "gemm_pair_cycles", "gemm_pair_step_cycles",
             "cycles_per_element_add", "cycles_per_element_norm", "cycles_per_element_softmax",
             "cycles_per_element_act", "cycles_per_element_rope", "cycles_per_element_scalar",
             "energy_pj_per_mac")},

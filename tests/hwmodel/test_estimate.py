@@ -46,11 +46,18 @@ def _variants(shape):
 
 
 CASES = [(n, v, s, b) for n, s in SHAPES.items() for v, s, b in _variants(s)]
+# Cases where compressing changes which of Deeploy's RQGEMM kernels runs (latency.deeploy_gemm_kernel,
+# source B's parsers): microLlama's RoPE RQMatMul with 16 heads is a TallGEMM (16 % 8 < 4 % 8), with
+# 15 heads a GEMM of 15 calls (15 % 8 = 7 is not < 4), so removing a head makes the int8 decode
+# slower, as Deeploy's own dispatch would. Strict: the test fails when this stops being true.
+DISPATCH_EXCEPTIONS = {("microllama", "kv_group", "siracusa")}
 
 
 @pytest.mark.parametrize("platform", ["siracusa", "generic_mcu"])
 @pytest.mark.parametrize("name,variant,small,big", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_compressing_never_increases_memory_or_latency(platform, name, variant, small, big):
+def test_compressing_never_increases_memory_or_latency(platform, name, variant, small, big, request):
+    if (name, variant, platform) in DISPATCH_EXCEPTIONS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Deeploy's RQGEMM dispatch changes kernel"))
     p = load_platform(platform)
     ms, ds, ps = _decode_and_mem(small, p)
     mb, db, pb = _decode_and_mem(big, p)

@@ -92,3 +92,22 @@ def test_decode_reads_one_embedding_row_and_prefill_scores_the_full_matrix():
     assert scores.macs == layer.n_heads * layer.head_dim * 64 * 64
     values = [r for r in pre.ops if r.name == "attn_values"][0]
     assert values.macs == layer.n_heads * layer.head_dim * 64 * 64
+
+
+def test_deeploy_gemm_dispatch_and_cycles_by_hand():
+    """Deeploy's RQGEMM kernels on microLlama's shapes (source B's ONNX files and parsers)."""
+    from slmsearch.hwmodel.latency import deeploy_gemm_cycles, deeploy_gemm_kernel
+    assert deeploy_gemm_kernel(16, 1, 65) == "matrixvec"  # decode scores [16, 1, 4] @ [16, 4, 65]
+    assert deeploy_gemm_kernel(1, 16, 4) == "tallgemm"  # decode RoPE [1, 16, 4] @ [1, 4, 4]
+    assert deeploy_gemm_kernel(1, 15, 4) == "gemm"  # 15 % 8 is not < 4 % 8
+    assert deeploy_gemm_kernel(16, 64, 64) == "gemm"  # prefill scores
+    cl = P.cluster
+    pair = cl.gemm_pair_cycles + cl.gemm_pair_step_cycles  # inner 4 = one SIMD step
+    scores = Op("attn_scores", "attn", "", batch=16, tokens=64, inner=4, outputs=64, operand_bits=8,
+                weight_bits=8, deeploy_gemm=True)
+    # GEMM: 16 x 64 calls on every core, 64 / 8 = 8 outputs (4 pairs) each
+    assert deeploy_gemm_cycles(scores, P) == 16 * 64 * (cl.gemm_call_cycles + 4 * pair)
+    assert cluster_compute_cycles(scores, P) == deeploy_gemm_cycles(scores, P)
+    decode = dataclasses.replace(scores, tokens=1, outputs=65)
+    # MatrixVec: 2 heads per core, 65 outputs (33 pairs) each
+    assert deeploy_gemm_cycles(decode, P) == 2 * (cl.gemm_call_cycles + 33 * pair)
