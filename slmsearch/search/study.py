@@ -106,7 +106,8 @@ def _record_run_segment(study: Any, stored: dict[str, Any]) -> None:
 
 
 def estimate_trial_seconds(config: StudyConfig) -> float:
-    """A rough wall time of one evaluated trial of the default model on 2 CPU cores (see docs)."""
+    """A rough wall time of one evaluated trial of the default model on the reference machine (2 AMD
+    EPYC cores, see docs); the study scales it by this machine's speed (:mod:`slmsearch.search.clock`)."""
     space = config.space
     gptq_share = sum(b != 16 for b in space.gptq_bits) / len(space.gptq_bits)
     eora_share = gptq_share * sum(r > 0 for r in space.eora_ranks) / len(space.eora_ranks)
@@ -197,17 +198,24 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
                 target.enqueue_trial(params, user_attrs={ANCHOR_ATTR: True}, skip_if_exists=True)
                 log(f"anchor plan {'enqueued for screening' if screen_study is not None else 'enqueued'}: "
                     f"{anchor_plan(params, space, base_shape, fits).label()}")
-    per_trial = estimate_trial_seconds(config)
     remaining = max(0, config.trials - done)
+    factor, basis = 1.0, "the reference machine's costs"
+    if remaining:
+        from slmsearch.search import clock
+
+        probe_s, probe_len, factor = clock.probe(config, location)
+        basis = clock.describe(probe_s, probe_len, factor)
+    per_trial = estimate_trial_seconds(config) * factor
     log(
         f"study {config.name!r} on {redact(url)}: {done} of {config.trials} trials done; "
         f"~{per_trial * remaining / 60:.0f} min estimated for the {remaining} left "
-        f"(~{per_trial:.0f} s each on the reference machine, 2 AMD EPYC cores; re-estimated after each trial "
-        f"from this machine's); smallest reachable footprint {smallest:.1f} MB"
+        f"(~{per_trial:.0f} s each: the reference machine's stage costs scaled by {basis}; re-estimated after "
+        f"each trial from this machine's); smallest reachable footprint {smallest:.1f} MB"
     )
     ctx = TrialContext(
         config=config, base_location=location, base_shape=base_shape, platform=platform, data_dir=data_dir,
         storage=storage, cache=StageCache(max_bytes=config.cache_bytes), log=log, space=space, screen_study=screen_study,
+        clock_factor=factor,
     )
     started = time.perf_counter()
     try:
@@ -333,7 +341,7 @@ def _re_estimate(study: Any, ctx: TrialContext, number: int, log: Any, screening
     ctx.trial_seconds.append((bool(trial.user_attrs.get(BASELINE_ATTR)), seconds))
     remaining = max(0, ctx.config.trials - sum(counted(t) for t in trials))
     if remaining:
-        left = remaining_seconds(ctx.trial_seconds, remaining, estimate_trial_seconds(ctx.config))
+        left = remaining_seconds(ctx.trial_seconds, remaining, estimate_trial_seconds(ctx.config) * ctx.clock_factor)
         log(f"trial {number}: {seconds:.0f} s; ~{left / 60:.0f} min left for the {remaining} remaining "
             f"(from this machine's trials so far)")
 
