@@ -54,8 +54,8 @@ def speed_factor(seconds: float, seqlen: int = REFERENCE_SEQLEN) -> float:
 
 def describe(seconds: float, seqlen: int, factor: float) -> str:
     """The estimate's basis, for the study's first line."""
-    return (f"this machine's forward pass of the model ({seconds:.2f} s for {seqlen} tokens) is x{factor:.2f} the "
-            f"reference machine's for the default model ({REFERENCE_FORWARD_S:.2f} s, {REFERENCE_MACHINE})")
+    return (f"x{factor:.2f} (this machine's forward pass of the model: {seconds:.2f} s for {seqlen} tokens; the "
+            f"reference machine's for the default model: {REFERENCE_FORWARD_S:.2f} s, {REFERENCE_MACHINE})")
 
 
 def probe(config: Any, location: str) -> tuple[float, int, float]:

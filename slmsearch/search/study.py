@@ -199,7 +199,7 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
                 log(f"anchor plan {'enqueued for screening' if screen_study is not None else 'enqueued'}: "
                     f"{anchor_plan(params, space, base_shape, fits).label()}")
     remaining = max(0, config.trials - done)
-    factor, basis = 1.0, "the reference machine's costs"
+    factor, basis = 1.0, "x1 (nothing left to run)"
     if remaining:
         from slmsearch.search import clock
 
