@@ -26,15 +26,14 @@ REFERENCE_MACHINE = "2 AMD EPYC cores"
 
 def forward_seconds(location: str, *, seqlen: int = REFERENCE_SEQLEN, reps: int = 3,
                     trust_remote_code: bool = False) -> float:
-    """Median seconds of one forward pass of the model at ``location`` over ``seqlen`` tokens (at
-    most the model's context), after one warm-up pass."""
+    """Median seconds of one forward pass of the model at ``location`` over ``seqlen`` tokens, after
+    one warm-up pass."""
     import torch
 
     from slmsearch.models import load_model
 
     model, _ = load_model(location, trust_remote_code=trust_remote_code)
-    limit = getattr(model.config, "max_position_embeddings", None) or seqlen
-    ids = torch.randint(0, model.config.vocab_size, (1, min(seqlen, limit)), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
     times = []
     with torch.no_grad():
         model(ids)  # warm-up: first-call allocations and kernel selection
@@ -59,7 +58,11 @@ def describe(seconds: float, seqlen: int, factor: float) -> str:
 
 
 def probe(config: Any, location: str) -> tuple[float, int, float]:
-    """``(seconds, seqlen, factor)`` for the study ``config`` on the model at ``location``."""
-    seqlen = config.evaluation.token_seqlen or REFERENCE_SEQLEN
+    """``(seconds, seqlen, factor)`` for the study ``config`` on the model at ``location``: one
+    evaluation window, at most the model's positions (the factor is per token)."""
+    from slmsearch.search.hardware import max_positions
+
+    seqlen, limit = config.evaluation.token_seqlen or REFERENCE_SEQLEN, max_positions(location)
+    seqlen = min(seqlen, limit) if limit else seqlen
     seconds = forward_seconds(location, seqlen=seqlen, trust_remote_code=config.trust_remote_code)
     return seconds, seqlen, speed_factor(seconds, seqlen)

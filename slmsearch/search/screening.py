@@ -132,7 +132,7 @@ def choose(candidates: Sequence[Point], evaluated: Sequence[Point], theta: Mappi
         # model within the budget, and with no evaluated point the hypervolume gives the
         # quality extreme the thinnest box (it is the slowest plan: its latency normalizes to 1,
         # 0.1 short of the reference), so it would come after faster, worse plans.
-        return min(scored, key=lambda s: (s[1], s[0].costs))[0]
+        return fallback(candidates, theta, broken_ppl=broken_ppl)
     vectors = [_vector(p, c.costs) for c, p in scored]
     every = base + vectors
     dims = len(every[0])
