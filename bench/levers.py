@@ -36,6 +36,8 @@ CONFIGS: dict[str, list[dict]] = {
     "gptq 3-bit g64 act_order": [{**G3, "act_order": True}],
     "gptq 3-bit g64 gptaq": [{**G3, "gptaq": True}],
     "gptq 3-bit g64 scale search": [{**G3, "mse": 2.4}],
+    "gptq 3-bit g64 asymmetric": [{**G3, "sym": False}],
+    "gptq 3-bit g64 scale search asymmetric": [{**G3, "mse": 2.4, "sym": False}],
     "gptq 3-bit per channel": [{"stage": "gptq", "bits": 3, "group_size": -1}],
     "gptq 3-bit g64 + 8 layers 4-bit": [{**G3, "wider_layers": 8}],
     "gptq 3-bit g64 scale search + 8 layers 4-bit": [{**G3, "mse": 2.4, "wider_layers": 8}],

@@ -57,6 +57,9 @@ class Gptq(Stage):
     # (the original GPTQ code's grid search, norm 2.4); 0 = the plain min/max range
     mse: float = 0.0
     gptaq: bool = False  # gptqmodel's GPTAQ (GPTQ v2): the error against the unquantized model's inputs
+    # symmetric grid (the zero point is the middle code, the same for every group: a deployment
+    # need not store it); false: each group's own zero point (its min..max range), stored at the width
+    sym: bool = True
     # Mixed precision across layers, one of: the widths of every decoder layer in order (``bits``
     # is then the narrowest), or how many layers get the next wider width (WIDER), chosen as the
     # layers whose rounding alone moves the output most (compress/sensitivity.py).
@@ -66,7 +69,7 @@ class Gptq(Stage):
     def __post_init__(self) -> None:
         check_choice("gptq", "bits", self.bits, GPTQ_BITS)
         check_choice("gptq", "group_size", self.group_size, GPTQ_GROUPS)
-        for name in ("act_order", "keep_sparsity"):
+        for name in ("act_order", "keep_sparsity", "sym"):
             if not isinstance(getattr(self, name), bool):
                 raise SlmsearchError(f"gptq.{name} must be true or false, got {getattr(self, name)!r}")
         object.__setattr__(self, "layer_bits", tuple(self.layer_bits))
@@ -125,7 +128,7 @@ class Gptq(Stage):
 
     def label(self) -> str:
         mixed = f"+{self.wider_layers}" if self.wider_layers else (f"~{sum(self.layer_bits) / len(self.layer_bits):.2f}" if self.layer_bits else "")
-        return f"w{self.bits}{mixed}g{'ch' if self.group_size == -1 else self.group_size}"
+        return f"w{self.bits}{mixed}g{'ch' if self.group_size == -1 else self.group_size}{'' if self.sym else 'a'}"
 
     def columns(self) -> dict[str, Any]:
         return {"gptq_bits": self.bits, "gptq_wider_layers": self.wider_layers}
@@ -153,7 +156,7 @@ class Gptq(Stage):
         with Timer() as t, runtime.module_logs_out_of_the_working_directory():
             zero_masks = _zero_masks(Path(src_dir)) if self.keep_sparsity else {}
             widths = self._layer_widths(Path(src_dir), calib)
-            qcfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=True,
+            qcfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, desc_act=self.act_order, sym=self.sym,
                                   device=runtime.compute_device(), dynamic=_dynamic(widths, self.bits),
                                   mse=float(self.mse), **({"gptaq": {"device": runtime.compute_device()}} if self.gptaq else {}),
                                   # gptqmodel's group-aware reordering (its default) needs groups
