@@ -49,6 +49,7 @@ ADAPTER_DIR = "adapter"  # the one adapter folder: EoRA (GPTQ) or a kept LoRA (p
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's adapter config (``r`` is the rank)
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PACKED_EMBEDDING_FILE = "embedding-packed.safetensors"  # packed codes + scales of a quantized embedding
+DERIVED_KEY = "gptq_derived"  # meta: the GPTQ tensor kinds a finished folder left out (finish, gptq_compact)
 PACKED_ATTR = "_slmsearch_packed"  # set on a model by EmbeddingQuant: {"embed"|"lm_head": PackedTensor}
 PACKED_NAMES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}  # safetensors prefixes (LLaMA names)
 # Tensor names <prefix>.rtn_codes / .rtn_scales: never GPTQ's ``.qweight``/``.scales``, which
@@ -258,19 +259,27 @@ def _dense_names(folder: Path) -> list[str]:
 
 
 def finish(folder: str | os.PathLike[str]) -> int:
-    """Make ``folder`` a finished checkpoint: where it holds a packed embedding, drop the dense copy
-    from the weight files (rewritten whole, their index updated), checking first that it equals
-    the unpacked codes bit for bit. Returns the bytes saved."""
+    """Make ``folder`` a finished checkpoint, the files a deployment stores: where it holds a packed
+    embedding, drop the dense copy (checked first to equal the unpacked codes bit for bit); in a
+    GPTQ folder, drop the ``g_idx`` and ``qzeros`` tensors that carry nothing
+    (:mod:`slmsearch.gptq_compact`, each checked to equal what :func:`load` rebuilds). The weight
+    files are rewritten whole, their index updated. Returns the bytes saved."""
+    folder = Path(folder)
+    before = sum(p.stat().st_size for p in _weight_files(folder))
+    if has_packed_embedding(folder):
+        _drop_dense_embedding(folder)
+    if is_gptq_folder(folder):
+        _drop_derivable_gptq(folder)
+    return before - sum(p.stat().st_size for p in _weight_files(folder))
+
+
+def _drop_dense_embedding(folder: Path) -> None:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    if not has_packed_embedding(folder):
-        return 0
     packed, _ = read_packed(folder)
     drop = set(_dense_names(folder))
-    before = sum(p.stat().st_size for p in _weight_files(folder))
     dense_dtype = None
     for path in _weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
@@ -289,15 +298,54 @@ def finish(folder: str | os.PathLike[str]) -> int:
             save_file(keep, str(tmp), metadata=meta)
     if dense_dtype is not None:  # record the dtype the dense copy had (gptqmodel may have changed it)
         write_packed(folder, packed, str(dense_dtype).removeprefix("torch."))
+    _drop_from_index(folder, drop)
+
+
+def _drop_derivable_gptq(folder: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from slmsearch import gptq_compact
+
+    group_size, sym = gptq_compact.read_layout(folder)
+    kinds: set[str] = set()
+    dropped: set[str] = set()
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+        drop = gptq_compact.derivable(tensors, group_size, sym)
+        if not drop:
+            continue
+        with atomic_file(path) as tmp:
+            save_file({n: t for n, t in tensors.items() if n not in drop}, str(tmp), metadata=meta)
+        kinds.update(drop.values())
+        dropped.update(drop)
+    if dropped:
+        _drop_from_index(folder, dropped)
+        info = read_meta(folder) if (folder / META_FILE).is_file() else {}
+        write_meta(folder, {**info, DERIVED_KEY: sorted(kinds | set(info.get(DERIVED_KEY, [])))})
+
+
+def _drop_from_index(folder: Path, names: set[str]) -> None:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {k: v for k, v in data.get("weight_map", {}).items() if k not in drop}
+        data["weight_map"] = {k: v for k, v in data.get("weight_map", {}).items() if k not in names}
         write_text_atomic(index, json.dumps(data, indent=2))
-    return before - sum(p.stat().st_size for p in _weight_files(folder))
 
 
-def _needs_unpacking(folder: Path) -> bool:
+def derived_gptq(folder: str | os.PathLike[str]) -> list[str]:
+    """The GPTQ tensor kinds a finished folder left out (``g_idx``, ``qzeros``; :func:`finish`)."""
+    path = Path(folder) / META_FILE
+    return list(read_meta(folder).get(DERIVED_KEY, [])) if path.is_file() else []
+
+
+def _needs_view(folder: Path) -> bool:
+    """True when neither transformers nor gptqmodel can read ``folder`` as it is: a finished
+    folder with a packed embedding, or GPTQ tensors left out."""
+    if derived_gptq(folder):
+        return True
     if not has_packed_embedding(folder):
         return False
     from safetensors import safe_open
@@ -310,12 +358,15 @@ def _needs_unpacking(folder: Path) -> bool:
 
 
 def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> Path:
-    """Make ``view`` (an empty folder) a loadable copy of a finished ``folder`` with a packed
-    embedding: links to every file, the weight files as shards of one index, and one more shard
-    with the unpacked embedding in its stored dtype. Transformers and gptqmodel load ``view``."""
+    """Make ``view`` (an empty folder) a loadable copy of a finished ``folder``: links to every
+    file, the weight files as shards of one index, and one more shard with what the folder left
+    out: the unpacked embedding in its stored dtype, the GPTQ tensors :func:`finish` dropped.
+    Transformers and gptqmodel load ``view``."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from slmsearch import gptq_compact
 
     folder, view = Path(folder).resolve(), Path(view)
     view.mkdir(parents=True, exist_ok=True)
@@ -326,16 +377,23 @@ def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> 
         (view / path.name).symlink_to(path)
     n = len(weights) + 1
     weight_map: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
     for i, path in enumerate(weights, 1):
         shard = f"model-{i:05d}-of-{n:05d}.safetensors"
         (view / shard).symlink_to(path)
         with safe_open(str(path), framework="pt") as f:
             weight_map.update(dict.fromkeys(f.keys(), shard))
-    packed, dtype = read_packed(folder)
+            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    extra: dict[str, torch.Tensor] = {}
+    if has_packed_embedding(folder):
+        packed, dtype = read_packed(folder)
+        extra.update({f"{PACKED_NAMES[k]}.weight": p.dense(getattr(torch, dtype)).contiguous() for k, p in packed.items()})
+    derived = derived_gptq(folder)
+    if derived:
+        extra.update(gptq_compact.rebuilt(shapes, derived, gptq_compact.read_layout(folder)[0]))
     shard = f"model-{n:05d}-of-{n:05d}.safetensors"
-    dense = {f"{PACKED_NAMES[k]}.weight": p.dense(getattr(torch, dtype)).contiguous() for k, p in packed.items()}
-    save_file(dense, str(view / shard), metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(dense, shard))
+    save_file(extra, str(view / shard), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(extra, shard))
     index = {"metadata": {"total_size": sum(p.stat().st_size for p in weights)}, "weight_map": weight_map}
     (view / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return view
@@ -398,7 +456,7 @@ def load(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if _needs_unpacking(folder):  # a finished folder with a packed embedding: load a dense view of it
+    if _needs_view(folder):  # a finished folder (packed embedding, GPTQ tensors left out): load a view of it
         with tempfile.TemporaryDirectory(prefix="slmsearch-unpacked-") as tmp:
             model = _load_model(dense_view(folder, tmp), folder, dtype, dense)
     else:

@@ -116,13 +116,17 @@ class Gptq(Stage):
             )
 
     def shape(self, shape: ModelShape) -> ModelShape:
-        """gptqmodel's symmetric v1 format, per layer at its width (:meth:`widths`): ``b``-bit codes,
-        a 16-bit scale and a ``b``-bit zero point per group, and a 32-bit group index per input."""
+        """gptqmodel's v1 format as a finished checkpoint stores it (:mod:`slmsearch.gptq_compact`),
+        per layer at its width (:meth:`widths`): ``b``-bit codes and a 16-bit scale per group; a
+        ``b``-bit zero point per group only on an asymmetric grid; a 32-bit group index per input
+        only in activation order or with one group per output (it then gives the input size)."""
         from slmsearch.hwmodel.shape import TensorFormat
 
         group = None if self.group_size == -1 else self.group_size
+        g_idx_bits = 32 if self.act_order or group is None else 0
         return shape.with_linear_formats(
-            TensorFormat(weight_bits=b, group_size=group, scale_bits=16, zero_bits=b, g_idx_bits=32)
+            TensorFormat(weight_bits=b, group_size=group, scale_bits=16, zero_bits=0 if self.sym else b,
+                         g_idx_bits=g_idx_bits)
             for b in self.widths(len(shape.layers))
         )
 

@@ -158,8 +158,11 @@ def _proj_format(folder: Path, idx: int, proj: str, parts: dict[str, dict[str, A
         raise SlmsearchError(f"{folder}: layer {idx} {proj} has neither weight nor qweight+scales")
     groups, out_f = parts["scales"]["shape"]
     packed_rows = parts["qweight"]["shape"][0]
+    cfg_group = int(qcfg.get("group_size") or -1)
     if "g_idx" in parts:
         in_f = parts["g_idx"]["shape"][0]
+    elif cfg_group > 0:  # a finished folder leaves out g_idx when it is arange // group_size
+        in_f = groups * cfg_group
     else:
         bits_cfg = int(qcfg.get("bits", 4))
         in_f = packed_rows * 32 // bits_cfg

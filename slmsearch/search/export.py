@@ -101,12 +101,12 @@ def select_trials(located: LocatedStudy, *, pareto: bool = False, numbers: tuple
 
 
 def _checkpoint_format(folder: Path) -> str:
-    from slmsearch.checkpoint import has_adapter, has_packed_embedding, is_gptq_folder
+    from slmsearch.checkpoint import derived_gptq, has_adapter, has_packed_embedding, is_gptq_folder
     from slmsearch.compress.kvcache import folder_kv_settings
 
     adapter = has_adapter(folder)
     if is_gptq_folder(folder):
-        fmt = "gptq+eora" if adapter else "gptq"
+        fmt = ("gptq+eora" if adapter else "gptq") + (COMPACT_SUFFIX if derived_gptq(folder) else "")
     else:
         fmt = "hf+lora-adapter" if adapter else "hf"
     fmt += PACKED_SUFFIX if has_packed_embedding(folder) else ""
@@ -115,16 +115,17 @@ def _checkpoint_format(folder: Path) -> str:
 
 
 PACKED_SUFFIX = "+packed-embedding"  # the embedding is stored as packed codes + scales (slmsearch.checkpoint)
+COMPACT_SUFFIX = "+compact"  # GPTQ tensors left out (slmsearch.gptq_compact): slmsearch.checkpoint.load rebuilds them
 KV_SUFFIX = "+kv"  # the deployed KV cache is quantized: slmsearch.checkpoint.load computes with it
 
 
 def load_snippet(name: str, fmt: str, adapter_rank: int | None) -> list[str]:
     """Two lines of Python that load the folder ``name`` in format ``fmt``."""
     from slmsearch.checkpoint import ADAPTER_DIR
-    if PACKED_SUFFIX in fmt or KV_SUFFIX in fmt:  # neither transformers nor gptqmodel reads these
+    if PACKED_SUFFIX in fmt or KV_SUFFIX in fmt or COMPACT_SUFFIX in fmt:  # neither transformers nor gptqmodel reads these
         return ["from slmsearch.checkpoint import load",
-                f'model, tokenizer = load("{name}")  # unpacks the embedding; GPTQ through gptqmodel, adapters '
-                "applied; attention on the KV cache's rounded keys and values"]
+                f'model, tokenizer = load("{name}")  # unpacks the embedding, rebuilds left-out GPTQ tensors; '
+                "GPTQ through gptqmodel, adapters applied; attention on the KV cache's rounded keys and values"]
     if fmt == "gptq+eora":
         return ["from gptqmodel import GPTQModel; from gptqmodel.adapter.adapter import Lora",
                 f'model = GPTQModel.load("{name}", adapter=Lora(path="{name}/{ADAPTER_DIR}", rank={adapter_rank}))']

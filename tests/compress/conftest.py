@@ -79,6 +79,16 @@ def tiny_base(tmp_path_factory):
     return folder
 
 
+def finished_copy(folder: Path, dest: Path) -> Path:
+    """A copy of the checkpoint ``folder`` (e.g. a stage-cache entry) made a finished checkpoint
+    (``checkpoint.finish``: what an export or ``compress --out`` writes)."""
+    from slmsearch import checkpoint
+
+    checkpoint.copy_folder(folder, dest)
+    checkpoint.finish(dest)
+    return dest
+
+
 TINY_CALIB = dict(n_samples=8, seqlen=64, seed=0, batch=4)
 
 
@@ -106,6 +116,7 @@ def quantized(tiny_base, tmp_path_factory):
             "sparse": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32}]",
             "mixed": "[{stage: gptq, bits: 3, group_size: 32, wider_layers: 1}]",
             "sparse_mixed": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32, layer_bits: [3, 4, 3, 8]}]",
+            "asym": "[{stage: gptq, bits: 3, group_size: 32, sym: false}]",
         }.items():
             plans[name] = run(Plan.from_yaml(text), str(tiny_base), DATA_DIR, settings, cache=cache)
     plans["cwd_after"] = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))

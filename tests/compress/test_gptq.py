@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA_DIR, TINY_CALIB
+from conftest import DATA_DIR, TINY_CALIB, finished_copy
 from slmsearch.compress import kernels
 from slmsearch.compress.cache import StageCache
 from slmsearch.compress.calib import CalibSettings
@@ -270,14 +270,14 @@ def test_mixed_precision_widens_the_layer_whose_rounding_hurts_most(quantized, t
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits.float()).all()
 
 
-def test_mixed_plan_prices_what_the_checkpoint_holds(quantized, tiny_base):
+def test_mixed_plan_prices_what_the_checkpoint_holds(quantized, tiny_base, tmp_path):
     from slmsearch.hwmodel import ModelShape
     from slmsearch.hwmodel.memory import static_bytes
 
     base = ModelShape.from_hf_config(json.loads((tiny_base / checkpoint.CONFIG_FILE).read_text()))
-    for name in ("mixed", "sparse_mixed"):
+    for name in ("mixed", "sparse_mixed", "asym"):
         result = quantized[name]
-        measured = ModelShape.from_checkpoint(result.checkpoint_dir)
+        measured = ModelShape.from_checkpoint(finished_copy(result.checkpoint_dir, tmp_path / name))
         predicted = result.plan.shape(base)
         # the plan does not know which layer sensitivity widens; the bytes do not depend on it
         assert static_bytes(measured).static_total == static_bytes(predicted).static_total, name
@@ -348,3 +348,51 @@ def test_float32_compute_quantizes_and_loads_in_float32(tiny_base, tmp_path, mon
     monkeypatch.setenv(runtime.ENV_COMPUTE_DTYPE, "float16")
     with pytest.raises(SlmsearchError, match="SLMSEARCH_COMPUTE_DTYPE='float16': use bfloat16 or float32"):
         runtime.compute_dtype()
+
+
+@pytest.mark.parametrize("name,left_out", [("gptq", {"g_idx", "qzeros"}), ("eora", {"g_idx", "qzeros"}),
+                                           ("sparse_mixed", {"g_idx", "qzeros"}), ("asym", {"g_idx"})])
+def test_a_finished_folder_leaves_out_what_it_can_rebuild_and_computes_the_same(quantized, name, left_out, tmp_path):
+    """finish drops g_idx (columns in their own order) and a symmetric grid's qzeros (one value),
+    every quantized Linear, and nothing else; load rebuilds them: the same logits, bit for bit."""
+    from safetensors import safe_open
+
+    source = quantized[name].checkpoint_dir
+    folder = finished_copy(source, tmp_path / "finished")
+
+    def names(where):
+        keys = set()
+        for path in where.glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                keys.update(f.keys())
+        return keys
+
+    before, after = names(source), names(folder)
+    gone = {n.rsplit(".", 1)[1] for n in before - after}
+    assert gone == left_out
+    assert all(f"{n.rsplit('.', 1)[0]}.{kind}" not in after for n in after if n.endswith(".qweight") for kind in left_out)
+    assert checkpoint.derived_gptq(folder) == sorted(left_out)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = checkpoint.load(source)[0](prompt).logits
+        got = checkpoint.load(folder)[0](prompt).logits
+    assert torch.equal(got, expected)
+
+
+def test_only_tensors_equal_to_their_rebuilt_form_are_left_out():
+    from slmsearch import gptq_compact
+
+    in_f, out_f, group, bits = 64, 32, 32, 3
+    tensors = {"m.qweight": torch.zeros(in_f * bits // 32, out_f, dtype=torch.int32),
+               "m.scales": torch.ones(in_f // group, out_f, dtype=torch.float16),
+               "m.g_idx": gptq_compact.identity_groups(in_f, group),
+               "m.qzeros": gptq_compact.symmetric_zeros(in_f // group, out_f, bits)}
+    assert gptq_compact.derivable(tensors, group, sym=True) == {"m.g_idx": "g_idx", "m.qzeros": "qzeros"}
+    assert gptq_compact.derivable(tensors, group, sym=False) == {"m.g_idx": "g_idx"}
+    reordered = {**tensors, "m.g_idx": tensors["m.g_idx"].flip(0)}  # activation order: kept
+    shifted = {**tensors, "m.qzeros": tensors["m.qzeros"] + 1}  # not one symmetric zero: kept
+    assert gptq_compact.derivable(reordered, group, sym=True) == {"m.qzeros": "qzeros"}
+    assert gptq_compact.derivable(shifted, group, sym=True) == {"m.g_idx": "g_idx"}
+    shapes = {k: list(v.shape) for k, v in tensors.items() if k in ("m.qweight", "m.scales")}
+    rebuilt = gptq_compact.rebuilt(shapes, ["g_idx", "qzeros"], group)
+    assert torch.equal(rebuilt["m.g_idx"], tensors["m.g_idx"]) and torch.equal(rebuilt["m.qzeros"], tensors["m.qzeros"])
