@@ -11,6 +11,8 @@ tokenizer files), written by ``save_pretrained`` or, for a GPTQ model, by gptqmo
   entry holds it beside the dense (dequantized) tensor the later stages read; a finished folder
   (:func:`finish`: ``slmsearch compress --out``, ``slmsearch export``) holds only the packed one,
   so the files are the size the memory model counts, and :func:`load` unpacks it bit for bit;
+  a finished GPTQ folder also leaves out the ``g_idx`` / ``qzeros`` tensors that carry nothing
+  (:mod:`slmsearch.gptq_compact`; listed under ``gptq_derived`` in ``slmsearch.json``), rebuilt on load;
 - ``slmsearch.json`` (the meta file): what the tensors cannot tell the hardware model
   (a fake-quantized embedding's width, the sparsity format, the adapter), read by
   :mod:`slmsearch.hwmodel.checkpoint_shape`;
