@@ -45,6 +45,14 @@ CONFIGS: dict[str, list[dict]] = {
     "gptq 4-bit g64 scale search": [{"stage": "gptq", "bits": 4, "group_size": 64, "mse": 2.4}],
     "64 MB anchor": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4}, {**G3, "mse": 2.4, "wider_layers": 1},
                      {"stage": "kv_cache", "bits": 4, "group_size": 32}],
+    # the 64 MB anchor once finished checkpoints leave out g_idx and symmetric zeros (1.2 MB): the
+    # anchor rule's choice (finer embedding groups, 2 layers wider) and two ways to spend the room on layers
+    "64 MB anchor, compact": [{"stage": "embedding", "bits": 4, "group_size": 32, "mse": 2.4},
+                              {**G3, "mse": 2.4, "wider_layers": 2}, {"stage": "kv_cache", "bits": 4, "group_size": 32}],
+    "64 MB, embedding g64, 4 layers wider": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4},
+                                             {**G3, "mse": 2.4, "wider_layers": 4}, {"stage": "kv_cache", "bits": 4, "group_size": 32}],
+    "64 MB, embedding g64, 5 layers wider, kv g64": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4},
+                                                     {**G3, "mse": 2.4, "wider_layers": 5}, {"stage": "kv_cache", "bits": 4, "group_size": 64}],
 }
 
 
