@@ -6,7 +6,7 @@ NSGA-II's first generation is random sampling. A study of 8 trials then evaluate
 plans. The anchors give the sampler one usable point per weight precision from the start: for
 each GPTQ width of 3 bits or more in the space, the plan that removes the fewest layers while
 fitting the budget and widens as many layers as then fit (no WANDA, the smallest embedding
-precision with the group that leaves the fewest layers to drop, the largest GPTQ group size that
+precision with the group that leaves the fewest layers to drop and then the most to widen, the largest GPTQ group size that
 divides the model, the narrowest KV cache, LoRA recovery when layers are dropped, no EoRA); the
 anchors are the ones that drop the fewest layers (then the wider width). Priced by the
 hardware model only: choosing them compresses nothing.
@@ -39,8 +39,10 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
     lora = 8 if 8 in space.lora_ranks else max(space.lora_ranks)
     found: list[tuple[int, int, dict[str, Any]]] = []
     for bits in sorted((b for b in space.gptq_bits if MIN_ANCHOR_BITS <= b < 16), reverse=True):
-        best: tuple[int, dict[str, Any]] | None = None
-        # the embedding group that leaves the fewest layers to drop (the finer one on a tie)
+        best: tuple[tuple[int, int], dict[str, Any]] | None = None
+        # the embedding group that leaves the fewest layers to drop, then the most layers widened
+        # (the finer one on a tie): at 64 MB on SmolLM2-135M, g64 with 4 layers widened measured
+        # token ppl 64.4 against g32 with 2 widened 66.4 (docs/benchmarks.md section 6)
         for group in sorted(space.embedding_groups, key=lambda g: g or 10**9):
             params: dict[str, Any] = {
                 "wanda_pattern": "none", "lora_rank": 0 if 0 in space.lora_ranks else lora,
@@ -58,10 +60,11 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
                 continue  # every layer widened: the wider width's own plan
             if placed["drop_layers"]:
                 params["lora_rank"] = lora
-            if best is None or placed["drop_layers"] < best[0]:
-                best = (placed["drop_layers"], params)
+            rank = (placed["drop_layers"], -placed["gptq_wider_layers"])
+            if best is None or rank < best[0]:
+                best = (rank, params)
         if best is not None:
-            found.append((best[0], -bits, best[1]))
+            found.append((best[0][0], -bits, best[1]))
     # fewest layers dropped first (dropping costs more quality than a narrower width), then the wider
     return [params for _, _, params in sorted(found, key=lambda f: f[:2])[:max_anchors]]
 

@@ -24,7 +24,7 @@ def test_default_study_anchors_fit_with_the_fewest_dropped_layers_and_the_most_w
     base = smollm2_135m()
     fits = budget(config, base, config.budget_mb)
     anchors = anchor_params(config.space, base, fits)
-    assert [a["gptq_bits"] for a in anchors] == [3, 4]  # 3-bit drops none at 64 MB, 4-bit drops 7
+    assert [a["gptq_bits"] for a in anchors] == [3, 4]  # 3-bit drops none at 64 MB, 4-bit drops 6
     dims, n = base_dims(base), len(base.layers)
     for params in anchors:
         plan = anchor_plan(params, config.space, base, fits)
@@ -38,6 +38,12 @@ def test_default_study_anchors_fit_with_the_fewest_dropped_layers_and_the_most_w
         if wider < n - drop:  # one more layer widened does not fit
             assert not fits(plan_from_params({**placed, "gptq_wider_layers": wider + 1}, config.space, dims, n))
         assert params["group_size"] in (32, 64) and params["lora_rank"] in config.space.lora_ranks
+        for group in config.space.embedding_groups:  # no other embedding group drops fewer, or widens more
+            other = anchor_plan({**params, "embedding_group": group}, config.space, base, fits)
+            if fits(other):
+                o_drop = other.get("depth").n_dropped if other.get("depth") else 0
+                assert (o_drop, -other.get("gptq").wider_layers) >= (drop, -wider), (group, other.label())
+    assert anchor_plan(anchors[0], config.space, base, fits).label() == "emb4g64 w3+4g64 kv4"  # g32 widens only 2
     # a budget nothing 3-bit or wider can meet: no anchors (the sampler is on its own)
     assert anchor_params(config.space, base, budget(config, base, 30.0)) == []
     narrow = dataclasses.replace(config.space, gptq_bits=(2, 16))
