@@ -164,3 +164,35 @@ def test_hwmodel_speed_bench_writes_its_figures(tmp_path):
     assert record["plans"] == 5 and record["cpu_model"]
     assert 0 < record["ms_per_plan"]["median"] <= record["ms_per_plan"]["max"]
     assert record["plan_shape_ms"]["median"] > 0 and record["estimate_ms"]["median"] > 0
+
+
+def test_quality_at_budget_rows_replace_only_their_budget_and_search(tmp_path: Path) -> None:
+    """A peer-only run of bench/quality_at_budget.py keeps the study rows and the dense row."""
+    from quality_at_budget import read_rows, write_rows
+
+    out = tmp_path / "qab.csv"
+    write_rows(out, [{"budget_mb": "dense", "search": "dense", "token_ppl": 30.0},
+                     {"budget_mb": 64.0, "search": "new", "token_ppl": 64.4, "plan": "a"},
+                     {"budget_mb": 64.0, "search": "llama.cpp", "token_ppl": 900.0, "plan": "old"}])
+    write_rows(out, [{"budget_mb": 64, "search": "llama.cpp", "token_ppl": 620.24444, "plan": "Q2_K"},
+                     {"budget_mb": 96.0, "search": "llama.cpp", "token_ppl": 32.2, "plan": "Q4_1"}])
+    rows = {(r["budget_mb"], r["search"]): r for r in read_rows(out)}
+    assert set(rows) == {("dense", "dense"), ("64.0", "new"), ("64", "llama.cpp"), ("96.0", "llama.cpp")}
+    assert rows[("64", "llama.cpp")]["token_ppl"] == "620.2444" and rows[("64", "llama.cpp")]["plan"] == "Q2_K"
+    assert rows[("64.0", "new")]["plan"] == "a"
+
+
+def test_the_peer_is_given_our_kv4_overhead_less_what_dropped_layers_free() -> None:
+    from _llamacpp_peer import non_weight_bytes
+
+    from slmsearch.hwmodel.estimate import footprint_bytes
+    from slmsearch.hwmodel.memory import static_bytes
+    from slmsearch.hwmodel.shape import smollm2_135m
+
+    base = smollm2_135m()
+    full = non_weight_bytes(base, (), 32, 512, 0)
+    kv4 = base.with_kv_cache_bits(4, 32)
+    assert full == footprint_bytes(kv4, context_len=512, prefill_len=0) - static_bytes(kv4).static_total
+    assert 3.0e6 < full < 4.5e6  # the 4-bit KV cache at context 512 (3.7 MB) and the decode activations (the study default: no prefill priced)
+    fewer = [non_weight_bytes(base, tuple(range(n)), 32, 512, 0) for n in (1, 5, 10)]
+    assert full > fewer[0] > fewer[1] > fewer[2] > 0
