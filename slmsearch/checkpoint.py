@@ -71,6 +71,17 @@ def is_gptq_folder(folder: str | os.PathLike[str]) -> bool:
     return config.is_file() and bool(json.loads(config.read_text()).get("quantization_config"))
 
 
+def quantize_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A GPTQ folder's quantize settings: ``quantize_config.json`` overridden by ``config.json``'s
+    ``quantization_config`` (empty for a plain folder)."""
+    folder = Path(folder)
+    config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+    found = dict(config.get("quantization_config") or {})
+    if (folder / QUANTIZE_CONFIG_FILE).is_file():
+        found = {**_read_json(folder / QUANTIZE_CONFIG_FILE), **found}
+    return found
+
+
 def has_adapter(folder: str | os.PathLike[str]) -> bool:
     """True when a checkpoint folder holds an adapter under ``adapter/``."""
     return (Path(folder) / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file()
@@ -309,7 +320,7 @@ def _drop_derivable_gptq(folder: Path) -> None:
 
     from slmsearch import gptq_compact
 
-    group_size, sym = gptq_compact.read_layout(folder)
+    group_size, sym = gptq_compact.layout(quantize_config(folder))
     kinds: set[str] = set()
     dropped: set[str] = set()
     for path in _weight_files(folder):
@@ -392,7 +403,7 @@ def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> 
         extra.update({f"{PACKED_NAMES[k]}.weight": p.dense(getattr(torch, dtype)).contiguous() for k, p in packed.items()})
     derived = derived_gptq(folder)
     if derived:
-        extra.update(gptq_compact.rebuilt(shapes, derived, gptq_compact.read_layout(folder)[0]))
+        extra.update(gptq_compact.rebuilt(shapes, derived, gptq_compact.layout(quantize_config(folder))[0]))
     shard = f"model-{n:05d}-of-{n:05d}.safetensors"
     save_file(extra, str(view / shard), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(extra, shard))

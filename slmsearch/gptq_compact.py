@@ -19,9 +19,7 @@ standard library is imported.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,23 +29,16 @@ G_IDX, QZEROS = "g_idx", "qzeros"
 
 
 def layout(quantize_config: Mapping[str, Any]) -> tuple[int, bool]:
-    """(group size, or -1 for one group per output; symmetric) of a GPTQ folder's quantize config."""
+    """(group size, or -1 for one group per output; symmetric) of a GPTQ folder's quantize settings
+    (:func:`slmsearch.checkpoint.quantize_config`)."""
     return int(quantize_config.get("group_size", -1)), bool(quantize_config.get("sym", True))
-
-
-def read_layout(folder: Path) -> tuple[int, bool]:
-    """:func:`layout` of ``folder``'s ``quantize_config.json`` (else ``config.json``'s ``quantization_config``)."""
-    path = folder / "quantize_config.json"
-    cfg = json.loads(path.read_text()) if path.is_file() else json.loads((folder / "config.json").read_text()).get(
-        "quantization_config", {})
-    return layout(cfg)
 
 
 def identity_groups(in_features: int, group_size: int) -> torch.Tensor:
     """The ``g_idx`` of columns quantized in their own order: ``arange(in_features) // group_size``."""
     import torch
 
-    return (torch.arange(in_features, dtype=torch.int32) // group_size).to(torch.int32)
+    return torch.arange(in_features, dtype=torch.int32) // group_size
 
 
 def symmetric_zeros(groups: int, out_features: int, bits: int) -> torch.Tensor:
@@ -77,13 +68,14 @@ def derivable(tensors: Mapping[str, torch.Tensor], group_size: int, sym: bool) -
     import torch
 
     found: dict[str, str] = {}
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     for name in tensors:
         if not name.endswith(".qweight"):
             continue
         prefix = name[: -len(".qweight")]
         if f"{prefix}.scales" not in tensors:
             continue
-        in_f, out_f, groups, bits = _dims({k: tuple(v.shape) for k, v in tensors.items()}, prefix, group_size)
+        in_f, out_f, groups, bits = _dims(shapes, prefix, group_size)
         g_idx = tensors.get(f"{prefix}.{G_IDX}")
         if g_idx is not None and group_size > 0 and torch.equal(g_idx, identity_groups(in_f, group_size).to(g_idx.dtype)):
             found[f"{prefix}.{G_IDX}"] = G_IDX

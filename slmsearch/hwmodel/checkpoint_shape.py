@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, CODES, META_FILE, QUANTIZE_CONFIG_FILE, SCALES, read_meta
+from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, CODES, META_FILE, SCALES, quantize_config, read_meta
 from slmsearch.errors import SlmsearchError
 from slmsearch.hwmodel.shape import ATTN_PROJS, MLP_PROJS, Adapter, LayerShape, ModelShape, TensorFormat
 
@@ -67,9 +67,7 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
     tensors = _headers(folder)
     if not tensors:
         raise SlmsearchError(f"{folder} has no *.safetensors files")
-    qcfg = dict(cfg.get("quantization_config") or {})
-    if (folder / QUANTIZE_CONFIG_FILE).is_file():
-        qcfg = {**_json(folder / QUANTIZE_CONFIG_FILE), **qcfg}
+    qcfg = quantize_config(folder)
 
     # group tensors per layer / projection
     layers: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -170,9 +168,8 @@ def _proj_format(folder: Path, idx: int, proj: str, parts: dict[str, dict[str, A
     if packed_rows * 32 != bits * in_f:
         raise SlmsearchError(f"{folder}: layer {idx} {proj} qweight rows {packed_rows} do not pack {in_f} inputs")
     group_size = None if groups == 1 else in_f // groups
-    cfg_gs = qcfg.get("group_size")
-    if groups == 1 and cfg_gs not in (None, -1) and int(cfg_gs) >= in_f:
-        group_size = int(cfg_gs)  # one group spanning all inputs: same bytes as per-channel
+    if groups == 1 and cfg_group >= in_f:
+        group_size = cfg_group  # one group spanning all inputs: same bytes as per-channel
     zero_bits = bits if "qzeros" in parts else 0
     scale_bits = _DTYPE_BITS.get(parts["scales"]["dtype"], 16)
     g_idx_bits = _DTYPE_BITS.get(parts["g_idx"]["dtype"], 32) if "g_idx" in parts else 0
