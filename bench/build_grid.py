@@ -49,7 +49,7 @@ AXES: dict[str, tuple[int, ...]] = {
 }
 FIXED: dict[str, Any] = {"wanda_pattern": "none", "lora_rank": 0, "group_size": 64, "act_order": False, "gptq_mse": 0.0,
                          "eora_rank": 0, "embedding_bits": 4, "embedding_group": 64, "embedding_mse": 2.4,
-                         "kv_cache_group": 32}
+                         "kv_cache_group": 32, "kv_cache_key_group": 32, "kv_cache_rotate": False}
 CALIB = {"n_samples": 8, "seqlen": 128, "seed": 0}
 EVAL = {"token_seqlen": 512, "token_windows": 2, "batch_size": 8}
 KEY = ("drop_layers", "gptq_bits", "gptq_wider_layers", "kv_cache_bits")  # what makes two points the same plan

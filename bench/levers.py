@@ -21,6 +21,7 @@ from _benchlib import REPO, machine, quiet_env  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "levers.jsonl"
 G3 = {"stage": "gptq", "bits": 3, "group_size": 64}
+EH = {"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4, "gptq": True}
 CONFIGS: dict[str, list[dict]] = {
     "dense": [],
     "embedding 4-bit per row": [{"stage": "embedding", "bits": 4}],
@@ -32,6 +33,12 @@ CONFIGS: dict[str, list[dict]] = {
     "kv cache 4-bit g64": [{"stage": "kv_cache", "bits": 4, "group_size": 64}],
     "kv cache 4-bit g32": [{"stage": "kv_cache", "bits": 4, "group_size": 32}],
     "kv cache 4-bit g16": [{"stage": "kv_cache", "bits": 4, "group_size": 16}],
+    "kv cache 4-bit, keys g16, values g64": [{"stage": "kv_cache", "bits": 4, "group_size": 64, "key_group_size": 16}],
+    "kv cache 4-bit, keys g32, values g64, rotated": [{"stage": "kv_cache", "bits": 4, "group_size": 64, "key_group_size": 32,
+                                                       "rotate": True}],
+    "kv cache 4-bit g64 rotated": [{"stage": "kv_cache", "bits": 4, "group_size": 64, "rotate": True}],
+    "embedding 4-bit g64 clip-search gptq": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4, "gptq": True}],
+    "embedding 4-bit g32 clip-search gptq": [{"stage": "embedding", "bits": 4, "group_size": 32, "mse": 2.4, "gptq": True}],
     "gptq 3-bit g64": [G3],
     "gptq 3-bit g64 act_order": [{**G3, "act_order": True}],
     "gptq 3-bit g64 gptaq": [{**G3, "gptaq": True}],
@@ -53,6 +60,12 @@ CONFIGS: dict[str, list[dict]] = {
                                              {**G3, "mse": 2.4, "wider_layers": 4}, {"stage": "kv_cache", "bits": 4, "group_size": 32}],
     "64 MB, embedding g64, 5 layers wider, kv g64": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4},
                                                      {**G3, "mse": 2.4, "wider_layers": 5}, {"stage": "kv_cache", "bits": 4, "group_size": 64}],
+    # the embedding by GPTQ over the lm_head's inputs (eleventh session), and finer key groups or rotated keys
+    "64 MB, embedding gptq, 4 layers wider": [EH, {**G3, "mse": 2.4, "wider_layers": 4}, {"stage": "kv_cache", "bits": 4, "group_size": 32}],
+    "64 MB, embedding gptq, 4 layers wider, keys g16 values g64": [
+        EH, {**G3, "mse": 2.4, "wider_layers": 4}, {"stage": "kv_cache", "bits": 4, "group_size": 64, "key_group_size": 16}],
+    "64 MB, embedding gptq, 5 layers wider, kv g64 rotated": [
+        EH, {**G3, "mse": 2.4, "wider_layers": 5}, {"stage": "kv_cache", "bits": 4, "group_size": 64, "rotate": True}],
 }
 
 

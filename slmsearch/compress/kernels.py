@@ -194,6 +194,19 @@ def rtn_codes(weight: torch.Tensor, bits: int, group_size: int | None = None,
     return q.reshape(rows, cols).to(torch.uint8), scales
 
 
+def grid_codes(values: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes of ``values`` ``[rows, cols]`` that already lie on the symmetric grid of
+    ``scales`` ``[rows, groups]`` (e.g. GPTQ's output): ``round(v / scale) + 2**(bits-1)``, clamped
+    to ``[0, 2**bits - 1]``, uint8; :func:`rtn_dequantize` maps them back."""
+    rows, cols = values.shape
+    groups = scales.shape[1]
+    if scales.shape[0] != rows or cols % groups:
+        raise SlmsearchError(f"scales {tuple(scales.shape)} do not fit values {tuple(values.shape)}")
+    v = values.float().reshape(rows, groups, cols // groups) / scales.float().unsqueeze(2)
+    q = torch.clamp(torch.round(v) + 2 ** (bits - 1), 0, 2**bits - 1)
+    return q.reshape(rows, cols).to(torch.uint8)
+
+
 def rtn_dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The weights ``codes`` and ``scales`` (from :func:`rtn_codes`) stand for, in ``dtype``:
     ``(code - 2**(bits-1)) * scale`` formed in fp32 and rounded once to ``dtype``."""
@@ -256,7 +269,18 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def kv_fake_quant(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Walsh-Hadamard matrix of size ``n`` (a power of two), Sylvester's
+    construction: ``H @ H.T == I``, every entry +-1/sqrt(n)."""
+    if n < 1 or n & (n - 1):
+        raise SlmsearchError(f"a Hadamard rotation needs a power-of-two size, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def kv_fake_quant(x: torch.Tensor, bits: int, group_size: int, rotate: bool = False) -> torch.Tensor:
     """Keys or values ``[..., channels]`` rounded to ``bits`` as a KV cache stores them, returned
     dequantized in ``x``'s dtype.
 
@@ -265,15 +289,23 @@ def kv_fake_quant(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     1)`` and a 16-bit zero point (the group's minimum) per group, codes in ``[0, 2**bits - 1]``.
     A token's codes depend only on that token, so rounding the whole sequence at once equals
     rounding each position as it enters the cache.
+
+    ``rotate``: each row is multiplied by the orthonormal Hadamard matrix before rounding and back
+    after (QuaRot, arXiv:2404.00456): attention is unchanged by an orthogonal rotation applied to
+    queries and keys alike (values: folded into v_proj and o_proj), and the rotation spreads a few
+    outlier channels over the whole row, so a group's range is set by typical values.
     """
     if not 2 <= bits <= 8:
         raise SlmsearchError(f"KV-cache bits must satisfy 2 <= bits <= 8, got {bits}")
     channels = x.shape[-1]
     if group_size <= 0 or channels % group_size:
         raise SlmsearchError(f"KV-cache group size {group_size} must divide the head size {channels}")
-    g = x.float().reshape(*x.shape[:-1], channels // group_size, group_size)
+    rot = hadamard(channels) if rotate else None
+    g = x.float() if rot is None else x.float() @ rot
+    g = g.reshape(*x.shape[:-1], channels // group_size, group_size)
     maxq = 2**bits - 1
     low = g.amin(dim=-1, keepdim=True).to(torch.float16).float()
     scale = ((g.amax(dim=-1, keepdim=True) - low) / maxq).to(torch.float16).float().clamp_min(1e-8)
     q = torch.clamp(torch.round((g - low) / scale), 0, maxq)
-    return (q * scale + low).reshape(x.shape).to(x.dtype)
+    out = (q * scale + low).reshape(x.shape)
+    return (out if rot is None else out @ rot.T).to(x.dtype)

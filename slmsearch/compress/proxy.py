@@ -135,11 +135,11 @@ def score_model(model: Any, tokenizer: Any, data_dir: Path, kv: Any = None, *, s
                 batch_size: int = 8) -> float:
     """Token perplexity of a proxy model on the first ``windows`` windows, its KV cache rounded as
     the KV-cache stage ``kv`` says (None: 16-bit)."""
-    from slmsearch.compress.kvcache import install, set_attention
+    from slmsearch.compress.kvcache import install_stage, set_attention
     from slmsearch.evals.wikitext import token_perplexity
 
     if kv is not None and not kv.is_noop():
-        install(model, kv.bits, kv.group_size)
+        install_stage(model, kv)
     else:
         set_attention(model, "sdpa")
     ppl, _ = token_perplexity(model, tokenizer, data_dir, seqlen=seqlen, n_windows=windows, batch_size=batch_size)

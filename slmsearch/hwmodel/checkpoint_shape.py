@@ -136,6 +136,8 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
         embedding_format=emb_fmt, lm_head_format=head_fmt,
         kv_cache_bits=int((meta.get("kv_cache") or {}).get("bits", 16)),
         kv_cache_group=(meta.get("kv_cache") or {}).get("group_size"),
+        kv_cache_key_group=(meta.get("kv_cache") or {}).get("key_group_size"),
+        kv_cache_rotate=bool((meta.get("kv_cache") or {}).get("rotate", False)),
         activation_bits=int(meta.get("activation_bits", 16)),
         name=str(cfg.get("_name_or_path", folder.name)),
     )

@@ -142,7 +142,7 @@ def _run_pass(shape: ModelShape, p: Platform, pl: Placement, tokens: int, attend
     for idx, layer in enumerate(shape.layers):
         attn, mlp = layer_static_ops(layer, shape.hidden, tokens, shape.activation_bits, p, idx)
         ctx = layer_context_ops(layer, tokens, attended, shape.activation_bits, shape.kv_cache_bits, p, idx,
-                                kv_stored_bits=shape.kv_bits_per_value)
+                                kv_stored_bits=shape.kv_bits_per_value, rotate=shape.kv_cache_rotate)
         o_at = next(i for i, op in enumerate(attn) if op.name == "o_proj")
         ga, gm = splits[f"layers.{idx}.attn"], splits[f"layers.{idx}.mlp"]
         for op in attn[:o_at]:

@@ -376,13 +376,15 @@ def causal_pairs(tokens: int, attended: int) -> int:
 
 
 def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: int, kv_bits: int,
-                      p: Platform, idx: int, kv_stored_bits: float | None = None) -> list[Op]:
+                      p: Platform, idx: int, kv_stored_bits: float | None = None, rotate: bool = False) -> list[Op]:
     """Attention over the KV cache: scores, softmax, weighted sum (cost grows with ``attended``).
 
     Only the causal pairs are computed (``causal_pairs``): scores as batch x pairs dot products
     of length head_dim; the weighted sum as [tokens, attended] @ [attended, head_dim] with
     compute_density = pairs / (tokens * attended) (each output sums over its own prefix).
-    ``kv_stored_bits``: bits moved per cached element, scales and zeros included (default ``kv_bits``)."""
+    ``kv_stored_bits``: bits moved per cached element, scales and zeros included (default ``kv_bits``).
+    ``rotate``: each new query and key row is Hadamard-rotated first (a fast Walsh-Hadamard
+    transform: log2(head_dim) butterfly stages of head_dim additions per row)."""
     a, k = act_bits / 8, (kv_bits if kv_stored_bits is None else kv_stored_bits) / 8
     h, hd, kvh = layer.n_heads, layer.head_dim, layer.n_kv_heads
     g = f"layers.{idx}.attn"
@@ -402,8 +404,13 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
                 compute_density=pairs / full if full and pairs != full else 1.0,
                 act_bytes=int(math.ceil((h * pairs + tokens * h * hd) * a)),
                 kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
+    rot = []
+    if rotate:
+        stages = max(1, int(math.log2(hd)))
+        rot = [_eltwise("kv_rotate", g, tokens * (h + kvh) * hd * stages, p.cluster.cycles_per_element_add,
+                        2 * a / stages)]
     if not integer_graph(act_bits):
-        return [scores, softmax, values]
+        return [*rot, scores, softmax, values]
     # Deeploy's integer graph (integer_graph): K is transposed for the scores; with a cache, the new
     # K and V rows are concatenated onto it (Concat kernels) and the whole K is transposed again
     kv_el = kvh * hd
@@ -420,7 +427,7 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
     assert pairs == full, "Deeploy's integer attention scores the full tokens x attended matrix"
     scores = dataclasses.replace(scores, tokens=tokens, outputs=attended, deeploy_gemm=True)
     values = dataclasses.replace(values, deeploy_gemm=True)
-    return [*k_ops, scores,
+    return [*rot, *k_ops, scores,
             _scalar("scale_div", g, scored, p, 2 * a),
             _eltwise("mask_add", g, scored, p.cluster.cycles_per_element_add, 3 * a),
             softmax,

@@ -149,10 +149,11 @@ def static_bytes(shape: ModelShape) -> StaticBytes:
             kinds["scales_zeros"] += hs
             groups.append(("lm_head", hv + hs))
             groups.append(("embedding", ev + es))  # one row read per token: placed last
-    kv_values = sum(2 * layer.n_kv_heads * layer.head_dim for layer in shape.layers)
-    kv_bits = kv_values * shape.kv_cache_bits
+    k_values = sum(layer.n_kv_heads * layer.head_dim for layer in shape.layers)  # as many V values
+    kv_bits = 2 * k_values * shape.kv_cache_bits
     if shape.kv_cache_group is not None:
-        kv_bits += -(-kv_values // shape.kv_cache_group) * KV_PARAM_BITS
+        key_group = shape.kv_key_group or shape.kv_cache_group
+        kv_bits += (-(-k_values // key_group) + -(-k_values // shape.kv_cache_group)) * KV_PARAM_BITS
     return StaticBytes(tuple(kinds.items()), tuple(groups), kv_bits)
 
 

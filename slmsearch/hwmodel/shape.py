@@ -225,6 +225,9 @@ class ModelShape:
     # channels of one cached key (value) row sharing a 16-bit scale and a 16-bit zero point; None =
     # no scales (a 16-bit float cache). compress/kvcache.py quantizes per token and head this way.
     kv_cache_group: int | None = None
+    kv_cache_key_group: int | None = None  # the keys' group when it differs (None: kv_cache_group)
+    # each head's query and key rows Hadamard-rotated online before the cache (compress/kvcache.py)
+    kv_cache_rotate: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("hidden", self.hidden)
@@ -237,6 +240,8 @@ class ModelShape:
                 raise SlmsearchError(f"{name} must be an integer in 1..32, but got {v!r}")
         if self.kv_cache_group is not None:
             _positive_int("kv_cache_group", self.kv_cache_group)
+        if self.kv_cache_key_group is not None:
+            _positive_int("kv_cache_key_group", self.kv_cache_key_group)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -353,17 +358,27 @@ class ModelShape:
         adapter = Adapter(rank, bits) if rank else None
         return self._with_each_layer(lambda layer: dataclasses.replace(layer, adapter=adapter))
 
-    def with_kv_cache_bits(self, bits: int, group: int | None = None) -> ModelShape:
+    def with_kv_cache_bits(self, bits: int, group: int | None = None, *, key_group: int | None = None,
+                           rotate: bool = False) -> ModelShape:
         """A KV cache of ``bits``-bit values, with a 16-bit scale and zero per ``group`` channels
-        (None: no scales, for a float cache)."""
-        return dataclasses.replace(self, kv_cache_bits=bits, kv_cache_group=group)
+        (None: no scales, for a float cache), keys per ``key_group`` (None: ``group``), rotated
+        online when ``rotate``."""
+        return dataclasses.replace(self, kv_cache_bits=bits, kv_cache_group=group,
+                                   kv_cache_key_group=None if key_group == group else key_group,
+                                   kv_cache_rotate=rotate)
+
+    @property
+    def kv_key_group(self) -> int | None:
+        return self.kv_cache_group if self.kv_cache_key_group is None else self.kv_cache_key_group
 
     @property
     def kv_bits_per_value(self) -> float:
-        """Stored bits per cached key or value element, its share of the scales and zeros included."""
+        """Stored bits per cached key or value element (the mean of the two), its share of the
+        scales and zeros included."""
         if self.kv_cache_group is None:
             return float(self.kv_cache_bits)
-        return self.kv_cache_bits + KV_PARAM_BITS / self.kv_cache_group
+        key_group = self.kv_key_group or self.kv_cache_group
+        return self.kv_cache_bits + KV_PARAM_BITS * (1 / key_group + 1 / self.kv_cache_group) / 2
 
     def with_activation_bits(self, bits: int) -> ModelShape:
         return dataclasses.replace(self, activation_bits=bits)

@@ -20,7 +20,7 @@ from slmsearch.compress.gptq import WIDER
 from slmsearch.compress.plan import Plan
 from slmsearch.search.budget import Fits, place_size
 from slmsearch.search.config import SpaceConfig
-from slmsearch.search.space import base_dims, kv_cache_group, plan_from_params, valid_group_sizes
+from slmsearch.search.space import base_dims, kv_cache_params, plan_from_params, valid_group_sizes
 
 MIN_ANCHOR_BITS = 3  # 2-bit GPTQ breaks SmolLM2 (docs/benchmarks.md: every 2-bit grid point ppl > 1e6)
 MAX_ANCHORS = 2
@@ -83,5 +83,5 @@ def _placed(params: dict[str, Any], space: SpaceConfig, base_shape: Any, fits: F
 
 def _plan(params: dict[str, Any], space: SpaceConfig, base_shape: Any) -> Plan:
     dims = base_dims(base_shape)
-    return plan_from_params({**params, "lora_steps": space.lora_steps, "kv_cache_group": kv_cache_group(space, dims)},
+    return plan_from_params({**params, "lora_steps": space.lora_steps, **kv_cache_params(space, dims)},
                             space, dims, len(base_shape.layers))

@@ -100,6 +100,8 @@ class SpaceConfig:
     # kv_cache_group channels of each head's row (compress/kvcache.py)
     kv_cache_bits: tuple[int, ...] = (16, 8, 4)
     kv_cache_group: int = 32
+    kv_cache_key_group: int = 0  # the keys' group when finer than the values' (0: kv_cache_group)
+    kv_cache_rotate: bool = False  # Hadamard-rotate each head's keys and values before rounding
     # mixed precision: the share of the layers the budget leaves room to widen (one GPTQ width up)
     # that a trial widens, chosen by sensitivity (compress/sensitivity.py); [0, 0] = uniform widths
     wider_fraction: tuple[float, float] = (0.0, 1.0)
@@ -133,10 +135,15 @@ class SpaceConfig:
         object.__setattr__(self, "embedding_mse", _choices(s, "embedding_mse", self.embedding_mse, (0.0, 2.0, 2.4, 3.0)))
         object.__setattr__(self, "kv_cache_bits", _choices(s, "kv_cache_bits", self.kv_cache_bits, KV_CACHE_BITS))
         object.__setattr__(self, "wider_fraction", _range(s, "wider_fraction", self.wider_fraction, 0.0, 1.0))
-        if self.kv_cache_group not in KV_CACHE_GROUPS:
-            raise SlmsearchError(
-                f"space.kv_cache_group: unsupported value {self.kv_cache_group!r}; supported: {', '.join(map(str, KV_CACHE_GROUPS))}"
-            )
+        for name in ("kv_cache_group", "kv_cache_key_group"):
+            value = getattr(self, name)
+            if value not in KV_CACHE_GROUPS and not (name == "kv_cache_key_group" and value == 0):
+                raise SlmsearchError(
+                    f"space.{name}: unsupported value {value!r}; supported: {', '.join(map(str, KV_CACHE_GROUPS))}"
+                    + (" (or 0: the values' group)" if name == "kv_cache_key_group" else "")
+                )
+        if not isinstance(self.kv_cache_rotate, bool):
+            raise SlmsearchError(f"space.kv_cache_rotate must be true or false, got {self.kv_cache_rotate!r}")
         object.__setattr__(self, "activation_bits", _choices(s, "activation_bits", self.activation_bits, ACTIVATION_BITS))
         object.__setattr__(self, "weight_memory_first",
                            _choices(s, "weight_memory_first", self.weight_memory_first, WEIGHT_MEMORY_FIRST))

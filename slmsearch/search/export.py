@@ -111,7 +111,7 @@ def _checkpoint_format(folder: Path) -> str:
         fmt = "hf+lora-adapter" if adapter else "hf"
     fmt += PACKED_SUFFIX if has_packed_embedding(folder) else ""
     kv = folder_kv_settings(folder)
-    return fmt + (f"{KV_SUFFIX}{kv[0]}" if kv else "")
+    return fmt + (f"{KV_SUFFIX}{kv.bits}" if kv else "")
 
 
 PACKED_SUFFIX = "+packed-embedding"  # the embedding is stored as packed codes + scales (slmsearch.checkpoint)

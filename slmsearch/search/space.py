@@ -54,10 +54,22 @@ def kv_group_choices(space: SpaceConfig, base_shape: Any, multiple: int) -> list
 
 def kv_cache_group(space: SpaceConfig, dims: dict[str, int]) -> int:
     """The KV cache's group: ``space.kv_cache_group``, or the largest smaller one dividing the head size."""
+    return _fitting_group(space.kv_cache_group, dims["head_dim"])
+
+
+def _fitting_group(group: int, head_dim: int) -> int:
     from slmsearch.compress.kvcache import KV_GROUPS
 
-    fitting = [g for g in KV_GROUPS if g <= space.kv_cache_group and dims["head_dim"] % g == 0]
-    return max(fitting) if fitting else space.kv_cache_group  # none divides: the stage says why
+    fitting = [g for g in KV_GROUPS if g <= group and head_dim % g == 0]
+    return max(fitting) if fitting else group  # none divides: the stage says why
+
+
+def kv_cache_params(space: SpaceConfig, dims: dict[str, int]) -> dict[str, Any]:
+    """The KV cache's fixed settings as trial parameters: the values' and the keys' groups
+    (:func:`kv_cache_group`, each fitted to the head size) and the rotation."""
+    group = kv_cache_group(space, dims)
+    key_group = _fitting_group(space.kv_cache_key_group, dims["head_dim"]) if space.kv_cache_key_group else group
+    return {"kv_cache_group": group, "kv_cache_key_group": key_group, "kv_cache_rotate": space.kv_cache_rotate}
 
 
 def structured_multiple(groups: tuple[int, ...], dims: dict[str, int]) -> int:
@@ -117,7 +129,7 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
         params["gptq_mse"] = _choose(trial, "gptq_mse", space.gptq_mse)
         params["eora_rank"] = trial.suggest_categorical("eora_rank", list(space.eora_ranks))
     params["kv_cache_bits"] = _choose(trial, "kv_cache_bits", space.kv_cache_bits)
-    params["kv_cache_group"] = kv_cache_group(space, dims)
+    params.update(kv_cache_params(space, dims))
     lo, hi = drop_bounds(space, n_layers)
     drop_fraction = trial.suggest_float("drop_fraction", 0.0, 1.0, step=0.05) if hi > lo else 0.0
     wide_lo, wide_hi = space.wider_fraction
@@ -170,7 +182,7 @@ def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = 
         "embedding_group": max(space.embedding_groups, key=lambda g: g or 10**9),
         "gptq_bits": min(space.gptq_bits),
         "kv_cache_bits": min(space.kv_cache_bits),
-        "kv_cache_group": kv_cache_group(space, dims),
+        **kv_cache_params(space, dims),
         "group_size": max(groups, key=lambda g: g if g > 0 else 10**9),
         "eora_rank": 0,
         **(overrides or {}),
