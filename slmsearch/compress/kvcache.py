@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from slmsearch.hwmodel.shape import ModelShape
 
 KV_BITS = (16, 8, 4)
-KV_GROUPS = (16, 32, 64, 128)
+KV_GROUPS = (8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class KvCacheQuant(Stage):
         check_choice("kv_cache", "group_size", self.group_size, KV_GROUPS)
         if self.key_group_size:
             check_choice("kv_cache", "key_group_size", self.key_group_size, KV_GROUPS)
+        if self.key_group_size == self.group_size:  # one plan, one form
+            object.__setattr__(self, "key_group_size", 0)
         if not isinstance(self.rotate, bool):
             raise SlmsearchError(f"kv_cache.rotate must be true or false, got {self.rotate!r}")
 

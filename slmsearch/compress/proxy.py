@@ -4,7 +4,8 @@ The proxy of a plan keeps what decides its structure and swaps what is expensive
 
 - depth and WANDA run for real, through the stage cache (the plan's full compression then
   starts from the same cached folders);
-- the embedding is rounded exactly as the plan rounds it (in memory, seconds);
+- the embedding is rounded as the plan rounds it (in memory, seconds), to nearest where the plan
+  uses GPTQ's error feedback (as for the layers);
 - GPTQ becomes round-to-nearest on GPTQ's symmetric grid (:func:`kernels.rtn_codes`) at the
   same per-layer widths (the same cached sensitivity ranking picks the wider layers), group size
   and scale search; its Hessian-aware error compensation is what the proxy leaves out;
@@ -18,6 +19,7 @@ evaluation decides pruning on, so a proxy and a full result of one plan are dire
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -86,7 +88,7 @@ def proxy_model(plan: Plan, base_location: str, data_dir: Path, calib: CalibSett
     done = list(structural.stages)
     for stage in stages:
         if stage.kind == "embedding":
-            _round_embedding(model, stage)
+            _round_embedding(model, dataclasses.replace(stage, gptq=False))
             done.append(stage)
     gptq = next((s for s in stages if isinstance(s, Gptq)), None)
     if gptq is not None:

@@ -35,7 +35,7 @@ GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
 EMBEDDING_BITS = (16, 8, 4)
 EMBEDDING_GROUPS = (0, 32, 64, 128)  # 0 = one scale per row
 KV_CACHE_BITS = (16, 8, 4)  # 16 = a float cache
-KV_CACHE_GROUPS = (16, 32, 64, 128)
+KV_CACHE_GROUPS = (8, 16, 32, 64, 128)
 WANDA_PATTERNS = ("none", "unstructured", "2:4", "4:8", "structured")
 GB = 10**9  # bytes in a GB: sizes in a study file are decimal, as budget_mb's MB is 1e6 bytes
 SEED_LIMIT = 2**32  # numpy's and Optuna's samplers take seeds in 0 .. 2**32 - 1
@@ -96,11 +96,17 @@ class SpaceConfig:
     embedding_groups: tuple[int, ...] = (32, 64)
     # the embedding's clipping search norm (0 = max-abs scales; kernels.rtn_codes)
     embedding_mse: tuple[float, ...] = (2.4,)
+    # the embedding's codes by GPTQ over the lm_head's inputs (compress/embedding.py): at 4-bit g64
+    # x1.04 the dense token ppl instead of x1.16, ~60 s per new input model (docs/benchmarks.md)
+    embedding_gptq: bool = True
     # the KV cache's stored width (16 = float); quantized ones keep a 16-bit scale and zero per
     # kv_cache_group channels of each head's row (compress/kvcache.py)
+    # kv_cache_group channels of each head's value row and kv_cache_key_group of its key row (keys have
+    # outlier channels: at 4 bits, keys g16 + values g64 x1.030 the dense token ppl, both g32 x1.055,
+    # both g64 x1.122, for 0.25 bits a value more than both g32; docs/benchmarks.md section 6)
     kv_cache_bits: tuple[int, ...] = (16, 8, 4)
-    kv_cache_group: int = 32
-    kv_cache_key_group: int = 0  # the keys' group when finer than the values' (0: kv_cache_group)
+    kv_cache_group: int = 64
+    kv_cache_key_group: int = 16  # 0: kv_cache_group
     kv_cache_rotate: bool = False  # Hadamard-rotate each head's keys and values before rounding
     # mixed precision: the share of the layers the budget leaves room to widen (one GPTQ width up)
     # that a trial widens, chosen by sensitivity (compress/sensitivity.py); [0, 0] = uniform widths
@@ -142,6 +148,8 @@ class SpaceConfig:
                     f"space.{name}: unsupported value {value!r}; supported: {', '.join(map(str, KV_CACHE_GROUPS))}"
                     + (" (or 0: the values' group)" if name == "kv_cache_key_group" else "")
                 )
+        if not isinstance(self.embedding_gptq, bool):
+            raise SlmsearchError(f"space.embedding_gptq must be true or false, got {self.embedding_gptq!r}")
         if not isinstance(self.kv_cache_rotate, bool):
             raise SlmsearchError(f"space.kv_cache_rotate must be true or false, got {self.kv_cache_rotate!r}")
         object.__setattr__(self, "activation_bits", _choices(s, "activation_bits", self.activation_bits, ACTIVATION_BITS))

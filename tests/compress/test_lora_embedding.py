@@ -124,3 +124,41 @@ def test_an_unknown_recovery_loss_is_refused():
 
     with pytest.raises(SlmsearchError, match="lora.loss must be one of lm, kd, got 'mse'"):
         LoraRecovery(loss="mse")
+
+
+def _logit_error(weight, reference, inputs):
+    return float(sum(((x @ weight.T) - (x @ reference.T)).pow(2).sum() for x in inputs))
+
+
+def test_embedding_gptq_moves_the_logits_less_than_rounding(model, calib):
+    """GPTQ codes of the tied embedding: on the grid the packed format stores, and the lm_head's
+    outputs on the calibration inputs move less than with round-to-nearest at the same grid."""
+    from conftest import tiny_model
+
+    from slmsearch.checkpoint import PACKED_ATTR
+    from slmsearch.compress.kernels import rtn_dequantize
+
+    original = model.get_input_embeddings().weight.detach().clone()
+    stage = EmbeddingQuant(bits=4, group_size=32, mse=2.4, gptq=True)
+    inputs = stage._lm_head_inputs(model, calib)
+    report = stage.apply(model, calib)
+    gptq = model.get_input_embeddings().weight.detach()
+    packed = getattr(model, PACKED_ATTR)["embed"]
+    assert torch.equal(rtn_dequantize(packed.codes, packed.scales, 4, gptq.dtype), gptq)  # the packed truth
+    assert report.metrics["tied"] and model.lm_head.weight is model.get_input_embeddings().weight
+    rtn_model = tiny_model()
+    EmbeddingQuant(bits=4, group_size=32, mse=2.4).apply(rtn_model)
+    rtn = rtn_model.get_input_embeddings().weight.detach()
+    assert _logit_error(gptq, original, inputs) < 0.9 * _logit_error(rtn, original, inputs)
+    assert stage.label() == "emb4g32h"
+
+
+def test_embedding_gptq_without_calibration_is_refused(model):
+    import pytest
+
+    from slmsearch.errors import SlmsearchError
+
+    with pytest.raises(SlmsearchError, match="embedding.gptq needs calibration windows"):
+        EmbeddingQuant(bits=4, group_size=32, gptq=True).apply(model)
+    with pytest.raises(SlmsearchError, match="embedding.gptq must be true or false, got 'yes'"):
+        EmbeddingQuant(bits=4, gptq="yes")

@@ -73,6 +73,9 @@ def _write(tmp_path, text):
         ("objectives: []\n", "objectives must be a non-empty list"),
         ("space: 3\n", "study section 'space' must be a mapping of keys, got 3"),
         ("model: 3\n", "model must be a string or null, got 3"),
+        ("space: {kv_cache_key_group: 24}\n", "space.kv_cache_key_group: unsupported value 24; supported: 8, 16, 32, 64, 128 (or 0"),
+        ("space: {kv_cache_rotate: 1}\n", "space.kv_cache_rotate must be true or false, got 1"),
+        ("space: {embedding_gptq: yes please}\n", "space.embedding_gptq must be true or false, got 'yes please'"),
     ],
 )
 def test_bad_study_files_name_the_value(tmp_path, text, needle):

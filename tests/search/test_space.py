@@ -58,9 +58,9 @@ def test_plan_from_params_builds_every_stage_in_order():
     plan = plan_from_params(FULL, dataclasses.replace(SPACE, depth_score="ppl", lora_heldout=8), DIMS, 30)
     assert plan == Plan((
         DepthPrune(drop=4, by="ppl"), Wanda(pattern="2:4", sparsity=0.5), LoraRecovery(rank=8, steps=10, heldout=8, loss="kd"),
-        EmbeddingQuant(bits=4, mse=2.4), Gptq(bits=3, group_size=64, act_order=True, mse=2.4), Eora(rank=16),
+        EmbeddingQuant(bits=4, mse=2.4, gptq=True), Gptq(bits=3, group_size=64, act_order=True, mse=2.4), Eora(rank=16),
     ))
-    assert Plan.from_dict(plan.to_dict()).label() == "drop4 wanda2:4@0.50 lora8kd emb4 w3g64 eora16"
+    assert Plan.from_dict(plan.to_dict()).label() == "drop4 wanda2:4@0.50 lora8kd emb4h w3g64 eora16"
 
 
 @pytest.mark.parametrize("params, stages", [
@@ -93,8 +93,9 @@ def test_suggest_plan_on_a_fixed_trial_records_the_params_that_rebuild_it():
     plan = suggest_plan(trial, SPACE, BASE)  # no budget: the sizes span the whole space
     assert plan == Plan((
         DepthPrune(drop=4), Wanda(pattern="structured", mlp_fraction=0.25, kv_groups=0, multiple=64),  # round(0.35 * 12)
-        LoraRecovery(rank=8, steps=SPACE.lora_steps, heldout=SPACE.lora_heldout, loss="kd"), EmbeddingQuant(bits=8, group_size=32, mse=2.4),
-        Gptq(bits=4, group_size=64, wider_layers=13, mse=2.4), Eora(rank=8), KvCacheQuant(bits=8, group_size=32),  # 0.5 * 26 kept
+        LoraRecovery(rank=8, steps=SPACE.lora_steps, heldout=SPACE.lora_heldout, loss="kd"),
+        EmbeddingQuant(bits=8, group_size=32, mse=2.4, gptq=True), Gptq(bits=4, group_size=64, wider_layers=13, mse=2.4),  # 0.5 * 26 kept
+        Eora(rank=8), KvCacheQuant(bits=8, group_size=64, key_group_size=16),
     ))
     fixed = {"structured_multiple": 64, "lora_steps": SPACE.lora_steps, "drop_layers": 4, "gptq_wider_layers": 13}
     assert plan_from_params({**trial.params, **fixed}, SPACE, DIMS, 30) == plan
@@ -119,7 +120,8 @@ def test_baseline_params_are_the_empty_plan():
 def test_most_compressed_plan_takes_every_extreme():
     assert most_compressed_plan(SPACE, BASE) == Plan((
         DepthPrune(drop=12), Wanda(pattern="structured", mlp_fraction=0.5, kv_groups=0, multiple=64),
-        EmbeddingQuant(bits=4, group_size=64, mse=2.4), Gptq(bits=2, group_size=64, mse=2.4), KvCacheQuant(bits=4, group_size=32),
+        EmbeddingQuant(bits=4, group_size=64, mse=2.4, gptq=True), Gptq(bits=2, group_size=64, mse=2.4),
+        KvCacheQuant(bits=4, group_size=64, key_group_size=16),
     ))
     assert most_compressed_plan(SPACE, BASE, pattern="unstructured").get("wanda") == Wanda(sparsity=0.5)
 
@@ -136,3 +138,15 @@ def test_no_sampled_plan_is_smaller_than_the_most_compressed_one():
         trial = study.ask()
         assert footprint(suggest_plan(trial, SPACE, BASE)) >= smallest
         study.tell(trial, 0.0)
+
+
+def test_the_space_settings_of_the_embedding_and_kv_cache_reach_the_stages():
+    space = dataclasses.replace(SPACE, embedding_gptq=True, kv_cache_group=64, kv_cache_key_group=16, kv_cache_rotate=True)
+    trial = FixedTrial({"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 4,
+                        "embedding_group": 64, "gptq_bits": 16, "kv_cache_bits": 4})
+    plan = suggest_plan(trial, space, BASE)
+    assert plan == Plan((EmbeddingQuant(bits=4, group_size=64, mse=2.4, gptq=True),
+                         KvCacheQuant(bits=4, group_size=64, key_group_size=16, rotate=True)))
+    assert plan.label() == "emb4g64h kv4r"
+    # the footprint counts the keys' finer groups: 4 + 32/16 bits a key, 4 + 32/64 a value
+    assert plan.shape(BASE).kv_bits_per_value == 4 + (2 + 0.5) / 2
