@@ -122,7 +122,11 @@ def estimate_trial_seconds(config: StudyConfig) -> float:
     # a proxy screen: 14-70 s on the default study, median ~32 s (bench/search_side_by_side.py's log,
     # docs/benchmarks.md section 9); the first screens spread over the trials
     screen_s = 35 * (screening.per_trial + screening.first / config.trials) if screening.enabled else 0.0
-    return 15 + gptq_share * gptq_s + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s + screen_s
+    # the embedding's GPTQ, ~70 s, once per input model (the stage cache keeps it): about half the
+    # trials bring a new one (layers dropped or LoRA-trained)
+    emb_share = sum(b != 16 for b in space.embedding_bits) / len(space.embedding_bits)
+    emb_s = 70 * emb_share * 0.5 if space.embedding_gptq else 0.0
+    return 15 + gptq_share * gptq_s + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s + screen_s + emb_s
 
 
 def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = None) -> dict[str, Any]:
