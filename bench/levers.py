@@ -64,6 +64,9 @@ CONFIGS: dict[str, list[dict]] = {
     "64 MB, embedding gptq, 4 layers wider": [EH, {**G3, "mse": 2.4, "wider_layers": 4}, {"stage": "kv_cache", "bits": 4, "group_size": 32}],
     "64 MB, embedding gptq, 4 layers wider, keys g16 values g64": [
         EH, {**G3, "mse": 2.4, "wider_layers": 4}, {"stage": "kv_cache", "bits": 4, "group_size": 64, "key_group_size": 16}],
+    "64 MB, embedding g64, 4 layers wider, keys g16 values g64": [
+        {"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4}, {**G3, "mse": 2.4, "wider_layers": 4},
+        {"stage": "kv_cache", "bits": 4, "group_size": 64, "key_group_size": 16}],
     "64 MB, embedding gptq, 5 layers wider, kv g64 rotated": [
         EH, {**G3, "mse": 2.4, "wider_layers": 5}, {"stage": "kv_cache", "bits": 4, "group_size": 64, "rotate": True}],
 }

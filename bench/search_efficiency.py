@@ -52,6 +52,7 @@ AXES = ("drop_layers", "gptq_bits", "gptq_wider_layers", "kv_cache_bits")
 SEARCHES = ("screened", "nsga2+anchors+dedup", "random")
 GOAL_HV, GOAL_SHARE, ANCHOR_GOAL = 0.95, 0.10, 0.80
 REF = 1.1
+GRID_LAYERS = 30  # the grid's model, SmolLM2-135M (bench/build_grid.py)
 
 
 class Grid:
@@ -75,7 +76,15 @@ class Grid:
             rec: dict[str, Any] = {k: float(r[k]) for k in ("footprint_mb", "decode_latency_s")}
             rec["feasible"] = rec["footprint_mb"] <= self.budget
             rec["plan"] = r["plan"]
-            rec["features"] = (f"gptq{int(float(r['gptq_bits']))}",)
+            from slmsearch.search.screening import weighted_features
+
+            bits = int(float(r["gptq_bits"]))
+            rec["width"] = f"gptq{bits}"
+            # the chooser's features as a study weighs them: GPTQ widths by their share of the kept layers
+            rec["features"], rec["weights"] = weighted_features(
+                {"stages": [{"stage": "depth", "drop": int(float(r["drop_layers"]))},
+                            {"stage": "gptq", "bits": bits, "wider_layers": int(float(r["gptq_wider_layers"]))}]},
+                n_layers=GRID_LAYERS)
             if r.get("wikitext_token_ppl"):
                 rec["ppl"] = float(r["wikitext_token_ppl"])
                 rec["proxy_ppl"] = float(r["proxy_token_ppl"])
@@ -254,7 +263,7 @@ def _point(key: tuple[int, ...], row: dict[str, Any], *, proxy: bool) -> Any:
     from slmsearch.search.screening import Point
 
     return Point(key=json.dumps(list(key)), ppl=row["proxy_ppl"] if proxy else row["ppl"], features=row["features"],
-                 costs=(row["decode_latency_s"],), proxy_ppl=row["proxy_ppl"])
+                 weights=row["weights"], costs=(row["decode_latency_s"],), proxy_ppl=row["proxy_ppl"])
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -278,12 +287,12 @@ def proxy_fidelity(rows: list[dict[str, Any]]) -> dict[str, float]:
     from slmsearch.search import screening
 
     def prior(r: dict[str, Any]) -> float:
-        return r["proxy_ppl"] * math.exp(sum(screening.PRIOR.get(f, 0.0) for f in r["features"]))
+        return r["proxy_ppl"] * math.exp(sum(screening.PRIOR.get(f, 0.0) * w for f, w in zip(r["features"], r["weights"])))
 
     out = {"raw": spearman([r["proxy_ppl"] for r in rows], [r["ppl"] for r in rows]),
            "prior_corrected": spearman([prior(r) for r in rows], [r["ppl"] for r in rows])}
-    for feature in sorted({r["features"][0] for r in rows}):
-        same = [r for r in rows if r["features"][0] == feature]
+    for feature in sorted({r["width"] for r in rows}):
+        same = [r for r in rows if r["width"] == feature]
         if len(same) >= 3:
             out[f"within_{feature}"] = spearman([r["proxy_ppl"] for r in same], [r["ppl"] for r in same])
     return out

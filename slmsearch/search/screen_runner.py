@@ -98,7 +98,7 @@ def run_screen(trial: Any, ctx: Any) -> tuple[float, ...]:
         ctx.log(f"screen {trial.number}: {plan.label()} ({hw['footprint_mb']:.1f} MB): proxy token ppl {ppl:.1f} "
                 f"({score.seconds:.0f} s)")
     trial.set_user_attr(PROXY_PPL_ATTR, ppl)
-    point = screening.Point(key=mine, ppl=ppl, features=screening.plan_features(plan.to_dict()), costs=())
+    point = _point(mine, ppl, plan.to_dict(), (), n_layers=base_layers(ctx.base_location))
     prior = screening.predicted_ppl(point, screening.PRIOR) if math.isfinite(ppl) else float("inf")
     return (min(prior, 1e30), *(float(hw[o.metric]) for o in hw_objectives(config)))
 
@@ -118,10 +118,26 @@ def screen(screen_study: Any, ctx: Any, count: int) -> int:
     return ran
 
 
-def evaluated_points(study: Any, config: Any) -> list[Any]:
-    """The study's evaluated compressed trials as the chooser sees them (measured early ppl)."""
+def base_layers(location: str) -> int | None:
+    """The decoder layers of the study's model (its config.json), or None when it cannot be read."""
+    from slmsearch.models import model_config
+
+    try:
+        return int(model_config(location)["num_hidden_layers"])
+    except Exception:  # a weighting only: without it each GPTQ width counts whole
+        return None
+
+
+def _point(key: str, ppl: float, plan: dict[str, Any], costs: tuple[float, ...], *, n_layers: int | None,
+           proxy_ppl: float | None = None) -> Any:
     from slmsearch.search import screening
 
+    features, weights = screening.weighted_features(plan, n_layers)
+    return screening.Point(key=key, ppl=ppl, features=features, weights=weights, costs=costs, proxy_ppl=proxy_ppl)
+
+
+def evaluated_points(study: Any, config: Any, n_layers: int | None = None) -> list[Any]:
+    """The study's evaluated compressed trials as the chooser sees them (measured early ppl)."""
     out = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
@@ -130,13 +146,12 @@ def evaluated_points(study: Any, config: Any) -> list[Any]:
         if float(attrs.get("footprint_mb", math.inf)) > config.budget_mb:
             continue
         proxy = attrs.get(PROXY_PPL_ATTR)
-        out.append(screening.Point(key=_identity(attrs), ppl=float(attrs[EARLY_PPL_ATTR]),
-                                   features=screening.plan_features(attrs.get(PLAN_ATTR) or {}), costs=_costs(attrs, config),
-                                   proxy_ppl=float(proxy) if proxy is not None else None))
+        out.append(_point(_identity(attrs), float(attrs[EARLY_PPL_ATTR]), attrs.get(PLAN_ATTR) or {}, _costs(attrs, config),
+                          n_layers=n_layers, proxy_ppl=float(proxy) if proxy is not None else None))
     return out
 
 
-def candidates(screen_study: Any, study: Any, config: Any) -> dict[str, tuple[Any, Any]]:
+def candidates(screen_study: Any, study: Any, config: Any, n_layers: int | None = None) -> dict[str, tuple[Any, Any]]:
     """Screened plans no trial of the study holds yet (waiting, running or finished): identity ->
     (screen trial, chooser point)."""
     from optuna.trial import TrialState
@@ -152,8 +167,7 @@ def candidates(screen_study: Any, study: Any, config: Any) -> dict[str, tuple[An
         if key in taken or key in out or t.number in promoted or PROXY_PPL_ATTR not in t.user_attrs:
             continue
         ppl = float(t.user_attrs[PROXY_PPL_ATTR])
-        out[key] = (t, screening.Point(key=key, ppl=ppl, features=screening.plan_features(t.user_attrs.get(PLAN_ATTR) or {}),
-                                       costs=_costs(t.user_attrs, config)))
+        out[key] = (t, _point(key, ppl, t.user_attrs.get(PLAN_ATTR) or {}, _costs(t.user_attrs, config), n_layers=n_layers))
     return out
 
 
@@ -185,14 +199,15 @@ def promote(study: Any, screen_study: Any, ctx: Any) -> bool:
     due = settings.first + settings.per_trial * promoted
     if done < due:
         screen(screen_study, ctx, due - done)
-    evaluated = evaluated_points(study, config)
+    n_layers = base_layers(ctx.base_location)
+    evaluated = evaluated_points(study, config, n_layers)
     theta = screening.fit_correction(evaluated)
     broken = pruning_limit(study.user_attrs.get(BASELINE_PPL_STUDY_ATTR) or ctx.baseline_first_ppl, evaluated,
                            config.pruning)
     choice = None
     pool: dict[str, tuple[Any, Any]] = {}
     for round_ in range(settings.extra_rounds + 1):
-        pool = candidates(screen_study, study, config)
+        pool = candidates(screen_study, study, config, n_layers)
         choice = screening.choose([p for _, p in pool.values()], evaluated, theta, broken_ppl=broken)
         if choice is not None or round_ == settings.extra_rounds or settings.per_trial == 0:
             break

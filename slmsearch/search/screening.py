@@ -54,20 +54,59 @@ class Point:
     features: tuple[str, ...]
     costs: tuple[float, ...]
     proxy_ppl: float | None = None  # an evaluated plan's proxy score, when it was screened
+    weights: tuple[float, ...] = ()  # each feature's share (e.g. of the layers at a GPTQ width); () = 1 each
+
+    def weighted(self) -> tuple[tuple[str, float], ...]:
+        return tuple(zip(self.features, self.weights or (1.0,) * len(self.features)))
+
+
+# one GPTQ width up, as the GPTQ stage widens its most sensitive layers (compress/gptq.py's WIDER)
+_WIDER = {2: 3, 3: 4, 4: 8, 8: 8}
 
 
 def plan_features(plan: Mapping[str, Any]) -> tuple[str, ...]:
     """The features of a plan dict (``Plan.to_dict``) that the proxy leaves out or approximates."""
-    out: list[str] = []
+    return weighted_features(plan)[0]
+
+
+def weighted_features(plan: Mapping[str, Any], n_layers: int | None = None) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """:func:`plan_features` with each one's weight: a GPTQ width weighs the share of the kept
+    layers quantized at it (``n_layers``: the model's layers before any is dropped; None counts
+    every layer at the stage's ``bits``), LoRA and EoRA weigh 1. A 3-bit plan with most layers
+    widened to 4 bits is corrected mostly as a 4-bit one."""
+    names: list[str] = []
+    weights: list[float] = []
+
+    def add(name: str, weight: float) -> None:
+        if weight > 0:
+            if name in names:
+                weights[names.index(name)] += weight
+            else:
+                names.append(name)
+                weights.append(weight)
+
+    dropped = sum(len(st["indices"]) if st.get("indices") is not None else int(st.get("drop", 0))
+                  for st in plan.get("stages", []) if st.get("stage") == "depth")
     for stage in plan.get("stages", []):
         kind = stage.get("stage")
         if kind == "gptq" and int(stage.get("bits", 16)) < 16:
-            out.append(f"gptq{int(stage['bits'])}")
+            bits = int(stage["bits"])
+            widths = [int(b) for b in stage.get("layer_bits") or []]
+            wider = int(stage.get("wider_layers", 0) or 0)
+            if not widths and wider and n_layers is not None and n_layers - dropped > 0:
+                kept = n_layers - dropped
+                widths = [_WIDER.get(bits, bits)] * min(wider, kept) + [bits] * max(kept - wider, 0)
+            if widths:
+                for b in sorted(set(widths)):
+                    if b < 16:
+                        add(f"gptq{b}", widths.count(b) / len(widths))
+            else:
+                add(f"gptq{bits}", 1.0)
         elif kind == "lora" and int(stage.get("rank", 0)) > 0:
-            out.append("lora")
+            add("lora", 1.0)
         elif kind == "eora" and int(stage.get("rank", 0)) > 0:
-            out.append("eora")
-    return tuple(out)
+            add("eora", 1.0)
+    return tuple(names), tuple(weights)
 
 
 def fit_correction(evaluated: Sequence[Point], prior: Mapping[str, float] = PRIOR,
@@ -75,7 +114,7 @@ def fit_correction(evaluated: Sequence[Point], prior: Mapping[str, float] = PRIO
     """Per-feature additive corrections of the proxy's log perplexity: ridge regression of the
     residuals ``log(ppl) - log(proxy_ppl)`` of evaluated, screened plans toward ``prior``
     (features outside ``prior`` start at 0). Solved by coordinate descent (a few features)."""
-    rows = [(p.features, math.log(p.ppl) - math.log(p.proxy_ppl)) for p in evaluated
+    rows = [(dict(p.weighted()), math.log(p.ppl) - math.log(p.proxy_ppl)) for p in evaluated
             if p.proxy_ppl and p.proxy_ppl > 0 and p.ppl > 0 and math.isfinite(p.ppl) and math.isfinite(p.proxy_ppl)]
     names = sorted({f for feats, _ in rows for f in feats} | set(prior))
     theta = {f: float(prior.get(f, 0.0)) for f in names}
@@ -85,15 +124,16 @@ def fit_correction(evaluated: Sequence[Point], prior: Mapping[str, float] = PRIO
             den = weight
             for feats, residual in rows:
                 if f in feats:
-                    num += residual - sum(theta[g] for g in feats if g != f)
-                    den += 1.0
+                    w = feats[f]
+                    num += w * (residual - sum(theta[g] * v for g, v in feats.items() if g != f))
+                    den += w * w
             theta[f] = num / den
     return theta
 
 
 def predicted_ppl(point: Point, theta: Mapping[str, float]) -> float:
     """The candidate's proxy perplexity corrected by ``theta``."""
-    return point.ppl * math.exp(sum(theta.get(f, 0.0) for f in point.features))
+    return point.ppl * math.exp(sum(theta.get(f, 0.0) * w for f, w in point.weighted()))
 
 
 def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> float:

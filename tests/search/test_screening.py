@@ -9,7 +9,7 @@ import random
 import pytest
 
 from slmsearch.search.screening import (
-    PRIOR, Point, choose, fallback, fit_correction, hypervolume, plan_features, predicted_ppl,
+    PRIOR, Point, choose, fallback, fit_correction, hypervolume, plan_features, predicted_ppl, weighted_features,
 )
 
 
@@ -43,6 +43,39 @@ def test_plan_features_name_what_the_proxy_leaves_out():
                        {"stage": "eora", "rank": 0}, {"stage": "kv_cache", "bits": 4}]}
     assert plan_features(plan) == ("lora", "gptq3")
     assert plan_features({"stages": []}) == ()
+
+
+def test_a_widened_plan_is_corrected_by_the_share_of_layers_at_each_width():
+    """The 128 MB study of the eleventh session promoted drop2 ... w3+18 (18 of 28 layers 4-bit)
+    with the whole 3-bit correction (predicted 21.4, below the dense model's 31) over a 4/8-bit
+    anchor; weighted by layer shares its correction is mostly the 4-bit one."""
+    plan = {"stages": [{"stage": "depth", "drop": 2}, {"stage": "lora", "rank": 4},
+                       {"stage": "gptq", "bits": 3, "wider_layers": 18}, {"stage": "eora", "rank": 16}]}
+    names, weights = weighted_features(plan, n_layers=30)
+    assert dict(zip(names, weights)) == pytest.approx({"lora": 1.0, "gptq4": 18 / 28, "gptq3": 10 / 28, "eora": 1.0})
+    assert weighted_features(plan) == (("lora", "gptq3", "eora"), (1.0, 1.0, 1.0))  # layer count unknown
+    explicit = {"stages": [{"stage": "gptq", "bits": 3, "layer_bits": [3, 4, 4, 16]}]}
+    assert weighted_features(explicit, n_layers=4) == (("gptq3", "gptq4"), (0.25, 0.5))
+    widened = Point("w", 67.4, names, (), weights=weights)
+    whole = Point("w", 67.4, plan_features(plan), ())
+    correction = predicted_ppl(widened, PRIOR) / 67.4
+    assert math.exp(PRIOR["gptq3"] + PRIOR["lora"] + PRIOR["eora"]) < correction
+    assert correction == pytest.approx(math.exp(10 / 28 * PRIOR["gptq3"] + 18 / 28 * PRIOR["gptq4"] - 0.1))
+    assert predicted_ppl(whole, PRIOR) < predicted_ppl(widened, PRIOR)
+
+
+def test_weighted_fit_recovers_per_width_residuals():
+    """Plans mixing two widths in known shares: the fit finds each width's residual."""
+    true = {"gptq3": -1.0, "gptq4": -0.2}
+    points = []
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        feats = {"gptq3": 1 - share, "gptq4": share}
+        names = tuple(f for f, w in feats.items() if w > 0)
+        weights = tuple(feats[f] for f in names)
+        residual = sum(true[f] * feats[f] for f in names)
+        points.append(Point(f"p{share}", 50.0 * math.exp(residual), names, (), proxy_ppl=50.0, weights=weights))
+    theta = fit_correction(points * 100, prior={"gptq3": 0.0, "gptq4": 0.0}, weight=1.0)  # the prior pulls by ~1/190
+    assert theta["gptq3"] == pytest.approx(-1.0, abs=0.02) and theta["gptq4"] == pytest.approx(-0.2, abs=0.02)
 
 
 def test_correction_starts_at_the_prior_and_learns_each_feature_from_the_evaluated_plans():
