@@ -82,7 +82,8 @@ def test_the_choice_uses_the_correction_fitted_on_evaluated_trials(tmp_path, tin
     config = _config(tmp_path, tiny_checkpoint, data_dir, trials=3)
     optimize(config, log=lambda m: None)
     study = optuna.load_study(study_name="tiny", storage=config.storage)
-    points = screen_runner.evaluated_points(study, config)
+    # weighted by the model's layer count, as the study weighs them
+    points = screen_runner.evaluated_points(study, config, screen_runner.base_layers(str(tiny_checkpoint)))
     promoted = [t for t in study.trials if screen_runner.SCREENED_FROM_ATTR in t.user_attrs]
     assert len(points) == len([t for t in promoted if "early_token_ppl" in t.user_attrs])
     assert all(p.proxy_ppl is not None for p in points)
