@@ -12,7 +12,7 @@ quantized the same way.
 nearest, with the Hessian of the lm_head's inputs (the final norm's outputs on the calibration
 windows): the rounding error of one column is carried into the columns not yet rounded, so the
 logits move least. The output side is what rounding a tied embedding hurts most; on SmolLM2-135M at
-4 bits g64 token ppl goes from x1.16 to x1.04 the dense model's (docs/benchmarks.md).
+4 bits g64 token ppl goes from x1.17 to x1.05 the dense model's (docs/benchmarks.md section 6).
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ class EmbeddingQuant(Stage):
 def gptq_codes(weight: Any, inputs: list[Any], bits: int, group_size: int | None, mse: float) -> tuple[Any, Any]:
     """GPTQ of ``weight`` ``[rows, cols]`` as a Linear applied to ``inputs`` (``[tokens, cols]``
     tensors), on the symmetric grid :func:`kernels.rtn_dequantize` reads:
-    ``(codes uint8, scales fp16)``. gptqmodel's solver (columns in order, no act_order) with its
-    scale search when ``mse`` > 0; its scales are rounded to 16 bits after the solve."""
+    ``(codes uint8, scales fp16)``. gptqmodel's solver (its group-aware column order, groups kept
+    contiguous; no act_order) with its scale search when ``mse`` > 0; its scales are rounded to 16
+    bits after the solve."""
     import torch
     from torch import nn
 
