@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,35 @@ def structural_part(plan: Plan) -> Plan:
     return Plan(tuple(s for s in plan.effective().stages if s.kind in STRUCTURAL))
 
 
-def round_linears(model: Any, widths: tuple[int, ...], group_size: int, mse: float) -> None:
-    """Round every decoder layer's Linear weights in place to its width (``widths[i]`` for layer
-    ``i``; 16 leaves the layer as it is) on GPTQ's symmetric grid, with the scale search ``mse``."""
+# The clip search's scales of this process, by (the Linear's weights, bits, group, mse): the search
+# is a screen's costliest step (25 trial roundings of every weight), and a layer's scales at a width
+# depend only on its weights, which dropping other layers leaves alone, so the screens of one study
+# search each (layer, width, group) once, whatever they drop. Rounding with known scales is one
+# pass. Oldest dropped past _SCALES_KEPT modules (about 10 whole-model settings of SmolLM2-135M,
+# 3-7 MB of fp16 scales each).
+_SCALES: OrderedDict[tuple[str, int, int, float], Any] = OrderedDict()
+_SCALES_KEPT = 2100
+
+
+def weights_digest(weight: Any) -> str:
+    """A content key of a CPU tensor: its shape, dtype and bytes (blake2b)."""
+    import hashlib
+
     import torch
 
-    from slmsearch.compress.kernels import rtn_codes, rtn_dequantize
+    data = weight.detach().contiguous()
+    digest = hashlib.blake2b(f"{tuple(data.shape)}{data.dtype}".encode(), digest_size=20)
+    digest.update(memoryview(data.view(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def round_linears(model: Any, widths: tuple[int, ...], group_size: int, mse: float) -> None:
+    """Round every decoder layer's Linear weights in place to its width (``widths[i]`` for layer
+    ``i``; 16 leaves the layer as it is) on GPTQ's symmetric grid, with the scale search ``mse``
+    (its scales remembered by the weights' content, and reused bit for bit)."""
+    import torch
+
+    from slmsearch.compress.kernels import grid_codes, rtn_codes, rtn_dequantize
     from slmsearch.compress.surgery import decoder_layers
 
     group = None if group_size == -1 else group_size
@@ -64,8 +88,22 @@ def round_linears(model: Any, widths: tuple[int, ...], group_size: int, mse: flo
             for module in layer.modules():
                 if isinstance(module, torch.nn.Linear):
                     w = module.weight.data
-                    codes, scales = rtn_codes(w, bits, group, scale_dtype=torch.float16, mse=mse)
+                    key = (weights_digest(w), bits, group_size, float(mse)) if mse > 0 else None
+                    scales = _SCALES.get(key) if key is not None else None
+                    if scales is None:
+                        codes, scales = rtn_codes(w, bits, group, scale_dtype=torch.float16, mse=mse)
+                        if key is not None:
+                            _remember(key, scales)
+                    else:
+                        _SCALES.move_to_end(key)
+                        codes = grid_codes(w, scales, bits)
                     w.copy_(rtn_dequantize(codes, scales, bits, w.dtype))
+
+
+def _remember(key: tuple[str, int, int, float], scales: Any) -> None:
+    _SCALES[key] = scales
+    while len(_SCALES) > _SCALES_KEPT:
+        _SCALES.popitem(last=False)
 
 
 def proxy_model(plan: Plan, base_location: str, data_dir: Path, calib: CalibSettings = CalibSettings(), *,

@@ -36,6 +36,45 @@ def test_round_linears_puts_each_layer_on_its_own_grid(tiny_llama):
             assert group.unique().numel() <= 2**bits
 
 
+def test_remembered_clip_scales_round_bit_for_bit_as_the_search(tiny_llama):
+    """The clip search's scales are remembered by the weights' content: rounding the same weights
+    again (another screen, or the same layer after other layers were dropped) reuses them and gives
+    exactly what a fresh search gives; changed weights are searched afresh."""
+    import copy
+
+    from slmsearch.compress import proxy
+
+    def linears(m):
+        return {n: x.weight.data.clone() for n, x in m.named_modules() if isinstance(x, torch.nn.Linear) and "layers." in n}
+
+    proxy._SCALES.clear()
+    fresh = copy.deepcopy(tiny_llama)
+    first = copy.deepcopy(fresh)
+    round_linears(first, (3, 4, 3, 4), 32, 2.4)
+    assert len(proxy._SCALES) == 4 * 7
+    searched = dict(proxy._SCALES)
+    second = copy.deepcopy(fresh)
+    round_linears(second, (3, 4, 3, 4), 32, 2.4)
+    assert len(proxy._SCALES) == 4 * 7 and all(proxy._SCALES[k] is v for k, v in searched.items())  # reused
+    proxy._SCALES.clear()
+    cold = copy.deepcopy(fresh)
+    round_linears(cold, (3, 4, 3, 4), 32, 2.4)
+    a, b, c = linears(first), linears(second), linears(cold)
+    assert all(torch.equal(a[n], b[n]) and torch.equal(a[n], c[n]) for n in a)
+    dropped = copy.deepcopy(fresh)  # layer 0 dropped: the others' scales are found again
+    del dropped.model.layers[0]
+    round_linears(dropped, (4, 3, 4), 32, 2.4)  # layers 1-3 at the widths they had
+    assert len(proxy._SCALES) == 4 * 7
+    other = copy.deepcopy(fresh)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    expected = copy.deepcopy(other)
+    proxy._SCALES.clear()
+    round_linears(expected, (3, 4, 3, 4), 32, 2.4)
+    round_linears(other, (3, 4, 3, 4), 32, 2.4)
+    assert torch.equal(linears(other)["model.layers.0.mlp.down_proj"], linears(expected)["model.layers.0.mlp.down_proj"])
+
+
 def test_structural_part_keeps_depth_and_wanda_only():
     plan = Plan((DepthPrune(drop=1), EmbeddingQuant(bits=8), Gptq(bits=4, group_size=32), KvCacheQuant(bits=4, group_size=16)))
     assert [s.kind for s in structural_part(plan).stages] == ["depth"]
