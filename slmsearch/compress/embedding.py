@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, space_first
+from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range, space_first
 from slmsearch.errors import SlmsearchError
 
 if TYPE_CHECKING:
@@ -38,6 +38,11 @@ class EmbeddingQuant(Stage):
     group_size: int | None = None  # None = one 16-bit scale per row; else one per group of columns
     mse: float = 0.0  # > 0: each scale chosen by a clipping search (kernels.rtn_codes); 0 = max-abs
     gptq: bool = False  # codes by GPTQ over the lm_head's input Hessian (needs calibration)
+    # GPTQ's dampening: ``damp`` x the Hessian's mean diagonal added to its diagonal. For a tied
+    # embedding it is also the weight of the input side (each row read as a token's vector, which
+    # the lm_head's Hessian does not see): 1.0 weighs a row's own error as much as an average
+    # direction of the logits' error; near 0 the codes serve the output side alone.
+    damp: float = 0.05
 
     def __post_init__(self) -> None:
         check_choice("embedding", "bits", self.bits, (16, 8, 4))
@@ -45,6 +50,7 @@ class EmbeddingQuant(Stage):
         check_choice("embedding", "mse", self.mse, (0.0, 2.0, 2.4, 3.0))
         if not isinstance(self.gptq, bool):
             raise SlmsearchError(f"embedding.gptq must be true or false, got {self.gptq!r}")
+        check_range("embedding", "damp", self.damp, 0.001, 0.99)
 
     def is_noop(self) -> bool:
         return self.bits == 16
@@ -108,7 +114,7 @@ class EmbeddingQuant(Stage):
         if inputs is None:
             codes, scales = rtn_codes(weight.data, self.bits, self.group_size, mse=self.mse)
         else:
-            codes, scales = gptq_codes(weight.data, inputs, self.bits, self.group_size, self.mse)
+            codes, scales = gptq_codes(weight.data, inputs, self.bits, self.group_size, self.mse, self.damp)
         weight.data.copy_(rtn_dequantize(codes, scales, self.bits, weight.dtype))
         return codes.cpu(), scales.cpu()
 
@@ -127,12 +133,14 @@ class EmbeddingQuant(Stage):
                 for batch in calib.token_batches()]
 
 
-def gptq_codes(weight: Any, inputs: list[Any], bits: int, group_size: int | None, mse: float) -> tuple[Any, Any]:
+def gptq_codes(weight: Any, inputs: list[Any], bits: int, group_size: int | None, mse: float,
+               damp: float = 0.05) -> tuple[Any, Any]:
     """GPTQ of ``weight`` ``[rows, cols]`` as a Linear applied to ``inputs`` (``[tokens, cols]``
     tensors), on the symmetric grid :func:`kernels.rtn_dequantize` reads:
     ``(codes uint8, scales fp16)``. gptqmodel's solver (its group-aware column order, groups kept
     contiguous; no act_order) with its scale search when ``mse`` > 0; its scales are rounded to 16
-    bits after the solve."""
+    bits after the solve. ``damp`` is gptqmodel's ``damp_percent``, kept as given (no automatic
+    increments)."""
     import torch
     from torch import nn
 
@@ -150,7 +158,8 @@ def gptq_codes(weight: Any, inputs: list[Any], bits: int, group_size: int | None
     # gptqmodel's group-aware order (its default; columns within a group solved by Hessian weight,
     # groups stay contiguous): x1.038 vs x1.060 the dense token ppl at 4-bit g64 on SmolLM2-135M
     qcfg = QuantizeConfig(bits=bits, group_size=group_size or -1, sym=True, desc_act=False,
-                          act_group_aware=bool(group_size), mse=float(mse), offload_to_disk=False, device="cpu")
+                          act_group_aware=bool(group_size), mse=float(mse), offload_to_disk=False, device="cpu",
+                          damp_percent=float(damp), damp_auto_increment=0.0)
     solver = GPTQ(linear, qcfg)
     solver.quantizer.configure(perchannel=True)
     for x in inputs:

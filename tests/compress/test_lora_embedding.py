@@ -153,6 +153,26 @@ def test_embedding_gptq_moves_the_logits_less_than_rounding(model, calib):
     assert stage.label() == "emb4g32h"
 
 
+def test_embedding_gptq_damp_trades_the_logits_for_the_rows(calib):
+    """``damp`` weighs each row's own error (the input lookup) against the logits': a larger damp
+    gives rows closer to the originals and logits further from them, both between the two ends."""
+    from conftest import tiny_model
+
+    def quantized(**kw):
+        m = tiny_model()
+        EmbeddingQuant(bits=4, group_size=32, **kw).apply(m, calib)
+        return m.get_input_embeddings().weight.detach()
+
+    base = tiny_model()
+    original = base.get_input_embeddings().weight.detach().clone()
+    inputs = EmbeddingQuant(bits=4, group_size=32, gptq=True)._lm_head_inputs(base, calib)
+    low, high, rtn = quantized(gptq=True, damp=0.01), quantized(gptq=True, damp=0.9), quantized()
+    row_err = {k: float((w - original).pow(2).sum()) for k, w in (("low", low), ("high", high), ("rtn", rtn))}
+    logit_err = {k: _logit_error(w, original, inputs) for k, w in (("low", low), ("high", high), ("rtn", rtn))}
+    assert row_err["rtn"] < row_err["high"] < row_err["low"]
+    assert logit_err["low"] < logit_err["high"] < logit_err["rtn"]
+
+
 def test_embedding_gptq_without_calibration_is_refused(model):
     import pytest
 
@@ -162,3 +182,5 @@ def test_embedding_gptq_without_calibration_is_refused(model):
         EmbeddingQuant(bits=4, group_size=32, gptq=True).apply(model)
     with pytest.raises(SlmsearchError, match="embedding.gptq must be true or false, got 'yes'"):
         EmbeddingQuant(bits=4, gptq="yes")
+    with pytest.raises(SlmsearchError, match="embedding.damp: 0.001 <= damp <= 0.99 must hold, but got damp=1.5"):
+        EmbeddingQuant(bits=4, gptq=True, damp=1.5)
