@@ -7,7 +7,8 @@ weight of a row's own error. This bench scores each damp value, and the rounded 
 
 - token perplexity over the first 4 x 512 WikiText test windows (as every bench);
 - the mean log-probability of the gold answer on TriviaQA questions 200-999 (the *tuning*
-  questions: never the 200 that ``bench/quality_at_budget.py`` reports, 5 shots from the pool);
+  questions: never the 200 that ``bench/quality_at_budget.py`` reports; zero-shot, the
+  ``Question: ...\nAnswer:`` prompt alone, so 800 questions cost about a minute);
 - exact match on the reported first 200 questions, for the record (chosen on nothing).
 
 Two settings of the rest of the model: ``alone`` (only the embedding quantized; the clearest
@@ -15,7 +16,7 @@ signal) and ``anchor`` (the 64 MB anchor plan: 3-bit layers, 4 widened, the KV c
 Appends one JSON line per configuration to bench/results/embedding_damp.jsonl.
 
 Run (real model; the GPTQ embedding ~70 s, an anchor's layers ~2 min, the scoring ~1.5 min):
-  flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/embedding_damp.py [alone|anchor] [DAMP|rtn ...]
+  flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/embedding_damp.py [alone|anchor] [DAMP|rtn ...] [--no-dense]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ REST = {
     "anchor": [{"stage": "gptq", "bits": 3, "group_size": 64, "mse": 2.4, "wider_layers": 4},
                {"stage": "kv_cache", "bits": 4, "group_size": 64, "key_group_size": 16}],
 }
-DEFAULT_VARIANTS = ("rtn", "0.05", "0.2", "0.5", "0.9")
+DEFAULT_VARIANTS = ("rtn", "0.05", "0.25", "0.9")
 
 
 def plan_stages(setting: str, variant: str) -> list[dict[str, Any]]:
@@ -47,14 +48,13 @@ def plan_stages(setting: str, variant: str) -> list[dict[str, Any]]:
 
 
 def gold_logprob(model: Any, tok: Any, data_dir: Path) -> float:
-    """Mean log p(gold answer | 5-shot prompt) over the tuning questions."""
+    """Mean log p(gold answer | zero-shot prompt) over the tuning questions."""
     from slmsearch.data import triviaqa_split
-    from slmsearch.evals.triviaqa import answer_logprobs, fewshot_prefix
+    from slmsearch.evals.triviaqa import answer_logprobs
 
-    scored, pool = triviaqa_split(data_dir)
+    scored, _ = triviaqa_split(data_dir)
     rows = scored[TUNING]
-    prefix = fewshot_prefix(pool, 5)
-    values = answer_logprobs(model, tok, [prefix + r["context"] for r in rows], [r["answer"] for r in rows])
+    values = answer_logprobs(model, tok, [r["context"] for r in rows], [r["answer"] for r in rows], batch_size=32)
     return sum(values) / len(values)
 
 
@@ -72,12 +72,14 @@ def main() -> None:
 
     args = sys.argv[1:]
     setting = args.pop(0) if args and args[0] in REST else "alone"
+    with_dense = "--no-dense" not in args
+    args = [a for a in args if a != "--no-dense"]
     variants = args or list(DEFAULT_VARIANTS)
     data = resolve_data_dir(None)
     calib = load_study_config(None).calibration
     cache = StageCache()
     settings = EvalSettings(metrics=("wikitext_token_ppl", "triviaqa_exact_match"), token_windows=4, triviaqa_limit=200)
-    for variant in ["dense", *variants]:
+    for variant in ["dense", *variants] if with_dense else variants:
         start = time.perf_counter()
         if variant == "dense":
             model, tok = load_model(None)
@@ -91,7 +93,7 @@ def main() -> None:
         out = evaluate(model, tok, data, settings)
         row = {"setting": setting, "variant": variant, "plan": label,
                "token_ppl": round(out["wikitext_token_ppl"], 3),
-               "gold_logprob_q200_999": round(gold_logprob(model, tok, data), 4),
+               "gold_logprob_0shot_q200_999": round(gold_logprob(model, tok, data), 4),
                "triviaqa_em_first200": out["triviaqa_exact_match"],
                "compress_s": round(compress_s, 1), "machine": machine()}
         print(json.dumps(row), flush=True)
