@@ -136,7 +136,7 @@ class EmbeddingQuant(Stage):
 
 
 def gptq_codes(weight: Any, inputs: list[Any], bits: int, group_size: int | None, mse: float,
-               damp: float = 0.25) -> tuple[Any, Any]:
+               damp: float) -> tuple[Any, Any]:
     """GPTQ of ``weight`` ``[rows, cols]`` as a Linear applied to ``inputs`` (``[tokens, cols]``
     tensors), on the symmetric grid :func:`kernels.rtn_dequantize` reads:
     ``(codes uint8, scales fp16)``. gptqmodel's solver (its group-aware column order, groups kept

@@ -60,12 +60,12 @@ _SCALES_KEPT = 2100
 
 
 def weights_digest(weight: Any) -> str:
-    """A content key of a CPU tensor: its shape, dtype and bytes (blake2b)."""
+    """A content key of a tensor: its shape, dtype and bytes (blake2b)."""
     import hashlib
 
     import torch
 
-    data = weight.detach().contiguous()
+    data = weight.detach().cpu().contiguous()
     digest = hashlib.blake2b(f"{tuple(data.shape)}{data.dtype}".encode(), digest_size=20)
     digest.update(memoryview(data.view(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
@@ -154,13 +154,10 @@ _EMBEDDINGS_KEPT = 6
 
 
 def _round_embedding(model: Any, stage: Any) -> None:
-    import hashlib
-
     import torch
 
     weight = model.get_input_embeddings().weight
-    digest = hashlib.sha256(weight.detach().cpu().float().numpy().tobytes()).hexdigest()
-    memo = (digest, json.dumps(stage.to_dict(), sort_keys=True))
+    memo = (weights_digest(weight), json.dumps(stage.to_dict(), sort_keys=True))
     if memo in _EMBEDDINGS:
         with torch.no_grad():
             weight.data.copy_(_EMBEDDINGS[memo])
