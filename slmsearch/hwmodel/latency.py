@@ -4,12 +4,15 @@ One forward pass (a decode step or a prefill) is the sum over operators of
 
     cycles(op) = overhead + body
     overhead   = kernel_overhead_cycles (tiled flow) or untiled_kernel_overhead_cycles (untiled
-                 flow: a different code path, operands in L2) (+ fork_join_cycles on >1 core)
-                 (+ NPU job overhead) + n_tiles * tile_overhead_cycles  (tiled flow only)
+                 flow: a different code path, operands in L2) (+ fork_join_cycles on >1 core, once
+                 per tile in the tiled flow) (+ NPU job overhead)
+                 + n_tiles * tile_overhead_cycles  (tiled flow only)
     body       = max(compute, dma_l2_l1, stream_l3, read_weight_mem)  (double-buffered tiles)
                = sum of the same terms                                (single buffer)
                = compute * l2_access_slowdown + stream_l3             (untiled: operands in L2)
     stream_l3  = offchip bytes / L3 bandwidth + n_tiles * L3 first-word latency
+    n_tiles    = element-wise kernels with a shape: the box Deeploy's tiler picks (box_tile);
+                 other kernels: working set / L1 budget, rounded up
     compute    = MACs at the engine's rate (integer SIMD by operand width, fp16 SIMD when the
                  activations are 16-bit) + dequantization of packed low-bit weights and their
                  group scales when the activations are fp16 (weight-only quantization)
@@ -22,6 +25,7 @@ those that support its formats. The largest term names the resource that bounds 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,6 +61,8 @@ class Op:
     act_bytes: int = 0  # activations read + written
     kv_bytes: int = 0  # KV cache read + written
     deeploy_gemm: bool = False  # an RQGEMM of Deeploy's integer graph: priced by deeploy_gemm_cycles
+    dims: tuple[int, ...] = ()  # eltwise: the tensor's shape, outer to inner; tiled as Deeploy's tiler does
+    last_multiple: int = 1  # eltwise: the innermost tile dimension is a multiple of this (dims[-1] = kept whole)
 
     @property
     def macs(self) -> int:
@@ -165,6 +171,82 @@ def n_tiles(working_set_bytes: int, p: Platform) -> int:
     return max(1, math.ceil(working_set_bytes / tile_bytes))
 
 
+WORD_BYTES = 4  # Deeploy's MemoryScheduler.byteAlignment: every tile buffer is word-aligned
+
+
+def box_tile(dims: tuple[int, ...], bytes_per_element: float, budget_bytes: float,
+             last_multiple: int = 1) -> tuple[int, ...] | None:
+    """The tile Deeploy's tiler picks for an element-wise kernel over a tensor of shape ``dims``.
+
+    Source B (Deeploy @bf64cfa): the tile is a box, one size per axis
+    (``UnaryTileConstraint``: the same box for input and output); the tiler maximises the bytes the
+    pattern keeps in L1 (``TilerExtension._setupHeuristics``: the objective DEEPLOY_PATTERN_MEM)
+    subject to the word-aligned buffers summing to strictly less than the level's size
+    (``MemoryScheduler``: ``cost + constantTensorOffset < size``); kernels may constrain the innermost
+    axis to a multiple (``TilerModel.addTileSizeDivisibleConstraint``, e.g. the tutorial's iLeakyReLU:
+    16; iRMSNorm and iSoftmax keep it whole: ``last_multiple = dims[-1]``). Among boxes of the same
+    size the search (ortools, CHOOSE_FIRST_UNBOUND / ASSIGN_MAX_VALUE over the axes in order) ends
+    on the one with the largest leading axes. None when no box fits."""
+    if not dims:
+        return None
+    cap = int(budget_bytes / bytes_per_element) + 1
+    while cap > 0 and math.ceil(cap * bytes_per_element / WORD_BYTES) * WORD_BYTES >= budget_bytes:
+        cap -= 1
+    if cap <= 0:
+        return None
+    last = dims[-1]
+    step = min(last_multiple, last) if last >= last_multiple else 1
+    last_sizes = range(last - last % step if step > 1 else last, 0, -step)
+    if last_sizes[0] == last and math.prod(dims) <= cap:
+        return dims  # the whole tensor fits: one tile
+    best: tuple[int, tuple[int, ...]] | None = None
+
+    def search(i: int, prod: int, chosen: tuple[int, ...]) -> None:
+        nonlocal best
+        if best is not None and prod * math.prod(dims[:i + 1]) < best[0]:
+            return  # even the largest sizes of the axes left cannot beat the best box
+        if i == 0:  # the outermost axis takes the largest size that still fits
+            d0 = min(dims[0], cap // prod)
+            if d0 >= 1:
+                cand = (d0 * prod, (d0, *chosen))
+                if best is None or cand > best:
+                    best = cand
+            return
+        sizes = last_sizes if i == len(dims) - 1 else range(dims[i], 0, -1)
+        for d in sizes:
+            if prod * d <= cap:
+                search(i - 1, prod * d, (d, *chosen))
+
+    if len(dims) == 1:
+        fits = [d for d in last_sizes if d <= cap]
+        return (fits[0],) if fits else None
+    search(len(dims) - 1, 1, ())
+    return best[1] if best else None
+
+
+@functools.lru_cache(maxsize=8192)
+def deeploy_tiles(dims: tuple[int, ...], bytes_per_element: float, budget_bytes: float,
+                  last_multiple: int = 1) -> int | None:
+    """Tiles of an element-wise kernel as Deeploy tiles it (:func:`box_tile`): the product over the
+    axes of ceil(size / tile size); None when no box fits the budget."""
+    tile = box_tile(dims, bytes_per_element, budget_bytes, last_multiple)
+    if tile is None:
+        return None
+    return math.prod(math.ceil(d / t) for d, t in zip(dims, tile))
+
+
+def op_tiles(op: Op, p: Platform) -> int:
+    """Tiles of ``op`` in the tiled flow: an element-wise kernel with a known shape as Deeploy's tiler
+    cuts it (:func:`deeploy_tiles`); every other kernel by bytes over the L1 budget (:func:`n_tiles`)."""
+    working = op.weight_bytes + op.act_bytes + op.kv_bytes
+    if op.kind == ELTWISE and op.dims and not op.weight_bytes and op.elements:
+        budget = p.tiling.l1_budget_bytes / (2 if p.tiling.double_buffering else 1)
+        tiles = deeploy_tiles(op.dims, (op.act_bytes + op.kv_bytes) / op.elements, budget, op.last_multiple)
+        if tiles is not None:
+            return tiles
+    return n_tiles(working, p)
+
+
 def _level_index(p: Platform, kind: str) -> int:
     return next(i for i, lv in enumerate(p.levels) if lv.kind == kind)
 
@@ -177,7 +259,7 @@ def op_cost(op: Op, p: Platform, weight_split: Split, kv_split: Split) -> OpCost
     stream = 0.0
     if offchip_bytes:
         off = p.levels[_level_index(p, "offchip")]
-        transfers = n_tiles(op.weight_bytes + op.act_bytes + op.kv_bytes, p) if p.tiling.enabled else 1
+        transfers = op_tiles(op, p) if p.tiling.enabled else 1
         stream = offchip_bytes / off.read_bw_bytes_per_cycle + transfers * off.access_latency_cycles
     best: OpCost | None = None
     for engine in ("cluster", "npu"):
@@ -196,12 +278,15 @@ def _engine_cost(op: Op, p: Platform, engine: str, w_by_level: list[tuple[int, f
     cl = p.cluster
     tiled = p.tiling.enabled
     kernel_fixed = cl.kernel_overhead_cycles if tiled else cl.untiled_kernel_overhead_cycles
+    tiles = op_tiles(op, p) if tiled else 1
     if engine == "npu":
         compute = npu_compute_cycles(op, p)
         fixed = kernel_fixed + p.npu.job_overhead_cycles
     else:
         compute = cluster_compute_cycles(op, p)
-        fixed = kernel_fixed + (cl.fork_join_cycles if cl.cores > 1 else 0.0)
+        # Deeploy's tiled flow forks the team once per tile (B: PULPOpen/Bindings.py ForkTransformer
+        # applies ForkClosure before PULPClusterTiling, so the tile loop wraps pi_cl_team_fork)
+        fixed = kernel_fixed + (cl.fork_join_cycles * tiles if cl.cores > 1 else 0.0)
     level_bytes: dict[int, float] = {}
     wmem_read = 0.0
     dma_bytes = float(op.act_bytes)
@@ -218,7 +303,6 @@ def _engine_cost(op: Op, p: Platform, engine: str, w_by_level: list[tuple[int, f
     level_bytes[act_level] = level_bytes.get(act_level, 0.0) + op.act_bytes
     stream_term = f"stream:{levels[_level_index(p, 'offchip')].name}" if stream else ""
     if tiled:
-        tiles = n_tiles(op.weight_bytes + op.act_bytes + op.kv_bytes, p)
         overhead = fixed + tiles * p.tiling.tile_overhead_cycles
         dma = dma_bytes / p.dma.l2_l1_bw_bytes_per_cycle
         l1 = _level_index(p, "l1")
@@ -230,7 +314,6 @@ def _engine_cost(op: Op, p: Platform, engine: str, w_by_level: list[tuple[int, f
             terms.append(("read:weight_mem", wmem_read))
         body = max(t for _, t in terms) if p.tiling.double_buffering else sum(t for _, t in terms)
     else:
-        tiles = 1
         overhead = fixed
         slow = compute * cl.l2_access_slowdown
         terms = [(f"compute:{engine}", slow)]
@@ -255,9 +338,15 @@ def _engine_cost(op: Op, p: Platform, engine: str, w_by_level: list[tuple[int, f
 
 # ---- the operator list of one pass ----------------------------------------------------------
 
-def _eltwise(name: str, group: str, elements: int, cpe: float, act_bytes_per_el: float) -> Op:
+def _eltwise(name: str, group: str, elements: int, cpe: float, act_bytes_per_el: float,
+             dims: tuple[int, ...] = (), whole_last: bool = False) -> Op:
+    """An element-wise kernel over ``elements`` (= prod(dims) when the shape is given);
+    ``whole_last``: the kernel needs whole rows (Deeploy's iRMSNorm and iSoftmax tile constraints fix
+    the innermost tile dimension to the tensor's)."""
+    assert not dims or math.prod(dims) == elements, (name, dims, elements)
     return Op(name, ELTWISE, group, elements=elements, cycles_per_element=cpe,
-              act_bytes=int(math.ceil(elements * act_bytes_per_el)))
+              act_bytes=int(math.ceil(elements * act_bytes_per_el)), dims=dims,
+              last_multiple=dims[-1] if dims and whole_last else 1)
 
 
 def _linear_ops(layer: LayerShape, pb: ProjBytes, tokens: int, act_bits: int, group: str,
@@ -313,9 +402,9 @@ def integer_graph(act_bits: int) -> bool:
     return act_bits <= 8
 
 
-def _scalar(name: str, group: str, elements: int, p: Platform, bytes_per_el: float) -> Op:
+def _scalar(name: str, group: str, dims: tuple[int, ...], p: Platform, bytes_per_el: float) -> Op:
     """One of Deeploy's scalar int8 element-wise kernels (requant, transpose, concat, mul, div)."""
-    return _eltwise(name, group, elements, p.cluster.cycles_per_element_scalar, bytes_per_el)
+    return _eltwise(name, group, math.prod(dims), p.cluster.cycles_per_element_scalar, bytes_per_el, dims)
 
 
 def _rope_matmul(name: str, group: str, tokens: int, heads: int, head_dim: int) -> Op:
@@ -337,30 +426,34 @@ def layer_static_ops(layer: LayerShape, hidden: int, tokens: int, act_bits: int,
     npu_a = p.npu.activation_bits
     ints = integer_graph(act_bits)
     q_pb, k_pb, v_pb, o_pb, gate_pb, up_pb, down_pb = layer_proj_bytes(layer, hidden)
-    attn: list[Op] = [_eltwise("attn_norm", ga, tokens * hidden, cl.cycles_per_element_norm, 2 * a)]
+    attn: list[Op] = [_eltwise("attn_norm", ga, tokens * hidden, cl.cycles_per_element_norm, 2 * a,
+                                  (tokens, hidden), whole_last=True)]
     for pb in (q_pb, k_pb, v_pb):
         attn += _linear_ops(layer, pb, tokens, act_bits, ga, npu_a)
     if ints:
         attn += [_rope_matmul("rope_q", ga, tokens, layer.n_heads, layer.head_dim),
                  _rope_matmul("rope_k", ga, tokens, layer.n_kv_heads, layer.head_dim),
-                 _scalar("transpose_q", ga, tokens * q, p, 2 * a),
-                 _scalar("transpose_v", ga, tokens * kv, p, 2 * a)]
+                 _scalar("transpose_q", ga, (tokens, q), p, 2 * a),
+                 _scalar("transpose_v", ga, (tokens, kv), p, 2 * a)]
     else:
-        attn.append(_eltwise("rope", ga, tokens * (q + kv), cl.cycles_per_element_rope, 2 * a))
+        attn.append(_eltwise("rope", ga, tokens * (q + kv), cl.cycles_per_element_rope, 2 * a, (tokens, q + kv)))
     attn += _linear_ops(layer, o_pb, tokens, act_bits, ga, npu_a)
-    attn.append(_eltwise("attn_residual_add", ga, tokens * hidden, cl.cycles_per_element_add, 3 * a))
-    mlp: list[Op] = [_eltwise("mlp_norm", gm, tokens * hidden, cl.cycles_per_element_norm, 2 * a)]
+    attn.append(_eltwise("attn_residual_add", ga, tokens * hidden, cl.cycles_per_element_add, 3 * a,
+                         (tokens, hidden)))
+    mlp: list[Op] = [_eltwise("mlp_norm", gm, tokens * hidden, cl.cycles_per_element_norm, 2 * a,
+                               (tokens, hidden), whole_last=True)]
     for pb in (gate_pb, up_pb):
         mlp += _linear_ops(layer, pb, tokens, act_bits, gm, npu_a)
     inter = tokens * layer.intermediate
     if ints:  # RQSiHardswish, then Mul (int32 out, PULPMulBindings) and its RequantShift
-        mlp += [_eltwise("act", gm, inter, cl.cycles_per_element_act, 2 * a),
-                _scalar("mul", gm, inter, p, 2 * a + 4),
-                _scalar("mul_requant", gm, inter, p, 4 + a)]
+        mlp += [_eltwise("act", gm, inter, cl.cycles_per_element_act, 2 * a, (tokens, layer.intermediate)),
+                _scalar("mul", gm, (tokens, layer.intermediate), p, 2 * a + 4),
+                _scalar("mul_requant", gm, (tokens, layer.intermediate), p, 4 + a)]
     else:
-        mlp.append(_eltwise("act_mul", gm, inter, cl.cycles_per_element_act, 3 * a))
+        mlp.append(_eltwise("act_mul", gm, inter, cl.cycles_per_element_act, 3 * a, (tokens, layer.intermediate)))
     mlp += _linear_ops(layer, down_pb, tokens, act_bits, gm, npu_a)
-    mlp.append(_eltwise("mlp_residual_add", gm, tokens * hidden, cl.cycles_per_element_add, 3 * a))
+    mlp.append(_eltwise("mlp_residual_add", gm, tokens * hidden, cl.cycles_per_element_add, 3 * a,
+                           (tokens, hidden)))
     return attn, mlp
 
 
@@ -398,7 +491,8 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
                 operand_bits=operand, weight_bits=kv_bits, floating=floating,
                 act_bytes=int(math.ceil((tokens * h * hd + h * pairs) * a)),
                 kv_bytes=int(math.ceil(attended * kv_row)) + new_kv)
-    softmax = _eltwise("softmax", g, h * pairs, p.cluster.cycles_per_element_softmax, 2 * a)
+    softmax = _eltwise("softmax", g, h * pairs, p.cluster.cycles_per_element_softmax, 2 * a,
+                       (h, tokens, attended) if pairs == full else (), whole_last=True)
     values = Op("attn_values", ATTN, g, batch=h, tokens=tokens, inner=attended, outputs=hd,
                 operand_bits=operand, weight_bits=kv_bits, floating=floating,
                 compute_density=pairs / full if full and pairs != full else 1.0,
@@ -415,12 +509,12 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
     # K and V rows are concatenated onto it (Concat kernels) and the whole K is transposed again
     kv_el = kvh * hd
     if attended > tokens:
-        k_ops = [_scalar("transpose_k", g, tokens * kv_el, p, 2 * a),
-                 _scalar("concat_k", g, attended * kv_el, p, 2 * a),
-                 _scalar("transpose_kt", g, attended * kv_el, p, 2 * a),
-                 _scalar("concat_v", g, attended * kv_el, p, 2 * a)]
+        k_ops = [_scalar("transpose_k", g, (tokens, kv_el), p, 2 * a),
+                 _scalar("concat_k", g, (attended, kv_el), p, 2 * a),
+                 _scalar("transpose_kt", g, (attended, kv_el), p, 2 * a),
+                 _scalar("concat_v", g, (attended, kv_el), p, 2 * a)]
     else:  # no cache: the empty Concat is skipped and the two K transposes merge into one
-        k_ops = [_scalar("transpose_k", g, tokens * kv_el, p, 2 * a)]
+        k_ops = [_scalar("transpose_k", g, (tokens, kv_el), p, 2 * a)]
     scored = h * pairs
     # the RQGEMMs as Deeploy's graph shapes them (source B's ONNX files: scores [h, tokens, hd] @
     # [h, hd, attended], values [h, tokens, attended] @ [h, attended, hd]); the full matrix is scored
@@ -428,12 +522,12 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
     scores = dataclasses.replace(scores, tokens=tokens, outputs=attended, deeploy_gemm=True)
     values = dataclasses.replace(values, deeploy_gemm=True)
     return [*rot, *k_ops, scores,
-            _scalar("scale_div", g, scored, p, 2 * a),
-            _eltwise("mask_add", g, scored, p.cluster.cycles_per_element_add, 3 * a),
+            _scalar("scale_div", g, (h, tokens, attended), p, 2 * a),
+            _eltwise("mask_add", g, scored, p.cluster.cycles_per_element_add, 3 * a, (h, tokens, attended)),
             softmax,
-            _scalar("softmax_requant", g, scored, p, 2 * a),
+            _scalar("softmax_requant", g, (h, tokens, attended), p, 2 * a),
             values,
-            _scalar("transpose_o", g, tokens * h * hd, p, 2 * a)]
+            _scalar("transpose_o", g, (tokens, h * hd), p, 2 * a)]
 
 
 def embedding_ops(shape: ModelShape, p: Platform, tokens: int) -> list[Op]:
@@ -457,7 +551,8 @@ def embedding_ops(shape: ModelShape, p: Platform, tokens: int) -> list[Op]:
 def head_ops(shape: ModelShape, p: Platform) -> list[Op]:
     """Final norm + lm_head for the last token (prefill only needs the last token's logits)."""
     a = shape.activation_bits / 8
-    ops = [_eltwise("final_norm", "norms", shape.hidden, p.cluster.cycles_per_element_norm, 2 * a)]
+    ops = [_eltwise("final_norm", "norms", shape.hidden, p.cluster.cycles_per_element_norm, 2 * a,
+                    (1, shape.hidden), whole_last=True)]
     if shape.vocab_size:
         fmt = shape.head_format
         v, s = matrix_bytes(shape.vocab_size, shape.hidden, fmt)

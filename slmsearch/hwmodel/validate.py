@@ -68,6 +68,7 @@ TILED_64K = {"tiling.l1_budget_bytes": 64000}
 UNTILED = {"tiling.enabled": 0, "npu.enabled": 0, **NO_WMEM}
 LEAKY_TILED = {"tiling.l1_budget_bytes": 32768, "npu.enabled": 0, **NO_WMEM}
 SOURCE_B = "B: Deeploy docs/tutorials/introduction.md @e20293c"
+LEAKY_DIMS = (1, 16, 64, 64)  # the tutorial's generate.py SHAPE (NCHW)
 LEAKY_ELEMENTS = 1 * 16 * 64 * 64
 LEAKY_SIMD_CPE = 1.0  # four instructions (load, pv.sra.b, pv.max.b, store) per four int8 elements
 SCALAR = "cluster.cycles_per_element_scalar"  # the scalar kernel rows' cost per element
@@ -103,6 +104,7 @@ class Row:
     prefill_len: int = 0
     derived: bool = False  # computed from a published ratio, not a published runtime
     cycles_per_element: float | str = 0.0  # kernel rows: a number, or the platform key that prices it
+    tile_multiple: int = 1  # kernel rows: the innermost tile size is a multiple of this (tile constraint)
     regime: str = field(default="")
 
 
@@ -133,9 +135,12 @@ ROWS = (
         cycles_per_element=SCALAR, regime="untiled"),
     Row("leaky_tiled_scalar", "same, tiled, L1 32,768 B, scalar kernel, 8 cores", 0.108090, "Mcycles", SOURCE_B,
         dict(LEAKY_TILED), "kernel", cycles_per_element=SCALAR, regime="tiled"),
-    Row("leaky_tiled_simd", "same, tiled, L1 32,768 B, SIMD kernel (1 cycle per element per core), 8 cores",
+    # the tutorial's Step 6: (a) the multiple-of-16 tile constraint, then (b) the SIMD kernel; Step 5's
+    # scalar row ran with the constraint's body still empty
+    Row("leaky_tiled_simd", "same, tiled, L1 32,768 B, SIMD kernel (1 cycle per element per core), "
+        "innermost tile a multiple of 16, 8 cores",
         0.043005, "Mcycles", SOURCE_B, dict(LEAKY_TILED), "kernel", cycles_per_element=LEAKY_SIMD_CPE,
-        regime="tiled"),
+        regime="tiled", tile_multiple=16),
 )
 
 
@@ -143,7 +148,8 @@ def _kernel_cycles(row: Row, p: Platform) -> float:
     """One element-wise int8 operator reading and writing every element once."""
     cpe = _get(p, row.cycles_per_element) if isinstance(row.cycles_per_element, str) else row.cycles_per_element
     op = Op("leaky_relu", ELTWISE, "", elements=LEAKY_ELEMENTS, cycles_per_element=cpe,
-            operand_bits=8, weight_bits=8, act_bytes=2 * LEAKY_ELEMENTS)
+            operand_bits=8, weight_bits=8, act_bytes=2 * LEAKY_ELEMENTS, dims=LEAKY_DIMS,
+            last_multiple=row.tile_multiple)
     return op_cost(op, p, (), ()).cycles
 
 

@@ -4,9 +4,11 @@ import dataclasses
 import json
 import math
 
+import pytest
+
 from slmsearch.hwmodel import TensorFormat, estimate, load_platform
-from slmsearch.hwmodel.latency import (LINEAR, Op, causal_pairs, cluster_compute_cycles, embedding_ops, n_tiles,
-                                       op_cost)
+from slmsearch.hwmodel.latency import (ELTWISE, LINEAR, Op, box_tile, causal_pairs, cluster_compute_cycles,
+                                       deeploy_tiles, embedding_ops, n_tiles, op_cost, op_tiles)
 from slmsearch.hwmodel.shape import smollm2_135m
 
 P = load_platform("siracusa")
@@ -111,3 +113,61 @@ def test_deeploy_gemm_dispatch_and_cycles_by_hand():
     decode = dataclasses.replace(scores, tokens=1, outputs=65)
     # MatrixVec: 2 heads per core, 65 outputs (33 pairs) each
     assert deeploy_gemm_cycles(decode, P) == 2 * (cl.gemm_call_cycles + 33 * pair)
+
+
+def test_box_tile_is_the_tile_deeploys_tiler_generated_for_the_tutorial_row():
+    """Deeploy's own code generation for the tutorial's iLeakyReLU (1, 16, 64, 64) at L1 32,768 B with
+    the multiple-of-16 constraint tiled it as (1, 11, 31, 48): 2 x 3 x 2 = 12 tiles (docs/hwmodel.md),
+    where bytes over the budget alone give 4."""
+    assert box_tile((1, 16, 64, 64), 2.0, 32768, 16) == (1, 11, 31, 48)
+    assert deeploy_tiles((1, 16, 64, 64), 2.0, 32768, 16) == 12
+    assert n_tiles(2 * 65536, load_platform("siracusa", {"tiling.l1_budget_bytes": 32768})) == 4
+
+
+def test_box_tile_budget_is_strict_word_aligned_and_whole_rows_stay_whole():
+    # in + out of 16,384 int8 elements is exactly 32,768 B: the tiler's memory constraint is strict
+    assert deeploy_tiles((16384,), 2.0, 32768) == 2
+    assert deeploy_tiles((16384,), 2.0, 32772) == 1
+    assert deeploy_tiles((5,), 1.0, 8) == 2  # 5 B round up to 8, which is not below 8
+    # iRMSNorm / iSoftmax keep the innermost axis whole: only rows are split
+    assert box_tile((64, 576), 2.0, 64000, 576) == (55, 576)
+    assert deeploy_tiles((64, 576), 2.0, 64000, 576) == 2
+    assert box_tile((4, 40000), 2.0, 64000, 40000) is None  # one row does not fit
+
+
+def test_box_tile_is_the_largest_box_with_the_largest_leading_axes():
+    """Against brute force over every box of small shapes."""
+    import itertools
+    import random
+
+    rng = random.Random(3)
+    for _ in range(150):
+        dims = tuple(rng.randint(1, 9) for _ in range(rng.randint(1, 3)))
+        bpe = rng.choice([1.0, 2.0, 3.0])
+        budget = rng.randint(2, 3 * math.prod(dims))
+        mult = rng.choice([1, 2, 4, dims[-1]])
+        boxes = []
+        for box in itertools.product(*(range(1, d + 1) for d in dims)):
+            step = min(mult, dims[-1]) if dims[-1] >= mult else 1
+            if box[-1] % step or math.ceil(math.prod(box) * bpe / 4) * 4 >= budget:
+                continue
+            boxes.append((math.prod(box), box))
+        want = max(boxes)[1] if boxes else None
+        assert box_tile(dims, bpe, budget, mult) == want, (dims, bpe, budget, mult)
+
+
+def test_tiled_kernels_fork_the_cluster_once_per_tile():
+    """Deeploy's ForkTransformer puts pi_cl_team_fork inside the tile loop: each tile pays a fork."""
+    p = load_platform("siracusa", {"tiling.l1_budget_bytes": 32768, "npu.enabled": 0})
+    op = Op("leaky", ELTWISE, "", elements=65536, cycles_per_element=1.0, operand_bits=8, weight_bits=8,
+            act_bytes=2 * 65536, dims=(1, 16, 64, 64), last_multiple=16)
+    cost = op_cost(op, p, (), ())
+    assert op_tiles(op, p) == cost.n_tiles == 12
+    cl = p.cluster
+    assert cost.overhead_cycles == pytest.approx(
+        cl.kernel_overhead_cycles + 12 * (cl.fork_join_cycles + p.tiling.tile_overhead_cycles))
+    shapeless = dataclasses.replace(op, dims=())
+    assert op_cost(shapeless, p, (), ()).n_tiles == 4  # no shape: bytes over the budget
+    one_core = load_platform("siracusa", {"tiling.l1_budget_bytes": 32768, "npu.enabled": 0, "cluster.cores": 1})
+    assert op_cost(op, one_core, (), ()).overhead_cycles == pytest.approx(
+        cl.kernel_overhead_cycles + 12 * p.tiling.tile_overhead_cycles)
