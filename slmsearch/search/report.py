@@ -23,6 +23,7 @@ from typing import Any
 
 from slmsearch.compress.plan import CANONICAL_ORDER, Plan
 from slmsearch.errors import SlmsearchError
+from slmsearch.search.hw_pairs import pair_lines
 from slmsearch.search.pareto import (
     baseline_row, format_rows, label, pareto_rows, samples_text, table_note,
 )
@@ -677,9 +678,13 @@ class Page:
     table_md: str
     table_note: str
     n_pareto: int
+    pairs: list[str] = field(default_factory=list)  # same footprint, different hardware cost (hw_pairs.py)
 
 
 NO_FRONT = "No feasible evaluated trial yet: nothing is Pareto-optimal."
+PAIRS_TITLE = "Same footprint, different hardware cost"
+PAIRS_NOTE = ("Pairs within 1 MB of each other whose decode latency or energy per token differ by 20% or more, "
+              "as the analytical hardware model prices them (ms and mJ per token, worst-case decode step).")
 UNITS_NOTE = ("Energy in mJ per generated token; latency and energy come from the analytical hardware model, quality "
               "from the real evaluations; n = the windows, pages or questions each metric was measured on.")
 
@@ -707,7 +712,12 @@ def render_html(page: Page) -> str:
     parts.append(_html_table(page.table_md))
     if page.table_note:
         parts.append(f"<p class=note>{html.escape(page.table_note)}</p>")
-    parts.append(f"<p class=note>{UNITS_NOTE}</p></body></html>")
+    parts.append(f"<p class=note>{UNITS_NOTE}</p>")
+    if page.pairs:
+        parts.append(f"<h2 id=pairs>{PAIRS_TITLE}</h2><p class=note>{html.escape(PAIRS_NOTE)}</p><ul>")
+        parts += [f"<li>{html.escape(line)}</li>" for line in page.pairs]
+        parts.append("</ul>")
+    parts.append("</body></html>")
     return "".join(parts)
 
 
@@ -725,6 +735,8 @@ def render_markdown(page: Page) -> str:
         lines += [NO_FRONT, ""]
     lines += _table_lines(page.table_md)
     lines += ["", page.table_note, "", UNITS_NOTE, ""]
+    if page.pairs:
+        lines += [f"## {PAIRS_TITLE}", "", PAIRS_NOTE, ""] + [f"- {line}" for line in page.pairs] + [""]
     return "\n".join(lines)
 
 
@@ -762,10 +774,15 @@ def write_report(located: LocatedStudy, out_dir: str | Path) -> Report:
     figures = build_figures(located, frame)
     rows = pareto_rows(located.study)
     base = baseline_row(located.study)
+    best = None
+    if rows:
+        best_trial = next(t for t in located.study.get_trials(deepcopy=False) if t.number == rows[0]["trial"])
+        best = {"trial": rows[0]["trial"], "plan": best_trial.user_attrs.get(PLAN_ATTR, {})}
     page = Page(
         title=f"slmsearch report: {located.name}", answer=answer_lines(located), items=_summary_items(located, frame),
         figures=figures, table_md=format_rows(rows, "md", located.objectives, base),
         table_note=table_note(base, rows, located.objectives), n_pareto=len(rows),
+        pairs=pair_lines(located.study, located.config, best),
     )
     (out / "figures").mkdir(parents=True, exist_ok=True)
     paths = []

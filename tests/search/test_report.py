@@ -98,7 +98,8 @@ def test_chromium_loads_every_image(report_dir: Path) -> None:
     assert match, f"chromium did not run the probe: {dom.stderr[-500:]}"
     assert match.group(1) == match.group(2) == "4"
     rendered = re.sub(r"<[^>]+>", " ", dom.stdout)  # the text the browser laid out
-    for text in ("slmsearch report: demo", "Pareto fronts", "Time per stage", "Pareto table", "64 MB"):
+    for text in ("slmsearch report: demo", "Pareto fronts", "Time per stage", "Pareto table", "64 MB",
+                 "Same footprint, different hardware cost"):
         assert text in rendered, text
     shot = screenshot(binary, (report_dir / "report.html").as_uri(), report_dir / "report.png", height=4000)
     width, height, colours = decoded_png(shot)
@@ -203,3 +204,45 @@ def test_empty_sections_are_left_out_with_a_reason(tmp_path: Path) -> None:
     html = write_report(locate_study(storage=f"sqlite:///{tmp_path / 'n.db'}"), tmp_path / "out").html_path.read_text()
     assert html.count("<img ") == 3  # fronts, trials, stage times; importances need sampled parameters
     assert "Left out: not enough trials" in html
+
+
+def test_report_shows_plans_of_the_same_footprint_that_the_hardware_model_prices_apart(tmp_path: Path) -> None:
+    """Two trials 0.4 MB apart, one deployed with int8 activations: listed with what differs; a pair
+    1.1x apart and one 3 MB apart are not. The best model's own deployments come from the hardware
+    model on the study's model (the default SmolLM2-135M)."""
+    import optuna
+    from optuna.trial import create_trial
+
+    from slmsearch.compress.plan import Plan
+    from slmsearch.search.config import StudyConfig
+    from slmsearch.search.hw_pairs import trial_pairs
+    from slmsearch.search.report import write_report
+    from slmsearch.search.storage import locate_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="pairs", storage=f"sqlite:///{tmp_path / 'pairs.db'}",
+                                directions=["minimize", "maximize", "minimize"])
+    study.set_user_attr("config", StudyConfig(name="pairs", budget_mb=64.0).to_dict())
+    study.set_user_attr("objectives", OBJECTIVES)
+    anchor = Plan.load(Path(__file__).parents[2] / "examples" / "plan-64mb-levers.yaml").to_dict()
+    dist = {"activation_bits": optuna.distributions.CategoricalDistribution([16, 8])}
+    for act, mb, lat, energy, ppl in [(16, 63.6, 0.60, 0.20, 60.0), (8, 63.2, 0.42, 0.15, 70.0),
+                                      (16, 60.0, 0.55, 0.19, 75.0), (16, 59.8, 0.52, 0.18, 80.0)]:
+        study.add_trial(create_trial(
+            values=[ppl, 0.01, lat], params={"activation_bits": act}, distributions=dist,
+            constraints={"footprint_over_budget_mb": mb - 64.0},
+            user_attrs={"plan": anchor, "footprint_mb": mb, "decode_latency_s": lat, "energy_per_token_j": energy,
+                        "tokens_per_s": 1 / lat, "deployment": {"activation_bits": act}, "wikitext_word_ppl": ppl}))
+    pairs = trial_pairs(study)
+    assert [p["trials"] for p in pairs] == [(1, 0)]  # sorted by footprint: 63.2 MB first
+    assert pairs[0]["reason"] == "activation_bits: 8 vs 16" and round(pairs[0]["latency_ratio"], 2) == 1.43
+
+    out = tmp_path / "report"
+    write_report(locate_study(storage=f"sqlite:///{tmp_path / 'pairs.db'}"), out)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    section = md.split("## Same footprint, different hardware cost", 1)[1]
+    assert "Trials 1 and 0: 63.2 / 63.6 MB, decode 420 / 600 ms per token" in section
+    assert "Trials 3 and 2" not in section and "Trials 2 and 0" not in section
+    best = [line for line in section.splitlines() if "deployed two ways" in line]
+    assert best and all("activation_bits: 16 vs 8" in line for line in best)
+    assert "Same footprint, different hardware cost" in (out / "report.html").read_text(encoding="utf-8")
