@@ -56,6 +56,22 @@ CONFIGS: dict[str, list[dict]] = {
     # anchor rule's choice (finer embedding groups, 2 layers wider) and two ways to spend the room on layers
     "64 MB anchor, compact": [{"stage": "embedding", "bits": 4, "group_size": 32, "mse": 2.4},
                               {**G3, "mse": 2.4, "wider_layers": 2}, {"stage": "kv_cache", "bits": 4, "group_size": 32}],
+    # the minmax stage (fp16 scale and minimum per group of 32: llama.cpp's Q4_1 layout) alone, and the
+    # plans it makes at 96 and 128 MB (thirteenth session)
+    "minmax 4-bit g32": [{"stage": "minmax", "bits": 4, "group_size": 32}],
+    "minmax 4-bit g64": [{"stage": "minmax", "bits": 4, "group_size": 64}],
+    "96 MB minmax, kv 4-bit": [{**EH, "group_size": 32}, {"stage": "minmax", "bits": 4, "group_size": 32},
+                               {"stage": "kv_cache", "bits": 4, "group_size": 64, "key_group_size": 16}],
+    "96 MB minmax, kv 8-bit": [{**EH, "group_size": 32}, {"stage": "minmax", "bits": 4, "group_size": 32},
+                               {"stage": "kv_cache", "bits": 8, "group_size": 64}],
+    "embedding 4-bit g32 minmax": [{"stage": "embedding", "bits": 4, "group_size": 32, "grid": "minmax"}],
+    "96 MB minmax, embedding minmax, kv 8-bit": [{"stage": "embedding", "bits": 4, "group_size": 32, "grid": "minmax"},
+                                                 {"stage": "minmax", "bits": 4, "group_size": 32},
+                                                 {"stage": "kv_cache", "bits": 8, "group_size": 64}],
+    "128 MB minmax, embedding 8-bit g32": [{"stage": "embedding", "bits": 8, "group_size": 32},
+                                           {"stage": "minmax", "bits": 4, "group_size": 32}],
+    "128 MB minmax, embedding 16-bit, kv 4-bit": [{"stage": "minmax", "bits": 4, "group_size": 32},
+                                                  {"stage": "kv_cache", "bits": 4, "group_size": 64, "key_group_size": 16}],
     "64 MB, embedding g64, 4 layers wider": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4},
                                              {**G3, "mse": 2.4, "wider_layers": 4}, {"stage": "kv_cache", "bits": 4, "group_size": 32}],
     "64 MB, embedding g64, 5 layers wider, kv g64": [{"stage": "embedding", "bits": 4, "group_size": 64, "mse": 2.4},

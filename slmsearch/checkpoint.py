@@ -7,7 +7,9 @@ tokenizer files), written by ``save_pretrained`` or, for a GPTQ model, by gptqmo
 - ``adapter/``: at most one adapter in PEFT's format (``adapter_config.json`` +
   ``adapter_model.safetensors``): EoRA beside a GPTQ model, or a LoRA kept unmerged;
 - ``embedding-packed.safetensors``: a quantized embedding (and untied lm_head) as packed codes and
-  16-bit scales (:func:`pack_codes`; ``<name>.rtn_codes`` uint8, ``<name>.rtn_scales`` fp16). A stage-cache
+  16-bit scales (:func:`pack_codes`; ``<name>.rtn_codes`` uint8, ``<name>.rtn_scales`` fp16), and the
+  decoder Linears of the ``minmax`` stage the same way with a 16-bit minimum per group
+  (``<name>.rtn_mins``; ``<name>`` the module's path, e.g. ``model.layers.0.mlp.up_proj``). A stage-cache
   entry holds it beside the dense (dequantized) tensor the later stages read; a finished folder
   (:func:`finish`: ``slmsearch compress --out``, ``slmsearch export``) holds only the packed one,
   so the files are the size the memory model counts, and :func:`load` unpacks it bit for bit;
@@ -52,11 +54,17 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's adapter config (``r`` is t
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PACKED_EMBEDDING_FILE = "embedding-packed.safetensors"  # packed codes + scales of a quantized embedding
 DERIVED_KEY = "gptq_derived"  # meta: the GPTQ tensor kinds a finished folder left out (finish, gptq_compact)
-PACKED_ATTR = "_slmsearch_packed"  # set on a model by EmbeddingQuant: {"embed"|"lm_head": PackedTensor}
+# set on a model by EmbeddingQuant ({"embed"|"lm_head": PackedTensor}) and MinMaxQuant ({module path: PackedTensor})
+PACKED_ATTR = "_slmsearch_packed"
 PACKED_NAMES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}  # safetensors prefixes (LLaMA names)
 # Tensor names <prefix>.rtn_codes / .rtn_scales: never GPTQ's ``.qweight``/``.scales``, which
 # gptqmodel looks for in every *.safetensors of a folder to decide that the embedding is quantized.
-CODES, SCALES = "rtn_codes", "rtn_scales"
+CODES, SCALES, MINS = "rtn_codes", "rtn_scales", "rtn_mins"
+
+
+def packed_prefix(key: str) -> str:
+    """The safetensors prefix of a packed tensor's key (the embedding's short names, else the path)."""
+    return PACKED_NAMES.get(key, key)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
 
@@ -173,17 +181,23 @@ def copy_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
 # the packed embedding --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PackedTensor:
-    """A round-to-nearest tensor as stored: uint8 ``codes`` ``[rows, cols]`` (one code a byte,
-    zero point ``2**(bits-1)``), ``scales`` ``[rows, groups]`` (fp16), and the bit-width."""
+    """A round-to-nearest tensor as stored: uint8 ``codes`` ``[rows, cols]`` (one code a byte),
+    ``scales`` ``[rows, groups]`` (fp16), the bit-width, and ``mins`` ``[rows, groups]`` (fp16) on an
+    asymmetric grid (``w = min + code * scale``), or None on the symmetric one (zero point
+    ``2**(bits-1)``)."""
 
     codes: Any
     scales: Any
     bits: int
+    mins: Any = None
 
     def dense(self, dtype: Any) -> torch.Tensor:
-        """The weights, exactly as the stage set them (:func:`compress.kernels.rtn_dequantize`)."""
-        from slmsearch.compress.kernels import rtn_dequantize
+        """The weights, exactly as the stage set them (:func:`compress.kernels.rtn_dequantize`,
+        :func:`compress.kernels.minmax_dequantize`)."""
+        from slmsearch.compress.kernels import minmax_dequantize, rtn_dequantize
 
+        if self.mins is not None:
+            return minmax_dequantize(self.codes, self.scales, self.mins, dtype)
         return rtn_dequantize(self.codes, self.scales, self.bits, dtype)
 
 
@@ -225,28 +239,35 @@ def write_packed(folder: str | os.PathLike[str], packed: dict[str, PackedTensor]
 
     tensors = {}
     for key, p in packed.items():
-        tensors[f"{PACKED_NAMES[key]}.{CODES}"] = pack_codes(p.codes, p.bits).contiguous()
-        tensors[f"{PACKED_NAMES[key]}.{SCALES}"] = p.scales.contiguous()
-    bits = {p.bits for p in packed.values()}
-    meta = {"format": "slmsearch-rtn-packed", "bits": str(bits.pop()), "dtype": dtype}
+        prefix = packed_prefix(key)
+        tensors[f"{prefix}.{CODES}"] = pack_codes(p.codes, p.bits).contiguous()
+        tensors[f"{prefix}.{SCALES}"] = p.scales.contiguous()
+        if p.mins is not None:
+            tensors[f"{prefix}.{MINS}"] = p.mins.contiguous()
+    bits = {packed_prefix(k): p.bits for k, p in packed.items()}
+    meta = {"format": "slmsearch-rtn-packed", "bits": json.dumps(bits), "dtype": dtype}
     save_file(tensors, str(Path(folder) / PACKED_EMBEDDING_FILE), metadata=meta)
 
 
 def read_packed(folder: str | os.PathLike[str]) -> tuple[dict[str, PackedTensor], str]:
-    """({"embed"|"lm_head": PackedTensor}, the dense dtype's name) of a folder's packed embedding."""
+    """({"embed"|"lm_head"|module path: PackedTensor}, the dense dtype's name) of a folder's packed
+    tensors (the embedding's, the minmax stage's Linears)."""
     from safetensors import safe_open
 
     path = Path(folder) / PACKED_EMBEDDING_FILE
+    keys = {prefix: key for key, prefix in PACKED_NAMES.items()}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != "slmsearch-rtn-packed":
             raise SlmsearchError(f"{path} is not a packed embedding (format {meta.get('format')!r})")
-        bits = int(meta["bits"])
+        stored = json.loads(meta["bits"])  # {prefix: bits}; one number in folders written before the minmax stage
+        names = set(f.keys())
         out = {}
-        for key, prefix in PACKED_NAMES.items():
-            if f"{prefix}.{CODES}" in f.keys():
-                codes = unpack_codes(f.get_tensor(f"{prefix}.{CODES}"), bits)
-                out[key] = PackedTensor(codes, f.get_tensor(f"{prefix}.{SCALES}"), bits)
+        for prefix in sorted(n.removesuffix(f".{CODES}") for n in names if n.endswith(f".{CODES}")):
+            bits = int(stored[prefix] if isinstance(stored, dict) else stored)
+            mins = f.get_tensor(f"{prefix}.{MINS}") if f"{prefix}.{MINS}" in names else None
+            codes = unpack_codes(f.get_tensor(f"{prefix}.{CODES}"), bits)
+            out[keys.get(prefix, prefix)] = PackedTensor(codes, f.get_tensor(f"{prefix}.{SCALES}"), bits, mins)
     return out, meta.get("dtype", "bfloat16")
 
 
@@ -264,7 +285,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def _dense_names(folder: Path) -> list[str]:
     """The dense tensors a packed embedding replaces (a tied model's stored lm_head too)."""
     packed, _ = read_packed(folder)
-    names = [f"{PACKED_NAMES[k]}.weight" for k in packed]
+    names = [f"{packed_prefix(k)}.weight" for k in packed]
     config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
     if "lm_head" not in packed and config.get("tie_word_embeddings", True):
         names.append("lm_head.weight")
@@ -301,7 +322,7 @@ def _drop_dense_embedding(folder: Path) -> None:
             meta = f.metadata()
             keep = {n: f.get_tensor(n) for n in f.keys() if n not in drop}
             for key, p in packed.items():
-                name = f"{PACKED_NAMES[key]}.weight"
+                name = f"{packed_prefix(key)}.weight"
                 if name in f.keys():
                     dense = f.get_tensor(name)
                     dense_dtype = dense.dtype
@@ -367,7 +388,8 @@ def _needs_view(folder: Path) -> bool:
     for path in _weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
             names.update(f.keys())
-    return not any(f"{prefix}.weight" in names for prefix in PACKED_NAMES.values() if prefix != "lm_head")
+    packed, _ = read_packed(folder)
+    return any(f"{packed_prefix(k)}.weight" not in names for k in packed if k != "lm_head")
 
 
 def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> Path:
@@ -400,7 +422,7 @@ def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> 
     extra: dict[str, torch.Tensor] = {}
     if has_packed_embedding(folder):
         packed, dtype = read_packed(folder)
-        extra.update({f"{PACKED_NAMES[k]}.weight": p.dense(getattr(torch, dtype)).contiguous() for k, p in packed.items()})
+        extra.update({f"{packed_prefix(k)}.weight": p.dense(getattr(torch, dtype)).contiguous() for k, p in packed.items()})
     derived = derived_gptq(folder)
     if derived:
         extra.update(gptq_compact.rebuilt(shapes, derived, gptq_compact.layout(quantize_config(folder))[0]))

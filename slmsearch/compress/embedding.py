@@ -45,6 +45,10 @@ class EmbeddingQuant(Stage):
     # gptqmodel's 0.05: at the 64 MB anchor it keeps 1.04 nats more of the gold answers'
     # log-prob on TriviaQA questions never reported, for 2.4% token ppl (docs/benchmarks.md §6).
     damp: float = 0.25
+    # "sym": the symmetric grid (one scale per group); "minmax": each group's own min..max range with
+    # an fp16 minimum beside the scale (kernels.minmax_codes; llama.cpp's Q4_1 layout at 4 bits g32),
+    # rounded to nearest (GPTQ's solver keeps integer zero points: gptq must be false)
+    grid: str = "sym"
 
     def __post_init__(self) -> None:
         check_choice("embedding", "bits", self.bits, (16, 8, 4))
@@ -53,6 +57,10 @@ class EmbeddingQuant(Stage):
         if not isinstance(self.gptq, bool):
             raise SlmsearchError(f"embedding.gptq must be true or false, got {self.gptq!r}")
         check_range("embedding", "damp", self.damp, 0.001, 0.99)
+        check_choice("embedding", "grid", self.grid, ("sym", "minmax"))
+        if self.grid == "minmax" and (self.gptq or self.mse or self.group_size is None):
+            raise SlmsearchError("embedding.grid 'minmax' rounds to nearest in groups: it needs a group_size and "
+                                 "takes neither gptq nor mse (set gptq: false, mse: 0)")
 
     def is_noop(self) -> bool:
         return self.bits == 16
@@ -60,15 +68,17 @@ class EmbeddingQuant(Stage):
     def shape(self, shape: ModelShape) -> ModelShape:
         from slmsearch.hwmodel.shape import TensorFormat
 
-        return shape.with_embedding_format(TensorFormat(weight_bits=self.bits, group_size=self.group_size, zero_bits=0))
+        zero_bits = 16 if self.grid == "minmax" else 0
+        return shape.with_embedding_format(TensorFormat(weight_bits=self.bits, group_size=self.group_size, zero_bits=zero_bits))
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """A cache entry stores the weights dequantized, so their width is declared. (Without this stage the
         tensors' own dtype is the truth; hwmodel uses a declared width only when it is smaller.)"""
-        return {"embedding": {"bits": self.bits, "group_size": self.group_size, "zero_bits": 0}}
+        return {"embedding": {"bits": self.bits, "group_size": self.group_size, "zero_bits": 16 if self.grid == "minmax" else 0}}
 
     def label(self) -> str:
-        return f"emb{self.bits}" + (f"g{self.group_size}" if self.group_size else "") + ("h" if self.gptq else "")
+        return (f"emb{self.bits}" + (f"g{self.group_size}" if self.group_size else "") + ("h" if self.gptq else "")
+                + ("mm" if self.grid == "minmax" else ""))
 
     def columns(self) -> dict[str, Any]:
         return {"embedding_bits": self.bits}
@@ -76,12 +86,17 @@ class EmbeddingQuant(Stage):
     @classmethod
     def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> EmbeddingQuant | None:
         """``embedding_bits`` (16 = no stage), ``embedding_group`` (0 or absent = per row) and
-        ``embedding_mse`` (else the space's first), ``embedding_gptq`` (else the space's)."""
+        ``embedding_mse`` (else the space's first), ``embedding_gptq`` (else the space's);
+        ``embedding_grid`` "minmax" (else "sym") rounds on the min..max grid instead."""
         bits = int(params.get("embedding_bits", 16))
         group = int(params.get("embedding_group") or 0)
         mse = float(params.get("embedding_mse", space_first(space, "embedding_mse", 0.0)))
         gptq = bool(params.get("embedding_gptq", getattr(space, "embedding_gptq", False)))
-        return cls(bits=bits, group_size=group or None, mse=mse, gptq=gptq) if bits != 16 else None
+        if bits == 16:
+            return None
+        if params.get("embedding_grid", "sym") == "minmax":  # rounded to nearest in groups (32 when per row was asked)
+            return cls(bits=bits, group_size=group or 32, grid="minmax")
+        return cls(bits=bits, group_size=group or None, mse=mse, gptq=gptq)
 
     def apply(self, model: Any, calib: Any = None) -> StageReport:
         import torch
@@ -105,20 +120,24 @@ class EmbeddingQuant(Stage):
                 metrics["tied"] = tied
                 if not tied:
                     packed["lm_head"] = self._quantize(head.weight, inputs)
-                setattr(model, PACKED_ATTR, {k: PackedTensor(*v, bits=self.bits) for k, v in packed.items()})
+                setattr(model, PACKED_ATTR, {k: PackedTensor(v[0], v[1], self.bits, v[2]) for k, v in packed.items()})
         return StageReport(self.kind, self.to_dict(), t.seconds, metrics)
 
-    def _quantize(self, weight: Any, inputs: Any = None) -> tuple[Any, Any]:
+    def _quantize(self, weight: Any, inputs: Any = None) -> tuple[Any, Any, Any]:
         """Replace ``weight``'s values by their grid values (round-to-nearest, or GPTQ given the
-        ``inputs`` it multiplies as the lm_head); (codes, fp16 scales)."""
-        from slmsearch.compress.kernels import rtn_codes, rtn_dequantize
+        ``inputs`` it multiplies as the lm_head); (codes, fp16 scales, fp16 minimums or None)."""
+        from slmsearch.compress.kernels import minmax_codes, minmax_dequantize, rtn_codes, rtn_dequantize
 
+        if self.grid == "minmax":
+            codes, scales, mins = minmax_codes(weight.data, self.bits, self.group_size or 0)
+            weight.data.copy_(minmax_dequantize(codes, scales, mins, weight.dtype))
+            return codes.cpu(), scales.cpu(), mins.cpu()
         if inputs is None:
             codes, scales = rtn_codes(weight.data, self.bits, self.group_size, mse=self.mse)
         else:
             codes, scales = gptq_codes(weight.data, inputs, self.bits, self.group_size, self.mse, self.damp)
         weight.data.copy_(rtn_dequantize(codes, scales, self.bits, weight.dtype))
-        return codes.cpu(), scales.cpu()
+        return codes.cpu(), scales.cpu(), None
 
     def _lm_head_inputs(self, model: Any, calib: Any) -> list[Any]:
         """The lm_head's inputs (the final norm's outputs) on the calibration windows, a

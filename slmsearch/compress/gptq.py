@@ -142,7 +142,7 @@ class Gptq(Stage):
         """``gptq_bits`` (16 = no stage) with ``group_size``, ``act_order``, ``gptq_wider_layers`` and
         ``gptq_mse`` (else the space's first)."""
         bits = int(params.get("gptq_bits", 16))
-        if bits == 16:
+        if bits == 16 or params.get("layer_grid", "gptq") != "gptq":
             return None
         wider = int(params.get("gptq_wider_layers", 0)) if bits in WIDER else 0
         mse = params.get("gptq_mse", space_first(space, "gptq_mse", 0.0))

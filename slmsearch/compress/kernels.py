@@ -218,6 +218,33 @@ def rtn_dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: 
     return (q * scales.float().unsqueeze(2)).reshape(rows, cols).to(dtype)
 
 
+def minmax_codes(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest codes of ``weight`` ``[rows, cols]`` on an asymmetric grid per group of
+    ``group_size`` columns: ``w = min + code * scale`` with ``min`` the group's smallest weight and
+    ``scale`` its range over ``2**bits - 1``, both rounded to fp16 first (what a deployment stores:
+    llama.cpp's Q4_1 layout at 4 bits g32). ``(codes uint8 [rows, cols], scales fp16, mins fp16)``,
+    the last two ``[rows, cols // group_size]``; :func:`minmax_dequantize` of the three is the truth."""
+    rows, cols = weight.shape
+    if cols % group_size:
+        raise ValueError(f"group_size {group_size} must divide {cols} columns")
+    maxq = 2**bits - 1
+    w = weight.detach().float().reshape(rows, cols // group_size, group_size)
+    mins = w.amin(dim=2).to(torch.float16)
+    info = torch.finfo(torch.float16)
+    scales = ((w.amax(dim=2) - mins.float()) / maxq).to(torch.float16).clamp_min(info.tiny * info.eps)
+    q = torch.clamp(torch.round((w - mins.float().unsqueeze(2)) / scales.float().unsqueeze(2)), 0, maxq)
+    return q.reshape(rows, cols).to(torch.uint8), scales, mins
+
+
+def minmax_dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights of :func:`minmax_codes` (``min + code * scale``, in float32, then ``dtype``)."""
+    rows, cols = codes.shape
+    groups = scales.shape[1]
+    q = codes.float().reshape(rows, groups, cols // groups)
+    w = mins.float().unsqueeze(2) + q * scales.float().unsqueeze(2)
+    return w.reshape(rows, cols).to(dtype)
+
+
 def angular_distance_sums(states: Sequence[torch.Tensor]) -> torch.Tensor:
     """Angular distances ``arccos(cos(h_a, h_b)) / pi`` (ShortGPT / PruneMe), in [0, 1] per token,
     between every pair of hidden states, summed over the tokens.

@@ -1,6 +1,7 @@
 """A compression plan: an ordered tuple of stages, in the canonical order, as YAML/JSON.
 
-Canonical order: depth -> wanda -> lora -> embedding -> gptq -> eora -> kv_cache, each at most once.
+Canonical order: depth -> wanda -> lora -> embedding -> gptq -> minmax -> eora -> kv_cache, each at
+most once; gptq and minmax are two ways to quantize the same Linears (a plan holds one).
 The YAML/JSON form is ``{"stages": [{"stage": "wanda", "sparsity": 0.5}, ...]}`` (a bare list
 is accepted too); unknown stage names and unknown keys are rejected by name.
 
@@ -23,6 +24,7 @@ from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.compress.gptq import Eora, Gptq
 from slmsearch.compress.kvcache import KvCacheQuant
 from slmsearch.compress.lora import LoraRecovery
+from slmsearch.compress.minmax import MinMaxQuant
 from slmsearch.compress.stage import Stage
 from slmsearch.compress.wanda import Wanda
 from slmsearch.errors import SlmsearchError
@@ -31,9 +33,9 @@ if TYPE_CHECKING:
     from slmsearch.hwmodel.shape import ModelShape
 
 STAGE_TYPES: dict[str, type[Stage]] = {
-    cls.kind: cls for cls in (DepthPrune, Wanda, LoraRecovery, EmbeddingQuant, Gptq, Eora, KvCacheQuant)
+    cls.kind: cls for cls in (DepthPrune, Wanda, LoraRecovery, EmbeddingQuant, Gptq, MinMaxQuant, Eora, KvCacheQuant)
 }
-CANONICAL_ORDER: tuple[str, ...] = ("depth", "wanda", "lora", "embedding", "gptq", "eora", "kv_cache")
+CANONICAL_ORDER: tuple[str, ...] = ("depth", "wanda", "lora", "embedding", "gptq", "minmax", "eora", "kv_cache")
 PLAN_VERSION = 1
 DENSE = {"format": "dense", "density": 1.0}  # the sparsity a checkpoint declares when no stage zeroed weights
 
@@ -57,6 +59,12 @@ class Plan:
             raise SlmsearchError(
                 f"stages must follow the order {' -> '.join(CANONICAL_ORDER)}, got {' -> '.join(kinds)}"
             )
+        if "gptq" in kinds and "minmax" in kinds:
+            raise SlmsearchError("a plan quantizes the Linears with gptq or with minmax, not both; remove one of the two stages")
+        wanda = self.get("wanda")
+        if "minmax" in kinds and wanda is not None and not wanda.is_noop() and wanda.pattern != "structured":  # type: ignore[attr-defined]
+            raise SlmsearchError(f"minmax's grid does not keep zeros, so it cannot follow wanda pattern {wanda.pattern!r}; "  # type: ignore[attr-defined]
+                                 "use wanda pattern 'structured' (removes channels) or gptq (keeps the zeros)")
         if "eora" in kinds and "gptq" not in kinds and self.get("eora").rank > 0:  # type: ignore[union-attr]
             raise SlmsearchError("an eora stage needs a gptq stage before it")
         lora = self.get("lora")

@@ -6,6 +6,7 @@ The proxy of a plan keeps what decides its structure and swaps what is expensive
   starts from the same cached folders);
 - the embedding is rounded as the plan rounds it (in memory, seconds), to nearest where the plan
   uses GPTQ's error feedback (as for the layers);
+- the minmax stage runs as it is (round-to-nearest is what it does: the proxy is exact there);
 - GPTQ becomes round-to-nearest on GPTQ's symmetric grid (:func:`kernels.rtn_codes`) at the
   same per-layer widths (the same cached sensitivity ranking picks the wider layers), group size
   and scale search; its Hessian-aware error compensation is what the proxy leaves out;
@@ -142,7 +143,25 @@ def proxy_model(plan: Plan, base_location: str, data_dir: Path, calib: CalibSett
             raised = set(most_sensitive(scores, gptq.wider_layers))
             widths = tuple(WIDER[gptq.bits] if i in raised else gptq.bits for i in range(n))
         round_linears(model, widths, gptq.group_size, gptq.mse)
+    minmax = next((s for s in stages if s.kind == "minmax"), None)
+    if minmax is not None:
+        minmax_linears(model, minmax.bits, minmax.group_size)  # type: ignore[attr-defined]
     return model, tokenizer
+
+
+def minmax_linears(model: Any, bits: int, group_size: int) -> None:
+    """Every decoder Linear on the minmax stage's grid, in place (what the stage stores)."""
+    import torch
+
+    from slmsearch.compress.kernels import minmax_codes, minmax_dequantize
+    from slmsearch.compress.surgery import decoder_layers
+
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    w = module.weight.data
+                    w.copy_(minmax_dequantize(*minmax_codes(w, bits, group_size), w.dtype))
 
 
 # The rounded embeddings of this process, by (weights, setting): the embedding is the same in every

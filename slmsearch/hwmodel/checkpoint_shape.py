@@ -19,7 +19,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, CODES, META_FILE, SCALES, quantize_config, read_meta
+from slmsearch.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, CODES, META_FILE, MINS, PACKED_EMBEDDING_FILE, SCALES,
+                                  quantize_config, read_meta)
 from slmsearch.errors import SlmsearchError
 from slmsearch.hwmodel.shape import ATTN_PROJS, MLP_PROJS, Adapter, LayerShape, ModelShape, TensorFormat
 
@@ -40,6 +41,19 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header
+
+
+def _packed_bits(folder: Path) -> dict[str, int]:
+    """{tensor prefix: bits} of a folder's packed tensors, from the packed file's metadata (one
+    width for every tensor in files written before the minmax stage); {} without the file."""
+    path = folder / PACKED_EMBEDDING_FILE
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    stored = json.loads(meta.get("bits", "{}"))
+    return {str(k): int(v) for k, v in stored.items()} if isinstance(stored, dict) else {"*": int(stored)}
 
 
 def _headers(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
@@ -68,6 +82,7 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
     if not tensors:
         raise SlmsearchError(f"{folder} has no *.safetensors files")
     qcfg = quantize_config(folder)
+    packed_bits = _packed_bits(folder)
 
     # group tensors per layer / projection
     layers: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -93,7 +108,7 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
         for proj, parts in projs.items():
             if proj not in ATTN_PROJS + MLP_PROJS:
                 continue
-            dims[proj], fmts[proj] = _proj_format(folder, idx, proj, parts, qcfg)
+            dims[proj], fmts[proj] = _proj_format(folder, idx, proj, parts, qcfg, packed_bits)
         q_out, k_out = dims["q_proj"][1], dims["k_proj"][1]
         if q_out % head_dim or k_out % head_dim:
             raise SlmsearchError(
@@ -122,7 +137,9 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
         gs = e_meta.get("group_size")
         emb_fmt = TensorFormat(weight_bits=packed[1]["shape"][1] * 8 // hidden,
                                group_size=gs if gs and hidden // int(gs) == groups else (None if groups == 1 else hidden // groups),
-                               scale_bits=_DTYPE_BITS.get(scales["dtype"], 16), zero_bits=0)
+                               scale_bits=_DTYPE_BITS.get(scales["dtype"], 16),
+                               zero_bits=_DTYPE_BITS.get(tensors[f"model.embed_tokens.{MINS}"][1]["dtype"], 16)
+                               if f"model.embed_tokens.{MINS}" in tensors else 0)
     elif e_meta.get("bits") is not None and int(e_meta["bits"]) < emb_fmt.weight_bits:
         emb_fmt = TensorFormat(weight_bits=int(e_meta["bits"]), group_size=e_meta.get("group_size"),
                                zero_bits=e_meta.get("zero_bits"))
@@ -148,9 +165,24 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
     return shape
 
 
-def _proj_format(folder: Path, idx: int, proj: str, parts: dict[str, dict[str, Any]], qcfg: dict[str, Any]
-                 ) -> tuple[tuple[int, int], TensorFormat]:
-    """((in_features, out_features), format) measured from the tensors of one projection."""
+def _proj_format(folder: Path, idx: int, proj: str, parts: dict[str, dict[str, Any]], qcfg: dict[str, Any],
+                 packed_bits: dict[str, int] | None = None) -> tuple[tuple[int, int], TensorFormat]:
+    """((in_features, out_features), format) measured from the tensors of one projection; packed
+    codes (the minmax stage's, :mod:`slmsearch.checkpoint`) win over a dense copy beside them."""
+    if CODES in parts:
+        group = "self_attn" if proj in ATTN_PROJS else "mlp"
+        bits = (packed_bits or {}).get(f"model.layers.{idx}.{group}.{proj}", (packed_bits or {}).get("*"))
+        if bits is None:
+            raise SlmsearchError(f"{folder}: layer {idx} {proj} has packed codes but the packed file names no width")
+        out_f, packed_cols = parts[CODES]["shape"]
+        in_f = packed_cols * 8 // bits
+        groups = parts[SCALES]["shape"][1]
+        if "weight" in parts and parts["weight"]["shape"] != [out_f, in_f]:
+            raise SlmsearchError(f"{folder}: layer {idx} {proj} packed codes do not match its weight's shape")
+        return (in_f, out_f), TensorFormat(
+            weight_bits=bits, group_size=None if groups == 1 else in_f // groups,
+            scale_bits=_DTYPE_BITS.get(parts[SCALES]["dtype"], 16),
+            zero_bits=_DTYPE_BITS.get(parts[MINS]["dtype"], 16) if MINS in parts else 0)
     if "weight" in parts:
         out_f, in_f = parts["weight"]["shape"]
         return (in_f, out_f), TensorFormat(weight_bits=_DTYPE_BITS.get(parts["weight"]["dtype"], 16))

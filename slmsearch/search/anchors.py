@@ -10,6 +10,10 @@ precision with the group that leaves the fewest layers to drop and then the most
 divides the model, the narrowest KV cache, LoRA recovery when layers are dropped, no EoRA); the
 anchors are the ones that drop the fewest layers (then the wider width). Priced by the
 hardware model only: choosing them compresses nothing.
+
+When the space offers the minmax grid for the layers and a minmax plan fits with every layer kept,
+that plan comes first, with the KV cache and embedding of the least prior cost that fit (each
+measured alone on SmolLM2-135M: :data:`KV_COST`, :data:`EMBEDDING_COST`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
     n_layers = len(base_shape.layers)
     lora = 8 if 8 in space.lora_ranks else max(space.lora_ranks)
     found: list[tuple[int, int, dict[str, Any]]] = []
+    grids = {"layer_grid": "gptq"} if "gptq" in space.layer_grids else None
+    minmax = _minmax_anchor(space, base_shape, fits)
     for bits in sorted((b for b in space.gptq_bits if MIN_ANCHOR_BITS <= b < 16), reverse=True):
+        if grids is None:
+            break
         best: tuple[tuple[int, int], dict[str, Any]] | None = None
         # the embedding group that leaves the fewest layers to drop, then the most layers widened
         # (the finer one on a tie): at 64 MB on SmolLM2-135M, g64 with 4 layers widened measured
@@ -49,9 +57,11 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
                 "embedding_bits": min(space.embedding_bits), "gptq_bits": bits,
                 "group_size": group_size, "act_order": space.act_order[0], "gptq_mse": space.gptq_mse[0], "eora_rank": 0,
                 "kv_cache_bits": min(space.kv_cache_bits), "drop_fraction": 0.0, "wider_fraction": space.wider_fraction[1],
+                **grids,
             }
             if params["embedding_bits"] != 16:
                 params["embedding_group"] = group
+                params["embedding_grid"] = "sym" if "sym" in space.embedding_grids else space.embedding_grids[0]
             placed, repaired = _placed(params, space, base_shape, fits)
             if repaired or not fits(_plan(placed, space, base_shape)):
                 continue
@@ -66,7 +76,45 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
         if best is not None:
             found.append((best[0][0], -bits, best[1]))
     # fewest layers dropped first (dropping costs more quality than a narrower width), then the wider
-    return [params for _, _, params in sorted(found, key=lambda f: f[:2])[:max_anchors]]
+    ordered = [params for _, _, params in sorted(found, key=lambda f: f[:2])]
+    if minmax is not None:
+        return [minmax, *ordered][:max_anchors]
+    return ordered[:max_anchors]
+
+
+# Token ppl / dense of each KV-cache width and embedding format alone on SmolLM2-135M (bench/levers.py,
+# docs/benchmarks.md section 6; the first 4 x 512 WikiText test windows, the ones reported): which
+# combination the minmax anchor spends the room on. A prior for the anchor only; a study measures.
+KV_COST = {16: 1.0, 8: 1.0005, 4: 1.030}  # keys g16, values g64 at 4 bits
+EMBEDDING_COST = {(16, ""): 1.0, (8, "sym"): 1.0, (8, "minmax"): 1.0, (4, "minmax"): 1.043, (4, "sym"): 1.05}
+
+
+def _minmax_anchor(space: SpaceConfig, base_shape: Any, fits: Fits) -> dict[str, Any] | None:
+    """The minmax plan with every layer kept at the widest minmax width that fits, with the KV-cache
+    width and embedding format (16 bits, or 8 or 4 bits in the finest group, either grid) of the
+    least prior cost (:data:`KV_COST` x :data:`EMBEDDING_COST`) that fit; None when the space has no
+    minmax grid or nothing fits undropped."""
+    if "minmax" not in space.layer_grids or 0 not in space.lora_ranks:
+        return None
+    group = min(space.embedding_groups, key=lambda g: g or 10**9) or 32
+    embeddings: list[tuple[float, dict[str, Any]]] = []
+    for bits in space.embedding_bits:
+        if bits == 16:
+            embeddings.append((EMBEDDING_COST[(16, "")], {"embedding_bits": 16}))
+            continue
+        for grid in space.embedding_grids:
+            embeddings.append((EMBEDDING_COST.get((bits, grid), 2.0), {
+                "embedding_bits": bits, "embedding_group": group, "embedding_grid": grid,
+                **({"embedding_mse": space.embedding_mse[0]} if grid == "sym" else {})}))
+    for bits in sorted(space.minmax_bits, reverse=True):
+        options = sorted(((KV_COST.get(kv, 2.0) * cost, kv, emb) for kv in space.kv_cache_bits for cost, emb in embeddings),
+                         key=lambda o: (o[0], -o[1]))
+        for _, kv, emb in options:
+            params: dict[str, Any] = {"wanda_pattern": "none", "lora_rank": 0, "layer_grid": "minmax",
+                                      "minmax_bits": bits, "kv_cache_bits": kv, "drop_fraction": 0.0, **emb}
+            if fits(_plan(params, space, base_shape)):
+                return params
+    return None
 
 
 def anchor_plan(params: dict[str, Any], space: SpaceConfig, base_shape: Any, fits: Fits) -> Plan:

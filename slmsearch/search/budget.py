@@ -36,7 +36,7 @@ PlanOf = Callable[[dict[str, Any]], Plan]
 
 # the categorical dimensions whose never-feasible values feasible_space removes: (space field, parameter)
 FILTERED_CHOICES = (("gptq_bits", "gptq_bits"), ("embedding_bits", "embedding_bits"), ("kv_cache_bits", "kv_cache_bits"),
-                    ("embedding_groups", "embedding_group"), ("eora_ranks", "eora_rank"))
+                    ("embedding_groups", "embedding_group"), ("eora_ranks", "eora_rank"), ("layer_grids", "layer_grid"))
 
 
 def within_budget(config: StudyConfig, base_shape: Any, deployment: Any = None) -> Fits:
@@ -90,9 +90,11 @@ def repairs(params: dict[str, Any], space: SpaceConfig, default_group: int) -> l
         steps.append({"embedding_bits": min(space.embedding_bits),
                       "embedding_group": max(space.embedding_groups, key=lambda g: g or 10**9)})
     bits = params.get("gptq_bits", 16)
+    to_gptq = {"layer_grid": "gptq"} if params.get("layer_grid") == "minmax" else {}  # minmax has no narrower width here
     for narrower in sorted((b for b in space.gptq_bits if b < bits), reverse=True):
-        steps.append({"gptq_bits": narrower, **({} if "group_size" in params else
-                                                {"group_size": default_group, "act_order": space.act_order[0], "eora_rank": 0})})
+        steps.append({"gptq_bits": narrower, **to_gptq, **({} if "group_size" in params else
+                                                           {"group_size": default_group, "act_order": space.act_order[0],
+                                                            "eora_rank": 0})})
     return steps
 
 

@@ -99,6 +99,16 @@ class SpaceConfig:
     # the embedding's codes by GPTQ over the lm_head's inputs (compress/embedding.py): at 4-bit g64
     # x1.04 the dense token ppl instead of x1.16, ~60 s per new input model (docs/benchmarks.md)
     embedding_gptq: bool = True
+    # the embedding's grid at 8 or 4 bits: "sym" (above) and/or "minmax" (an fp16 minimum beside each
+    # group's scale, rounded to nearest: at 4-bit g32 x1.043 the dense token ppl on SmolLM2-135M
+    # against x1.156 for the symmetric grid rounded; docs/benchmarks.md section 6)
+    embedding_grids: tuple[str, ...] = ("sym", "minmax")
+    # how the decoder Linears are quantized: "gptq" (gptq_bits, group_sizes, ... above) and/or "minmax"
+    # (round-to-nearest, fp16 scale and minimum per group of minmax_group: compress/minmax.py; at 4-bit
+    # g32 it re-quantizes SmolLM2-135M as shipped without loss, 5.0 bits a weight)
+    layer_grids: tuple[str, ...] = ("gptq", "minmax")
+    minmax_bits: tuple[int, ...] = (4,)
+    minmax_group: int = 32
     # the KV cache's stored width (16 = float); quantized ones keep a 16-bit scale and zero per
     # kv_cache_group channels of each head's row (compress/kvcache.py)
     # kv_cache_group channels of each head's value row and kv_cache_key_group of its key row (keys have
@@ -148,6 +158,14 @@ class SpaceConfig:
                     f"space.{name}: unsupported value {value!r}; supported: {', '.join(map(str, KV_CACHE_GROUPS))}"
                     + (" (or 0: the values' group)" if name == "kv_cache_key_group" else "")
                 )
+        from slmsearch.compress.minmax import MINMAX_BITS, MINMAX_GROUPS
+
+        object.__setattr__(self, "embedding_grids", _choices(s, "embedding_grids", self.embedding_grids, ("sym", "minmax")))
+        object.__setattr__(self, "layer_grids", _choices(s, "layer_grids", self.layer_grids, ("gptq", "minmax")))
+        object.__setattr__(self, "minmax_bits", _choices(s, "minmax_bits", self.minmax_bits, MINMAX_BITS))
+        if self.minmax_group not in MINMAX_GROUPS:
+            raise SlmsearchError(f"space.minmax_group: unsupported value {self.minmax_group!r}; "
+                                 f"supported: {', '.join(map(str, MINMAX_GROUPS))}")
         if not isinstance(self.embedding_gptq, bool):
             raise SlmsearchError(f"space.embedding_gptq must be true or false, got {self.embedding_gptq!r}")
         if not isinstance(self.kv_cache_rotate, bool):

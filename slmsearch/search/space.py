@@ -121,8 +121,19 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
     params["embedding_bits"] = trial.suggest_categorical("embedding_bits", list(space.embedding_bits))
     if params["embedding_bits"] != 16:
         params["embedding_group"] = _choose(trial, "embedding_group", space.embedding_groups)
-        params["embedding_mse"] = _choose(trial, "embedding_mse", space.embedding_mse)
-    params["gptq_bits"] = trial.suggest_categorical("gptq_bits", list(space.gptq_bits))
+        params["embedding_grid"] = _choose(trial, "embedding_grid", space.embedding_grids)
+        if params["embedding_grid"] == "sym":
+            params["embedding_mse"] = _choose(trial, "embedding_mse", space.embedding_mse)
+    params["layer_grid"] = _choose(trial, "layer_grid", space.layer_grids)
+    forced: dict[str, list[Any]] = {}
+    if params["layer_grid"] == "minmax" and pattern in ("unstructured", "2:4", "4:8"):
+        params["layer_grid"] = "gptq"  # minmax's grid does not keep WANDA's zeros (compress/plan.py)
+        forced["layer_grid"] = ["minmax", "gptq"]
+    if params["layer_grid"] == "minmax":
+        params["minmax_bits"] = _choose(trial, "minmax_bits", space.minmax_bits)
+        params["gptq_bits"] = 16
+    else:
+        params["gptq_bits"] = trial.suggest_categorical("gptq_bits", list(space.gptq_bits))
     if params["gptq_bits"] != 16:
         params["group_size"] = trial.suggest_categorical("group_size", list(groups))
         params["act_order"] = trial.suggest_categorical("act_order", list(space.act_order))
@@ -142,6 +153,7 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
 
     params, repaired = place_size(params, space, n_layers, plan_of, fits or (lambda plan: True), drop_fraction,
                                   wider_fraction, default_group=max(groups, key=lambda g: g if g > 0 else 10**9))
+    repaired = {**forced, **repaired}
     if repaired:
         trial.set_user_attr(REPAIRED_ATTR, repaired)
     return plan_of(params)
@@ -170,6 +182,8 @@ def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = 
     dims = base_dims(base_shape)
     groups = valid_group_sizes(space, dims)
     n_layers = len(base_shape.layers)
+    if (overrides or {}).get("layer_grid") == "minmax" and pattern in ("unstructured", "2:4", "4:8"):
+        pattern = "structured"  # minmax cannot follow a pattern that keeps zeros (compress/plan.py)
     params: dict[str, Any] = {
         "drop_layers": min(space.drop_layers[1], n_layers - 1),
         "wanda_pattern": pattern,
@@ -181,6 +195,7 @@ def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = 
         "embedding_bits": min(space.embedding_bits),
         "embedding_group": max(space.embedding_groups, key=lambda g: g or 10**9),
         "gptq_bits": min(space.gptq_bits),
+        "minmax_bits": min(space.minmax_bits),
         "kv_cache_bits": min(space.kv_cache_bits),
         **kv_cache_params(space, dims),
         "group_size": max(groups, key=lambda g: g if g > 0 else 10**9),

@@ -22,6 +22,7 @@ from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.compress.gptq import Eora, Gptq
 from slmsearch.compress.kvcache import KvCacheQuant
 from slmsearch.compress.lora import LoraRecovery
+from slmsearch.compress.minmax import MinMaxQuant
 from slmsearch.compress.pipeline import run
 from slmsearch.compress.plan import STAGE_TYPES, Plan
 from slmsearch.compress.stage import Stage
@@ -30,7 +31,7 @@ from slmsearch.errors import SlmsearchError
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7, 128, 64]])
 
-# A setting of each stage type that does nothing. GPTQ has none: every setting quantizes.
+# A setting of each stage type that does nothing. GPTQ and minmax have none: every setting quantizes.
 NOOP: dict[str, Stage] = {
     "depth": DepthPrune(drop=0),
     "wanda": Wanda(pattern="structured"),
@@ -39,7 +40,7 @@ NOOP: dict[str, Stage] = {
     "eora": Eora(rank=0),
     "kv_cache": KvCacheQuant(bits=16),
 }
-WITHOUT_NOOP = {"gptq"}
+WITHOUT_NOOP = {"gptq", "minmax"}
 
 # Typical settings, each alone in a plan on the tiny model (EoRA after its GPTQ stage). The GPTQ
 # plans come from the session's ``quantized`` fixture (tests/compress/conftest.py).
@@ -52,6 +53,7 @@ TYPICAL: dict[str, tuple[Stage, ...]] = {
     "lora kept": (LoraRecovery(rank=4, steps=2, seqlen=32, heldout=0, merge=False),),
     "embedding": (EmbeddingQuant(bits=4, group_size=32),),
     "gptq": (Gptq(bits=4, group_size=32),),
+    "minmax": (MinMaxQuant(bits=4, group_size=32),),
     "eora": (Gptq(bits=4, group_size=32), Eora(rank=16)),
     "kv_cache": (KvCacheQuant(bits=4, group_size=16),),
 }

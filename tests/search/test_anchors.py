@@ -48,3 +48,23 @@ def test_default_study_anchors_fit_with_the_fewest_dropped_layers_and_the_most_w
     assert anchor_params(config.space, base, budget(config, base, 30.0)) == []
     narrow = dataclasses.replace(config.space, gptq_bits=(2, 16))
     assert anchor_params(narrow, base, fits) == []
+
+
+def test_the_minmax_anchor_keeps_every_layer_and_spends_the_room_where_it_costs_least():
+    """At 96 and 128 MB on SmolLM2-135M a minmax plan fits with all 30 layers: it comes first, with
+    the KV cache and embedding of the least prior cost that fit (96: a 16-bit KV cache and a 4-bit
+    embedding on the symmetric grid would fit, but 8-bit KV with the minmax embedding costs less;
+    128: an 8-bit embedding and a 16-bit KV cache, not a 16-bit embedding with a 4-bit one); at 64 MB
+    it does not fit undropped and the GPTQ anchors stay as they were."""
+    config = load_study_config(None)
+    base = smollm2_135m()
+    labels = {}
+    for mb in (64, 96, 128):
+        fits = budget(config, base, mb)
+        anchors = anchor_params(config.space, base, fits)
+        plans = [anchor_plan(a, config.space, base, fits) for a in anchors]
+        assert all(fits(p) for p in plans)
+        labels[mb] = [p.label() for p in plans]
+    assert not any("mm4g32" in label for label in labels[64])
+    assert labels[96][0] == "emb4g32mm mm4g32 kv8" and labels[128][0] == "emb8g32h mm4g32"
+    assert len(labels[96]) == len(labels[128]) == 2 and "mm4g32" not in labels[96][1]

@@ -62,7 +62,8 @@ def test_no_sampled_plan_is_over_budget():
 
 def _fixed(**over):
     params = {"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 4, "embedding_group": 64,
-              "gptq_bits": 3, "group_size": 64, "act_order": False, "eora_rank": 0, "kv_cache_bits": 4, "wider_fraction": 0.0}
+              "gptq_bits": 3, "group_size": 64, "act_order": False, "eora_rank": 0, "kv_cache_bits": 4, "wider_fraction": 0.0,
+              "embedding_grid": "sym", "layer_grid": "gptq"}
     return FixedTrial({**params, **over})
 
 

@@ -170,11 +170,11 @@ def _searched_study(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, di
                        data_dir=path.parent, cache=None, log=lambda _: None)
     study = open_study(config, open_storage(f"sqlite:///{path}"))
     study.enqueue_trial(baseline_params(config.space), user_attrs={"baseline": True})
-    study.enqueue_trial({"drop_layers": 0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16, "gptq_bits": 16})
+    study.enqueue_trial({"drop_layers": 0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16, "layer_grid": "gptq", "gptq_bits": 16})
     study.optimize(lambda t: run_trial(t, ctx), n_trials=2)
     config = StudyConfig(name="searched", budget_mb=100.0, context_len=128, trials=4, space=SpaceConfig(drop_layers=(0, 2)))
     ctx.config = config
-    study.enqueue_trial({"drop_layers": 2, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 8, "gptq_bits": 16})
+    study.enqueue_trial({"drop_layers": 2, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 8, "embedding_grid": "sym", "layer_grid": "gptq", "gptq_bits": 16})
     study.optimize(lambda t: run_trial(t, ctx), n_trials=1)
     trials = optuna.load_study(study_name="searched", storage=f"sqlite:///{path}").trials
     return {t.number: {k: t.user_attrs[k] for k in (*measured, "decode_latency_s") if k in t.user_attrs} for t in trials}

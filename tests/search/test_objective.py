@@ -22,7 +22,7 @@ from slmsearch.search.space import plan_from_params
 TINY = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": True}
 PARAMS = {"drop_fraction": 0.5, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 8, "embedding_group": 0,
-          "gptq_bits": 16, "kv_cache_bits": 16}
+          "embedding_grid": "sym", "layer_grid": "gptq", "gptq_bits": 16, "kv_cache_bits": 16}
 
 
 def _context(budget_mb: float, trials: int = 8) -> TrialContext:

@@ -88,7 +88,8 @@ def test_suggest_plan_on_a_fixed_trial_records_the_params_that_rebuild_it():
     trial = FixedTrial({
         "drop_fraction": 0.35, "wanda_pattern": "structured", "structured_fraction": 0.25, "lora_rank": 8,
         "embedding_bits": 8, "embedding_group": 32, "gptq_bits": 4, "group_size": 64, "act_order": False,
-        "eora_rank": 8, "kv_cache_bits": 8, "wider_fraction": 0.5, "lora_loss": "kd",
+        "eora_rank": 8, "kv_cache_bits": 8, "wider_fraction": 0.5, "lora_loss": "kd", "embedding_grid": "sym",
+        "layer_grid": "gptq",
     })
     plan = suggest_plan(trial, SPACE, BASE)  # no budget: the sizes span the whole space
     assert plan == Plan((
@@ -105,9 +106,10 @@ def test_suggest_plan_on_a_fixed_trial_records_the_params_that_rebuild_it():
 
 def test_suggest_plan_without_gptq_asks_for_no_gptq_settings():
     trial = FixedTrial({"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 16,
-                        "gptq_bits": 16, "kv_cache_bits": 16})
+                        "layer_grid": "gptq", "gptq_bits": 16, "kv_cache_bits": 16})
     assert suggest_plan(trial, SPACE, BASE) == Plan(())
-    assert set(trial.params) == {"drop_fraction", "wanda_pattern", "lora_rank", "embedding_bits", "gptq_bits", "kv_cache_bits"}
+    assert set(trial.params) == {"drop_fraction", "wanda_pattern", "lora_rank", "embedding_bits", "layer_grid", "gptq_bits",
+                                 "kv_cache_bits"}
 
 
 def test_baseline_params_are_the_empty_plan():
@@ -143,10 +145,35 @@ def test_no_sampled_plan_is_smaller_than_the_most_compressed_one():
 def test_the_space_settings_of_the_embedding_and_kv_cache_reach_the_stages():
     space = dataclasses.replace(SPACE, embedding_gptq=True, kv_cache_group=64, kv_cache_key_group=16, kv_cache_rotate=True)
     trial = FixedTrial({"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 4,
-                        "embedding_group": 64, "gptq_bits": 16, "kv_cache_bits": 4})
+                        "embedding_group": 64, "embedding_grid": "sym", "layer_grid": "gptq", "gptq_bits": 16,
+                        "kv_cache_bits": 4})
     plan = suggest_plan(trial, space, BASE)
     assert plan == Plan((EmbeddingQuant(bits=4, group_size=64, mse=2.4, gptq=True),
                          KvCacheQuant(bits=4, group_size=64, key_group_size=16, rotate=True)))
     assert plan.label() == "emb4g64h kv4r"
     # the footprint counts the keys' finer groups: 4 + 32/16 bits a key, 4 + 32/64 a value
     assert plan.shape(BASE).kv_bits_per_value == 4 + (2 + 0.5) / 2
+
+
+def test_a_minmax_trial_quantizes_the_layers_and_the_embedding_on_the_minmax_grid():
+    from slmsearch.compress.minmax import MinMaxQuant
+
+    trial = FixedTrial({"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 4,
+                        "embedding_group": 32, "embedding_grid": "minmax", "layer_grid": "minmax", "kv_cache_bits": 8})
+    plan = suggest_plan(trial, SPACE, BASE)
+    assert plan == Plan((EmbeddingQuant(bits=4, group_size=32, grid="minmax"), MinMaxQuant(bits=4, group_size=32),
+                         KvCacheQuant(bits=8, group_size=64, key_group_size=16)))
+    assert plan.label() == "emb4g32mm mm4g32 kv8"
+    assert "gptq_bits" not in trial.params and "eora_rank" not in trial.params
+    fmt = plan.shape(BASE).layers[0].linear_format
+    assert (fmt.weight_bits, fmt.group_size, fmt.zero_bits) == (4, 32, 16)
+
+
+def test_minmax_is_not_drawn_after_a_pattern_that_keeps_zeros():
+    trial = FixedTrial({"drop_fraction": 0.0, "wanda_pattern": "unstructured", "sparsity": 0.3, "lora_rank": 0,
+                        "embedding_bits": 16, "layer_grid": "minmax", "gptq_bits": 4, "group_size": 64, "act_order": False,
+                        "eora_rank": 0, "kv_cache_bits": 16, "wider_fraction": 0.0})
+    plan = suggest_plan(trial, SPACE, BASE)
+    assert plan.get("minmax") is None and plan.get("gptq") is not None
+    assert trial.user_attrs["repaired_params"]["layer_grid"] == ["minmax", "gptq"]
+    assert most_compressed_plan(SPACE, BASE, pattern="unstructured", overrides={"layer_grid": "minmax"}).get("minmax")

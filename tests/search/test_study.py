@@ -128,10 +128,10 @@ def test_same_prefix_hits_cache_with_identical_metrics(tmp_path, tiny_checkpoint
     config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, trials=1))
     storage = open_storage(config.storage)
     params = {"drop_fraction": 1.0, "wanda_pattern": "unstructured", "sparsity": 0.5, "lora_rank": 4,
-              "embedding_bits": 16, "gptq_bits": 16, "kv_cache_bits": 16}  # drop 1 (the space's most)
+              "embedding_bits": 16, "layer_grid": "gptq", "gptq_bits": 16, "kv_cache_bits": 16}  # drop 1 (the space's most)
     study = optuna.create_study(study_name="tiny", storage=storage, directions=config.directions)
     study.enqueue_trial(params)
-    study.enqueue_trial({**params, "embedding_bits": 8})  # shares depth + WANDA + LoRA
+    study.enqueue_trial({**params, "embedding_bits": 8, "embedding_grid": "sym"})  # shares depth + WANDA + LoRA
     optimize(dataclasses.replace(config, trials=3), log=lambda m: None, stop_after=2)
     a, b = optuna.load_study(study_name="tiny", storage=config.storage).trials[:2]
     assert a.user_attrs["cache_hits"] == [] and b.user_attrs["cache_hits"] == ["depth", "wanda", "lora"]
