@@ -388,8 +388,9 @@ def _needs_view(folder: Path) -> bool:
     for path in _weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
             names.update(f.keys())
-    packed, _ = read_packed(folder)
-    return any(f"{packed_prefix(k)}.weight" not in names for k in packed if k != "lm_head")
+    with safe_open(str(folder / PACKED_EMBEDDING_FILE), framework="pt") as f:  # names only, no tensor read
+        prefixes = [n.removesuffix(f".{CODES}") for n in f.keys() if n.endswith(f".{CODES}")]
+    return any(f"{prefix}.weight" not in names for prefix in prefixes if prefix != PACKED_NAMES["lm_head"])
 
 
 def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> Path:
