@@ -249,6 +249,13 @@ def write_packed(folder: str | os.PathLike[str], packed: dict[str, PackedTensor]
     save_file(tensors, str(Path(folder) / PACKED_EMBEDDING_FILE), metadata=meta)
 
 
+def packed_widths(meta: dict[str, str]) -> dict[str, int]:
+    """{tensor prefix: bits} from a packed file's metadata; ``{"*": bits}`` for files written before
+    the minmax stage, which stored one width for every tensor."""
+    stored = json.loads(meta.get("bits", "{}"))
+    return {str(k): int(v) for k, v in stored.items()} if isinstance(stored, dict) else {"*": int(stored)}
+
+
 def read_packed(folder: str | os.PathLike[str]) -> tuple[dict[str, PackedTensor], str]:
     """({"embed"|"lm_head"|module path: PackedTensor}, the dense dtype's name) of a folder's packed
     tensors (the embedding's, the minmax stage's Linears)."""
@@ -260,11 +267,13 @@ def read_packed(folder: str | os.PathLike[str]) -> tuple[dict[str, PackedTensor]
         meta = f.metadata() or {}
         if meta.get("format") != "slmsearch-rtn-packed":
             raise SlmsearchError(f"{path} is not a packed embedding (format {meta.get('format')!r})")
-        stored = json.loads(meta["bits"])  # {prefix: bits}; one number in folders written before the minmax stage
+        widths = packed_widths(meta)
         names = set(f.keys())
         out = {}
         for prefix in sorted(n.removesuffix(f".{CODES}") for n in names if n.endswith(f".{CODES}")):
-            bits = int(stored[prefix] if isinstance(stored, dict) else stored)
+            bits = widths.get(prefix, widths.get("*"))
+            if bits is None:
+                raise SlmsearchError(f"{path}: no width recorded for {prefix}; re-create the checkpoint")
             mins = f.get_tensor(f"{prefix}.{MINS}") if f"{prefix}.{MINS}" in names else None
             codes = unpack_codes(f.get_tensor(f"{prefix}.{CODES}"), bits)
             out[keys.get(prefix, prefix)] = PackedTensor(codes, f.get_tensor(f"{prefix}.{SCALES}"), bits, mins)

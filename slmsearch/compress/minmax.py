@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 MINMAX_BITS = (2, 4, 8)  # widths whose codes pack into whole bytes (checkpoint.pack_codes)
 MINMAX_GROUPS = (32, 64, 128)
+FOLLOWS_PATTERNS = ("none", "structured")  # the WANDA patterns it may follow: its grid does not keep zeros
 _LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
 
 

@@ -24,7 +24,7 @@ from slmsearch.compress.embedding import EmbeddingQuant
 from slmsearch.compress.gptq import Eora, Gptq
 from slmsearch.compress.kvcache import KvCacheQuant
 from slmsearch.compress.lora import LoraRecovery
-from slmsearch.compress.minmax import MinMaxQuant
+from slmsearch.compress.minmax import FOLLOWS_PATTERNS, MinMaxQuant
 from slmsearch.compress.stage import Stage
 from slmsearch.compress.wanda import Wanda
 from slmsearch.errors import SlmsearchError
@@ -62,7 +62,7 @@ class Plan:
         if "gptq" in kinds and "minmax" in kinds:
             raise SlmsearchError("a plan quantizes the Linears with gptq or with minmax, not both; remove one of the two stages")
         wanda = self.get("wanda")
-        if "minmax" in kinds and wanda is not None and not wanda.is_noop() and wanda.pattern != "structured":  # type: ignore[attr-defined]
+        if "minmax" in kinds and wanda is not None and not wanda.is_noop() and wanda.pattern not in FOLLOWS_PATTERNS:  # type: ignore[attr-defined]
             raise SlmsearchError(f"minmax's grid does not keep zeros, so it cannot follow wanda pattern {wanda.pattern!r}; "  # type: ignore[attr-defined]
                                  "use wanda pattern 'structured' (removes channels) or gptq (keeps the zeros)")
         if "eora" in kinds and "gptq" not in kinds and self.get("eora").rank > 0:  # type: ignore[union-attr]

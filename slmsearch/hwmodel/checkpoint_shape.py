@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from slmsearch.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, CODES, META_FILE, MINS, PACKED_EMBEDDING_FILE, SCALES,
-                                  quantize_config, read_meta)
+                                  packed_widths, quantize_config, read_meta)
 from slmsearch.errors import SlmsearchError
 from slmsearch.hwmodel.shape import ATTN_PROJS, MLP_PROJS, Adapter, LayerShape, ModelShape, TensorFormat
 
@@ -31,6 +31,13 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """{tensor name: {"dtype", "shape", "data_offsets"}} without reading tensor data."""
+    header = _raw_header(path)
+    header.pop("__metadata__", None)
+    return header
+
+
+def _raw_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header, ``__metadata__`` included."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -38,9 +45,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise SlmsearchError(f"{path} is not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
+        return dict(json.loads(f.read(n)))
 
 
 def _packed_bits(folder: Path) -> dict[str, int]:
@@ -49,11 +54,7 @@ def _packed_bits(folder: Path) -> dict[str, int]:
     path = folder / PACKED_EMBEDDING_FILE
     if not path.is_file():
         return {}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(n)).get("__metadata__") or {}
-    stored = json.loads(meta.get("bits", "{}"))
-    return {str(k): int(v) for k, v in stored.items()} if isinstance(stored, dict) else {"*": int(stored)}
+    return packed_widths(_raw_header(path).get("__metadata__") or {})
 
 
 def _headers(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:

@@ -256,16 +256,16 @@ def op_cost(op: Op, p: Platform, weight_split: Split, kv_split: Split) -> OpCost
     w_by_level = [(i, op.weight_bytes * f) for i, f in weight_split] if op.weight_bytes else []
     kv_by_level = [(i, op.kv_bytes * f) for i, f in kv_split] if op.kv_bytes else []
     offchip_bytes = sum(b for i, b in w_by_level + kv_by_level if p.levels[i].kind == "offchip")
+    tiles = op_tiles(op, p) if p.tiling.enabled else 1
     stream = 0.0
     if offchip_bytes:
         off = p.levels[_level_index(p, "offchip")]
-        transfers = op_tiles(op, p) if p.tiling.enabled else 1
-        stream = offchip_bytes / off.read_bw_bytes_per_cycle + transfers * off.access_latency_cycles
+        stream = offchip_bytes / off.read_bw_bytes_per_cycle + tiles * off.access_latency_cycles
     best: OpCost | None = None
     for engine in ("cluster", "npu"):
         if engine == "npu" and not (op.npu_ok and p.npu.enabled and p.tiling.enabled and op.kind == LINEAR):
             continue
-        cost = _engine_cost(op, p, engine, w_by_level, kv_by_level, stream)
+        cost = _engine_cost(op, p, engine, w_by_level, kv_by_level, stream, tiles)
         if best is None or cost.cycles < best.cycles:
             best = cost
     assert best is not None
@@ -273,12 +273,11 @@ def op_cost(op: Op, p: Platform, weight_split: Split, kv_split: Split) -> OpCost
 
 
 def _engine_cost(op: Op, p: Platform, engine: str, w_by_level: list[tuple[int, float]],
-                 kv_by_level: list[tuple[int, float]], stream: float) -> OpCost:
+                 kv_by_level: list[tuple[int, float]], stream: float, tiles: int) -> OpCost:
     levels = p.levels
     cl = p.cluster
     tiled = p.tiling.enabled
     kernel_fixed = cl.kernel_overhead_cycles if tiled else cl.untiled_kernel_overhead_cycles
-    tiles = op_tiles(op, p) if tiled else 1
     if engine == "npu":
         compute = npu_compute_cycles(op, p)
         fixed = kernel_fixed + p.npu.job_overhead_cycles

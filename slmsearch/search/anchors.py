@@ -42,11 +42,9 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
     n_layers = len(base_shape.layers)
     lora = 8 if 8 in space.lora_ranks else max(space.lora_ranks)
     found: list[tuple[int, int, dict[str, Any]]] = []
-    grids = {"layer_grid": "gptq"} if "gptq" in space.layer_grids else None
     minmax = _minmax_anchor(space, base_shape, fits)
-    for bits in sorted((b for b in space.gptq_bits if MIN_ANCHOR_BITS <= b < 16), reverse=True):
-        if grids is None:
-            break
+    gptq_bits = space.gptq_bits if "gptq" in space.layer_grids else ()
+    for bits in sorted((b for b in gptq_bits if MIN_ANCHOR_BITS <= b < 16), reverse=True):
         best: tuple[tuple[int, int], dict[str, Any]] | None = None
         # the embedding group that leaves the fewest layers to drop, then the most layers widened
         # (the finer one on a tie): at 64 MB on SmolLM2-135M, g64 with 4 layers widened measured
@@ -57,7 +55,7 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
                 "embedding_bits": min(space.embedding_bits), "gptq_bits": bits,
                 "group_size": group_size, "act_order": space.act_order[0], "gptq_mse": space.gptq_mse[0], "eora_rank": 0,
                 "kv_cache_bits": min(space.kv_cache_bits), "drop_fraction": 0.0, "wider_fraction": space.wider_fraction[1],
-                **grids,
+                "layer_grid": "gptq",
             }
             if params["embedding_bits"] != 16:
                 params["embedding_group"] = group

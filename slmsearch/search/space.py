@@ -14,6 +14,7 @@ from typing import Any
 
 from slmsearch.compress.geometry import allowed_kv_group_removals, undivided_inputs
 from slmsearch.compress.gptq import WIDER
+from slmsearch.compress.minmax import FOLLOWS_PATTERNS
 from slmsearch.compress.plan import CANONICAL_ORDER, STAGE_TYPES, Plan
 from slmsearch.compress.stage import Stage
 from slmsearch.errors import SlmsearchError
@@ -126,7 +127,7 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
             params["embedding_mse"] = _choose(trial, "embedding_mse", space.embedding_mse)
     params["layer_grid"] = _choose(trial, "layer_grid", space.layer_grids)
     forced: dict[str, list[Any]] = {}
-    if params["layer_grid"] == "minmax" and pattern in ("unstructured", "2:4", "4:8"):
+    if params["layer_grid"] == "minmax" and pattern not in FOLLOWS_PATTERNS:
         params["layer_grid"] = "gptq"  # minmax's grid does not keep WANDA's zeros (compress/plan.py)
         forced["layer_grid"] = ["minmax", "gptq"]
     if params["layer_grid"] == "minmax":
@@ -182,7 +183,7 @@ def most_compressed_plan(space: SpaceConfig, base_shape: Any, *, pattern: str = 
     dims = base_dims(base_shape)
     groups = valid_group_sizes(space, dims)
     n_layers = len(base_shape.layers)
-    if (overrides or {}).get("layer_grid") == "minmax" and pattern in ("unstructured", "2:4", "4:8"):
+    if (overrides or {}).get("layer_grid") == "minmax" and pattern not in FOLLOWS_PATTERNS:
         pattern = "structured"  # minmax cannot follow a pattern that keeps zeros (compress/plan.py)
     params: dict[str, Any] = {
         "drop_layers": min(space.drop_layers[1], n_layers - 1),
