@@ -52,7 +52,7 @@ COLUMNS = ["budget_mb", "search", "token_ppl", "ratio_to_dense", "word_ppl", "tr
 # Last turn's levers: what the space held before KV-cache precision, embedding groups, mixed
 # precision, the scale search and distillation were added.
 LAST_TURN = {"kv_cache_bits": (16,), "embedding_groups": (0,), "embedding_gptq": False, "wider_fraction": (0.0, 0.0), "gptq_mse": (0.0,),
-             "layer_grids": ("gptq",), "embedding_grids": ("sym",),
+             "layer_grids": ("gptq",), "embedding_grids": ("sym",), "embedding_wide_fraction": (0.0, 0.0),
              "lora_loss": ("lm",)}
 
 

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,7 @@ PACKED_NAMES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}  # safetens
 # Tensor names <prefix>.rtn_codes / .rtn_scales: never GPTQ's ``.qweight``/``.scales``, which
 # gptqmodel looks for in every *.safetensors of a folder to decide that the embedding is quantized.
 CODES, SCALES, MINS = "rtn_codes", "rtn_scales", "rtn_mins"
+TOP = "top"  # <prefix>.top.<CODES|SCALES|MINS>: the wider first rows of a packed tensor (PackedTensor.top)
 
 
 def packed_prefix(key: str) -> str:
@@ -184,21 +186,32 @@ class PackedTensor:
     """A round-to-nearest tensor as stored: uint8 ``codes`` ``[rows, cols]`` (one code a byte),
     ``scales`` ``[rows, groups]`` (fp16), the bit-width, and ``mins`` ``[rows, groups]`` (fp16) on an
     asymmetric grid (``w = min + code * scale``), or None on the symmetric one (zero point
-    ``2**(bits-1)``)."""
+    ``2**(bits-1)``). ``top``: the tensor's first rows, stored wider on the same grid (an
+    embedding's most frequent token ids); ``codes`` then holds the rows after them."""
 
     codes: Any
     scales: Any
     bits: int
     mins: Any = None
+    top: PackedTensor | None = None
 
     def dense(self, dtype: Any) -> torch.Tensor:
         """The weights, exactly as the stage set them (:func:`compress.kernels.rtn_dequantize`,
         :func:`compress.kernels.minmax_dequantize`)."""
+        import torch
+
         from slmsearch.compress.kernels import minmax_dequantize, rtn_dequantize
 
         if self.mins is not None:
-            return minmax_dequantize(self.codes, self.scales, self.mins, dtype)
-        return rtn_dequantize(self.codes, self.scales, self.bits, dtype)
+            rest = minmax_dequantize(self.codes, self.scales, self.mins, dtype)
+        else:
+            rest = rtn_dequantize(self.codes, self.scales, self.bits, dtype)
+        return rest if self.top is None else torch.cat([self.top.dense(dtype), rest])
+
+    def parts(self, prefix: str) -> list[tuple[str, PackedTensor]]:
+        """(safetensors prefix, tensor) of this tensor and of its wider first rows (``<prefix>.top``)."""
+        own = [(prefix, dataclasses.replace(self, top=None))]
+        return own if self.top is None else [*own, (f"{prefix}.{TOP}", self.top)]
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -238,13 +251,14 @@ def write_packed(folder: str | os.PathLike[str], packed: dict[str, PackedTensor]
     from safetensors.torch import save_file
 
     tensors = {}
-    for key, p in packed.items():
-        prefix = packed_prefix(key)
-        tensors[f"{prefix}.{CODES}"] = pack_codes(p.codes, p.bits).contiguous()
-        tensors[f"{prefix}.{SCALES}"] = p.scales.contiguous()
-        if p.mins is not None:
-            tensors[f"{prefix}.{MINS}"] = p.mins.contiguous()
-    bits = {packed_prefix(k): p.bits for k, p in packed.items()}
+    bits = {}
+    for key, tensor in packed.items():
+        for prefix, p in tensor.parts(packed_prefix(key)):
+            tensors[f"{prefix}.{CODES}"] = pack_codes(p.codes, p.bits).contiguous()
+            tensors[f"{prefix}.{SCALES}"] = p.scales.contiguous()
+            if p.mins is not None:
+                tensors[f"{prefix}.{MINS}"] = p.mins.contiguous()
+            bits[prefix] = p.bits
     meta = {"format": "slmsearch-rtn-packed", "bits": json.dumps(bits), "dtype": dtype}
     save_file(tensors, str(Path(folder) / PACKED_EMBEDDING_FILE), metadata=meta)
 
@@ -276,8 +290,13 @@ def read_packed(folder: str | os.PathLike[str]) -> tuple[dict[str, PackedTensor]
                 raise SlmsearchError(f"{path}: no width recorded for {prefix}; re-create the checkpoint")
             mins = f.get_tensor(f"{prefix}.{MINS}") if f"{prefix}.{MINS}" in names else None
             codes = unpack_codes(f.get_tensor(f"{prefix}.{CODES}"), bits)
-            out[keys.get(prefix, prefix)] = PackedTensor(codes, f.get_tensor(f"{prefix}.{SCALES}"), bits, mins)
-    return out, meta.get("dtype", "bfloat16")
+            out[prefix] = PackedTensor(codes, f.get_tensor(f"{prefix}.{SCALES}"), bits, mins)
+    tops = {prefix.removesuffix(f".{TOP}"): out.pop(prefix) for prefix in [p for p in out if p.endswith(f".{TOP}")]}
+    for prefix, top in tops.items():
+        if prefix not in out or top.codes.shape[1] != out[prefix].codes.shape[1]:
+            raise SlmsearchError(f"{path}: wide rows {prefix}.{TOP} do not match {prefix}; re-create the checkpoint")
+        out[prefix] = dataclasses.replace(out[prefix], top=top)
+    return {keys.get(prefix, prefix): p for prefix, p in out.items()}, meta.get("dtype", "bfloat16")
 
 
 def carry_packed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -399,7 +418,8 @@ def _needs_view(folder: Path) -> bool:
             names.update(f.keys())
     with safe_open(str(folder / PACKED_EMBEDDING_FILE), framework="pt") as f:  # names only, no tensor read
         prefixes = [n.removesuffix(f".{CODES}") for n in f.keys() if n.endswith(f".{CODES}")]
-    return any(f"{prefix}.weight" not in names for prefix in prefixes if prefix != PACKED_NAMES["lm_head"])
+    return any(f"{prefix}.weight" not in names for prefix in prefixes
+               if prefix != PACKED_NAMES["lm_head"] and not prefix.endswith(f".{TOP}"))
 
 
 def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> Path:

@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from slmsearch.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, CODES, META_FILE, MINS, PACKED_EMBEDDING_FILE, SCALES,
+from slmsearch.checkpoint import (ADAPTER_CONFIG_FILE, ADAPTER_DIR, CODES, META_FILE, MINS, PACKED_EMBEDDING_FILE, SCALES, TOP,
                                   packed_widths, quantize_config, read_meta)
 from slmsearch.errors import SlmsearchError
 from slmsearch.hwmodel.shape import ATTN_PROJS, MLP_PROJS, Adapter, LayerShape, ModelShape, TensorFormat
@@ -135,15 +135,19 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
     if emb is None and packed is not None:
         scales = tensors[f"model.embed_tokens.{SCALES}"][1]
         vocab, groups = scales["shape"]
+        top = tensors.get(f"model.embed_tokens.{TOP}.{CODES}")  # the wider first rows (PackedTensor.top)
+        wide_rows = top[1]["shape"][0] if top else 0
         gs = e_meta.get("group_size")
         emb_fmt = TensorFormat(weight_bits=packed[1]["shape"][1] * 8 // hidden,
                                group_size=gs if gs and hidden // int(gs) == groups else (None if groups == 1 else hidden // groups),
                                scale_bits=_DTYPE_BITS.get(scales["dtype"], 16),
                                zero_bits=_DTYPE_BITS.get(tensors[f"model.embed_tokens.{MINS}"][1]["dtype"], 16)
-                               if f"model.embed_tokens.{MINS}" in tensors else 0)
+                               if f"model.embed_tokens.{MINS}" in tensors else 0,
+                               wide_rows=wide_rows, wide_bits=top[1]["shape"][1] * 8 // hidden if top else 8)
+        vocab += wide_rows
     elif e_meta.get("bits") is not None and int(e_meta["bits"]) < emb_fmt.weight_bits:
         emb_fmt = TensorFormat(weight_bits=int(e_meta["bits"]), group_size=e_meta.get("group_size"),
-                               zero_bits=e_meta.get("zero_bits"))
+                               zero_bits=e_meta.get("zero_bits"), wide_rows=int(e_meta.get("wide_rows", 0)))
     head_fmt = None
     if not tied:
         lm = tensors.get("lm_head.weight")

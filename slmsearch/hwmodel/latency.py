@@ -531,7 +531,8 @@ def layer_context_ops(layer: LayerShape, tokens: int, attended: int, act_bits: i
 
 def embedding_ops(shape: ModelShape, p: Platform, tokens: int) -> list[Op]:
     """The input lookup: one embedding row (values + its scales/zeros) per token, read from
-    wherever the embedding is placed (its own group when untied, the shared one when tied)."""
+    wherever the embedding is placed (its own group when untied, the shared one when tied). With
+    wide rows (``TensorFormat.wide_rows``) every token is priced as one: an upper bound."""
     if not shape.vocab_size or tokens <= 0:
         return []
     fmt = shape.embedding_format

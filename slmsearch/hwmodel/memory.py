@@ -69,7 +69,7 @@ def layer_proj_bytes(layer: LayerShape, hidden: int) -> tuple[ProjBytes, ...]:
 
 def matrix_bytes(rows: int, cols: int, fmt: TensorFormat) -> tuple[int, int]:
     """(values, scales_zeros) bytes of a dense [rows, cols] matrix grouped along cols."""
-    return _ceil_div(rows * cols * fmt.weight_bits, 8), fmt.scale_zero_bytes(cols, rows)
+    return _ceil_div(fmt.value_bits(rows, cols), 8), fmt.scale_zero_bytes(cols, rows)
 
 
 def peak_activation_bytes(shape: ModelShape, tokens: int, attended: int) -> int:

@@ -46,6 +46,9 @@ class TensorFormat:
         0 = no zero points stored.
     g_idx_bits: bits per input channel of a group-index table (GPTQ ``g_idx`` is int32 -> 32);
         0 when the tensor has none.
+    wide_rows: the first rows stored at ``wide_bits`` instead of ``weight_bits`` (same groups,
+        scales and zero points): the embedding's lowest token ids, which a BPE vocabulary orders
+        by merge rank, most frequent first (compress/embedding.py).
     """
 
     weight_bits: int = 16
@@ -53,6 +56,8 @@ class TensorFormat:
     scale_bits: int = 16
     zero_bits: int | None = None
     g_idx_bits: int = 0
+    wide_rows: int = 0
+    wide_bits: int = 8
 
     def __post_init__(self) -> None:
         if not (isinstance(self.weight_bits, int) and 1 <= self.weight_bits <= 32):
@@ -63,6 +68,15 @@ class TensorFormat:
         if self.zero_bits is not None:
             _positive_int("zero_bits", self.zero_bits, allow_zero=True)
         _positive_int("g_idx_bits", self.g_idx_bits, allow_zero=True)
+        _positive_int("wide_rows", self.wide_rows, allow_zero=True)
+        if self.wide_rows and not self.weight_bits < self.wide_bits <= 16:
+            raise SlmsearchError(f"wide_bits must be above weight_bits ({self.weight_bits}) and at most 16, "
+                                 f"but got {self.wide_bits!r}")
+
+    def value_bits(self, rows: int, cols: int) -> int:
+        """Bits of the stored values of a [rows, cols] matrix (the first ``wide_rows`` rows wider)."""
+        wide = min(self.wide_rows, rows)
+        return (rows - wide) * cols * self.weight_bits + wide * cols * self.wide_bits
 
     @property
     def quantized(self) -> bool:

@@ -8,7 +8,8 @@ each GPTQ width of 3 bits or more in the space, the plan that removes the fewest
 fitting the budget and widens as many layers as then fit (no WANDA, the smallest embedding
 precision with the group that leaves the fewest layers to drop and then the most to widen, the largest GPTQ group size that
 divides the model, the narrowest KV cache, LoRA recovery when layers are dropped, no EoRA); the
-anchors are the ones that drop the fewest layers (then the wider width). Priced by the
+anchors are the ones that drop the fewest layers (then the wider width). Each fills the room
+then left with 8-bit embedding rows (the upper end of ``space.embedding_wide_fraction``). Priced by the
 hardware model only: choosing them compresses nothing.
 
 When the space offers the minmax grid for the layers and a minmax plan fits with every layer kept,
@@ -55,7 +56,7 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
                 "embedding_bits": min(space.embedding_bits), "gptq_bits": bits,
                 "group_size": group_size, "act_order": space.act_order[0], "gptq_mse": space.gptq_mse[0], "eora_rank": 0,
                 "kv_cache_bits": min(space.kv_cache_bits), "drop_fraction": 0.0, "wider_fraction": space.wider_fraction[1],
-                "layer_grid": "gptq",
+                "embedding_wide_fraction": space.embedding_wide_fraction[1], "layer_grid": "gptq",
             }
             if params["embedding_bits"] != 16:
                 params["embedding_group"] = group
@@ -109,7 +110,8 @@ def _minmax_anchor(space: SpaceConfig, base_shape: Any, fits: Fits) -> dict[str,
                          key=lambda o: (o[0], -o[1]))
         for _, kv, emb in options:
             params: dict[str, Any] = {"wanda_pattern": "none", "lora_rank": 0, "layer_grid": "minmax",
-                                      "minmax_bits": bits, "kv_cache_bits": kv, "drop_fraction": 0.0, **emb}
+                                      "minmax_bits": bits, "kv_cache_bits": kv, "drop_fraction": 0.0,
+                                      "embedding_wide_fraction": space.embedding_wide_fraction[1], **emb}
             if fits(_plan(params, space, base_shape)):
                 return params
     return None
@@ -124,7 +126,8 @@ def _placed(params: dict[str, Any], space: SpaceConfig, base_shape: Any, fits: F
     n_layers = len(base_shape.layers)
     return place_size({**params, "lora_steps": space.lora_steps}, space, n_layers,
                       lambda p: _plan(p, space, base_shape), fits, float(params.get("drop_fraction", 0.0)),
-                      float(params.get("wider_fraction", 0.0)))
+                      float(params.get("wider_fraction", 0.0)),
+                      wide_rows_fraction=float(params.get("embedding_wide_fraction", 0.0)), vocab=int(base_shape.vocab_size))
 
 
 def _plan(params: dict[str, Any], space: SpaceConfig, base_shape: Any) -> Plan:

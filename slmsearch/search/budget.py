@@ -10,7 +10,8 @@ adapts to the budget instead of rejecting what does not fit:
 2. **The two size dimensions are sampled last, as fractions of what is left**: ``drop_fraction``
    places the number of dropped layers between the fewest that fit and the space's maximum;
    ``wider_fraction`` places the number of layers GPTQ quantizes one width wider between none and
-   the most that still fit. A sampler learns "how much of the remaining room to use", which keeps
+   the most that still fit; ``embedding_wide_fraction`` then places the embedding's 8-bit rows
+   (its lowest token ids) in the room left. A sampler learns "how much of the remaining room to use", which keeps
    its meaning from one combination of the other choices to the next.
 3. **A combination that fits at no depth is repaired** in a fixed order (EoRA off, the narrowest
    KV cache, the narrowest embedding, then narrower GPTQ widths) and the trial records what was
@@ -29,6 +30,7 @@ from slmsearch.compress.gptq import WIDER
 from slmsearch.compress.plan import Plan
 from slmsearch.search.config import SpaceConfig, StudyConfig
 
+WIDE_ROW_STEP = 1024  # the embedding's 8-bit rows are placed in steps of this many token ids
 REPAIRED_ATTR = "repaired_params"  # {param: [proposed, used]} of a trial whose choices did not fit at any depth
 Fits = Callable[[Plan], bool]
 PlanOf = Callable[[dict[str, Any]], Plan]
@@ -98,11 +100,25 @@ def repairs(params: dict[str, Any], space: SpaceConfig, default_group: int) -> l
     return steps
 
 
+def most_wide_rows(params: dict[str, Any], plan_of: PlanOf, fits: Fits, vocab: int) -> int:
+    """The most embedding rows (a multiple of :data:`WIDE_ROW_STEP`, at most ``vocab``) that can be
+    kept at 8 bits with ``params`` still fitting (a bisection, as :func:`most_widened`)."""
+    lo, hi = 0, vocab // WIDE_ROW_STEP
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(plan_of({**params, "embedding_wide_rows": mid * WIDE_ROW_STEP})):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * WIDE_ROW_STEP
+
+
 def place_size(params: dict[str, Any], space: SpaceConfig, n_layers: int, plan_of: PlanOf, fits: Fits,
-               drop_fraction: float, wider_fraction: float, *, default_group: int = -1
-               ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+               drop_fraction: float, wider_fraction: float, *, default_group: int = -1,
+               wide_rows_fraction: float = 0.0, vocab: int = 0) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """``params`` completed with ``drop_layers`` and ``gptq_wider_layers`` from the two fractions,
-    repaired if no depth fits; and the repairs made ({param: [proposed, used]})."""
+    repaired if no depth fits, then ``embedding_wide_rows`` from ``wide_rows_fraction`` of the room
+    left (of a ``vocab``-row embedding below 8 bits); and the repairs made ({param: [proposed, used]})."""
     lo, hi = drop_bounds(space, n_layers)
     current = dict(params)
     repaired: dict[str, list[Any]] = {}
@@ -119,6 +135,10 @@ def place_size(params: dict[str, Any], space: SpaceConfig, n_layers: int, plan_o
     if current.get("gptq_bits", 16) in WIDER and fewest is not None:
         room = most_widened(current, plan_of, fits, n_layers - drop)
         current["gptq_wider_layers"] = int(round(wider_fraction * room))
+    current["embedding_wide_rows"] = 0
+    if wide_rows_fraction > 0 and current.get("embedding_bits", 16) < 8 and vocab and fewest is not None:
+        room = most_wide_rows(current, plan_of, fits, vocab) // WIDE_ROW_STEP
+        current["embedding_wide_rows"] = int(round(wide_rows_fraction * room)) * WIDE_ROW_STEP
     return current, repaired
 
 

@@ -121,6 +121,10 @@ class SpaceConfig:
     # mixed precision: the share of the layers the budget leaves room to widen (one GPTQ width up)
     # that a trial widens, chosen by sensitivity (compress/sensitivity.py); [0, 0] = uniform widths
     wider_fraction: tuple[float, float] = (0.0, 1.0)
+    # the share of the room left after the layers are placed that a trial fills with 8-bit embedding
+    # rows, the lowest token ids first (EmbeddingQuant.wide_rows; at 4-bit g32 minmax on SmolLM2-135M,
+    # 16,384 rows take the embedding's cost from x1.061 to x1.007 on held-out windows); [0, 0] = none
+    embedding_wide_fraction: tuple[float, float] = (0.0, 1.0)
     # deployment choices (priced by the hardware model; quality is the fp16 checkpoint's)
     activation_bits: tuple[int, ...] = (16,)  # 8 = integer activations: matrix work on N-EUREKA
     weight_memory_first: tuple[str, ...] = ("layers",)  # what fills the NPU weight memories first
@@ -151,6 +155,8 @@ class SpaceConfig:
         object.__setattr__(self, "embedding_mse", _choices(s, "embedding_mse", self.embedding_mse, (0.0, 2.0, 2.4, 3.0)))
         object.__setattr__(self, "kv_cache_bits", _choices(s, "kv_cache_bits", self.kv_cache_bits, KV_CACHE_BITS))
         object.__setattr__(self, "wider_fraction", _range(s, "wider_fraction", self.wider_fraction, 0.0, 1.0))
+        object.__setattr__(self, "embedding_wide_fraction",
+                           _range(s, "embedding_wide_fraction", self.embedding_wide_fraction, 0.0, 1.0))
         for name in ("kv_cache_group", "kv_cache_key_group"):
             value = getattr(self, name)
             if value not in KV_CACHE_GROUPS and not (name == "kv_cache_key_group" and value == 0):

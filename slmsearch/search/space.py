@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from slmsearch.compress.embedding import WIDE_BITS
 from slmsearch.compress.geometry import allowed_kv_group_removals, undivided_inputs
 from slmsearch.compress.gptq import WIDER
 from slmsearch.compress.minmax import FOLLOWS_PATTERNS
@@ -98,7 +99,8 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
 
     The kinds of compression are sampled first, the sizes last (:mod:`slmsearch.search.budget`):
     ``drop_fraction`` and ``wider_fraction`` place the dropped layers and the layers GPTQ quantizes
-    one width wider within the room ``fits(plan) -> bool`` (the budget) leaves; without ``fits``
+    one width wider within the room ``fits(plan) -> bool`` (the budget) leaves, then
+    ``embedding_wide_fraction`` the embedding's 8-bit rows in what is left; without ``fits``
     every plan fits. A repaired trial records what changed (``budget.REPAIRED_ATTR``)."""
     from slmsearch.search.budget import REPAIRED_ATTR, drop_bounds, place_size
 
@@ -149,11 +151,18 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
     if params["gptq_bits"] in WIDER and wide_hi > 0:
         wider_fraction = trial.suggest_float("wider_fraction", wide_lo, wide_hi, step=0.05) if wide_hi > wide_lo else wide_lo
 
+    rows_lo, rows_hi = space.embedding_wide_fraction
+    wide_rows_fraction = 0.0
+    if params["embedding_bits"] < WIDE_BITS and rows_hi > 0:
+        wide_rows_fraction = (trial.suggest_float("embedding_wide_fraction", rows_lo, rows_hi, step=0.05)
+                              if rows_hi > rows_lo else rows_lo)
+
     def plan_of(p: dict[str, Any]) -> Plan:
         return plan_from_params(p, space, dims, n_layers)
 
     params, repaired = place_size(params, space, n_layers, plan_of, fits or (lambda plan: True), drop_fraction,
-                                  wider_fraction, default_group=max(groups, key=lambda g: g if g > 0 else 10**9))
+                                  wider_fraction, default_group=max(groups, key=lambda g: g if g > 0 else 10**9),
+                                  wide_rows_fraction=wide_rows_fraction, vocab=int(base_shape.vocab_size))
     repaired = {**forced, **repaired}
     if repaired:
         trial.set_user_attr(REPAIRED_ATTR, repaired)

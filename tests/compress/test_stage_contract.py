@@ -52,6 +52,7 @@ TYPICAL: dict[str, tuple[Stage, ...]] = {
     "lora merged": (LoraRecovery(rank=4, steps=2, seqlen=32, heldout=0),),
     "lora kept": (LoraRecovery(rank=4, steps=2, seqlen=32, heldout=0, merge=False),),
     "embedding": (EmbeddingQuant(bits=4, group_size=32),),
+    "embedding wide rows": (EmbeddingQuant(bits=4, group_size=32, grid="minmax", wide_rows=64),),
     "gptq": (Gptq(bits=4, group_size=32),),
     "minmax": (MinMaxQuant(bits=4, group_size=32),),
     "eora": (Gptq(bits=4, group_size=32), Eora(rank=16)),

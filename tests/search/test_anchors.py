@@ -8,6 +8,7 @@ import dataclasses
 from slmsearch.hwmodel.estimate import footprint_bytes
 from slmsearch.hwmodel.shape import smollm2_135m
 from slmsearch.search.anchors import anchor_params, anchor_plan
+from slmsearch.search.budget import WIDE_ROW_STEP
 from slmsearch.search.config import load_study_config
 from slmsearch.search.space import base_dims, plan_from_params
 
@@ -31,12 +32,17 @@ def test_default_study_anchors_fit_with_the_fewest_dropped_layers_and_the_most_w
         assert fits(plan)
         drop = plan.get("depth").n_dropped if plan.get("depth") else 0
         wider = plan.get("gptq").wider_layers
-        placed = {**params, "lora_steps": config.space.lora_steps, "drop_layers": drop, "gptq_wider_layers": wider}
+        rows = plan.get("embedding").wide_rows
+        placed = {**params, "lora_steps": config.space.lora_steps, "drop_layers": drop, "gptq_wider_layers": wider,
+                  "embedding_wide_rows": rows}
         assert plan_from_params(placed, config.space, dims, n) == plan
+        # the room left is filled with the embedding's 8-bit rows: one more step does not fit
+        assert not fits(plan_from_params({**placed, "embedding_wide_rows": rows + WIDE_ROW_STEP}, config.space, dims, n))
         if drop:  # one layer fewer dropped does not fit, even with nothing widened
             assert not fits(plan_from_params({**placed, "drop_layers": drop - 1, "gptq_wider_layers": 0}, config.space, dims, n))
         if wider < n - drop:  # one more layer widened does not fit
-            assert not fits(plan_from_params({**placed, "gptq_wider_layers": wider + 1}, config.space, dims, n))
+            assert not fits(plan_from_params({**placed, "gptq_wider_layers": wider + 1, "embedding_wide_rows": 0},
+                                             config.space, dims, n))
         assert params["group_size"] in (32, 64) and params["lora_rank"] in config.space.lora_ranks
         for group in config.space.embedding_groups:  # no other embedding group drops fewer, or widens more
             other = anchor_plan({**params, "embedding_group": group}, config.space, base, fits)
@@ -66,5 +72,5 @@ def test_the_minmax_anchor_keeps_every_layer_and_spends_the_room_where_it_costs_
         assert all(fits(p) for p in plans)
         labels[mb] = [p.label() for p in plans]
     assert not any("mm4g32" in label for label in labels[64])
-    assert labels[96][0] == "emb4g32mm mm4g32 kv8" and labels[128][0] == "emb8g32h mm4g32"
+    assert labels[96][0] == "emb4g32mm+16k8 mm4g32 kv8" and labels[128][0] == "emb8g32h mm4g32"
     assert len(labels[96]) == len(labels[128]) == 2 and "mm4g32" not in labels[96][1]

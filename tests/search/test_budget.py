@@ -12,7 +12,7 @@ from optuna.trial import FixedTrial
 
 from slmsearch.hwmodel.estimate import footprint_bytes
 from slmsearch.hwmodel.shape import smollm2_135m
-from slmsearch.search.budget import REPAIRED_ATTR, feasible_space
+from slmsearch.search.budget import REPAIRED_ATTR, WIDE_ROW_STEP, feasible_space
 from slmsearch.search.config import SpaceConfig
 from slmsearch.search.space import most_compressed_plan, suggest_plan
 
@@ -63,7 +63,7 @@ def test_no_sampled_plan_is_over_budget():
 def _fixed(**over):
     params = {"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 4, "embedding_group": 64,
               "gptq_bits": 3, "group_size": 64, "act_order": False, "eora_rank": 0, "kv_cache_bits": 4, "wider_fraction": 0.0,
-              "embedding_grid": "sym", "layer_grid": "gptq"}
+              "embedding_grid": "sym", "layer_grid": "gptq", "embedding_wide_fraction": 0.0}
     return FixedTrial({**params, **over})
 
 
@@ -84,6 +84,28 @@ def test_the_fractions_span_the_room_the_budget_leaves():
     four = suggest_plan(_fixed(gptq_bits=4), SPACE, BASE, fits=fits)
     fewest = four.get("depth").n_dropped
     assert fewest > 0 and fits(four)
+
+
+def test_the_embeddings_8_bit_rows_fill_the_room_left_after_the_layers():
+    fits = fits_within(96)
+    minmax = {"layer_grid": "minmax", "embedding_group": 32, "embedding_grid": "minmax", "kv_cache_bits": 8}
+    none = suggest_plan(_fixed(**minmax), SPACE, BASE, fits=fits)
+    assert none.get("embedding").wide_rows == 0
+    full = suggest_plan(_fixed(**minmax, embedding_wide_fraction=1.0), SPACE, BASE, fits=fits)
+    rows = full.get("embedding").wide_rows
+    assert rows > 0 and rows % WIDE_ROW_STEP == 0 and fits(full)
+    assert full.label() == f"emb4g32mm+{rows // 1024}k8 mm4g32 kv8"
+    over = dataclasses.replace(full.get("embedding"), wide_rows=rows + WIDE_ROW_STEP)
+    assert not fits(type(full)(tuple(over if s.kind == "embedding" else s for s in full.stages)))
+    half = suggest_plan(_fixed(**minmax, embedding_wide_fraction=0.5), SPACE, BASE, fits=fits)
+    assert half.get("embedding").wide_rows == round(0.5 * rows / WIDE_ROW_STEP) * WIDE_ROW_STEP
+    # the layers are placed first: a GPTQ plan widening every layer it can leaves the rows less room
+    widened = suggest_plan(_fixed(gptq_bits=4, group_size=64, wider_fraction=1.0, embedding_wide_fraction=1.0), SPACE, BASE,
+                           fits=fits)
+    plain = suggest_plan(_fixed(gptq_bits=4, group_size=64, wider_fraction=0.0, embedding_wide_fraction=1.0), SPACE, BASE,
+                         fits=fits)
+    assert widened.get("gptq").wider_layers > 0 and fits(widened) and fits(plain)
+    assert widened.get("embedding").wide_rows < plain.get("embedding").wide_rows
 
 
 def test_a_combination_that_fits_at_no_depth_is_repaired_and_recorded():

@@ -146,7 +146,7 @@ def test_the_space_settings_of_the_embedding_and_kv_cache_reach_the_stages():
     space = dataclasses.replace(SPACE, embedding_gptq=True, kv_cache_group=64, kv_cache_key_group=16, kv_cache_rotate=True)
     trial = FixedTrial({"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 4,
                         "embedding_group": 64, "embedding_grid": "sym", "layer_grid": "gptq", "gptq_bits": 16,
-                        "kv_cache_bits": 4})
+                        "kv_cache_bits": 4, "embedding_wide_fraction": 0.0})
     plan = suggest_plan(trial, space, BASE)
     assert plan == Plan((EmbeddingQuant(bits=4, group_size=64, mse=2.4, gptq=True),
                          KvCacheQuant(bits=4, group_size=64, key_group_size=16, rotate=True)))
@@ -159,7 +159,8 @@ def test_a_minmax_trial_quantizes_the_layers_and_the_embedding_on_the_minmax_gri
     from slmsearch.compress.minmax import MinMaxQuant
 
     trial = FixedTrial({"drop_fraction": 0.0, "wanda_pattern": "none", "lora_rank": 0, "embedding_bits": 4,
-                        "embedding_group": 32, "embedding_grid": "minmax", "layer_grid": "minmax", "kv_cache_bits": 8})
+                        "embedding_group": 32, "embedding_grid": "minmax", "layer_grid": "minmax", "kv_cache_bits": 8,
+                        "embedding_wide_fraction": 0.0})
     plan = suggest_plan(trial, SPACE, BASE)
     assert plan == Plan((EmbeddingQuant(bits=4, group_size=32, grid="minmax"), MinMaxQuant(bits=4, group_size=32),
                          KvCacheQuant(bits=8, group_size=64, key_group_size=16)))
