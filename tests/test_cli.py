@@ -127,3 +127,19 @@ def test_compress_without_a_data_folder_is_one_error_line(tmp_path, monkeypatch)
     code, out = _run("compress", "--plan", str(plan), "--out", str(tmp_path / "out"))
     assert code == 2 and out.startswith("error: compress needs the data folder") and "--data-dir" in out
     assert len(out.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, claimed_mb, budget_mb", [("plan-64mb-levers.yaml", 63.98, 64), ("plan-96mb.yaml", 95.2, 96)])
+def test_the_example_plans_are_the_size_their_header_says(tmp_path, name, claimed_mb, budget_mb):
+    """``slmsearch hw --plan examples/<name>`` as the file's header tells a user to type it (the
+    default model): the footprint the header claims, within its budget."""
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / name
+    assert f"{claimed_mb}" in example.read_text().split("stages:")[0]
+    out = tmp_path / "hw.json"
+    code, text = _run("hw", "--plan", str(example), "--out", str(out))
+    assert code == 0, text
+    total_mb = json.loads(out.read_text())["memory"]["total_bytes"] / 1e6
+    assert abs(total_mb - claimed_mb) < 0.01 + 0.5 * 10 ** -len(str(claimed_mb).split(".")[1]), total_mb
+    assert total_mb <= budget_mb
