@@ -35,7 +35,7 @@ class EmbeddingQuant(Stage):
     """Quantize the token embedding (and the lm_head when it is not tied) per row."""
 
     kind = "embedding"
-    column_defaults = {"embedding_bits": 16}
+    column_defaults = {"embedding_bits": 16, "embedding_wide_rows": 0}
     bits: int = 16  # 16 = unchanged; 8 or 4 = symmetric round-to-nearest
     group_size: int | None = None  # None = one 16-bit scale per row; else one per group of columns
     mse: float = 0.0  # > 0: each scale chosen by a clipping search (kernels.rtn_codes); 0 = max-abs
@@ -114,7 +114,7 @@ class EmbeddingQuant(Stage):
         return f"+{self.wide_rows // 1024}k8" if self.wide_rows % 1024 == 0 else f"+{self.wide_rows}r8"
 
     def columns(self) -> dict[str, Any]:
-        return {"embedding_bits": self.bits}
+        return {"embedding_bits": self.bits, "embedding_wide_rows": self.wide_rows}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> EmbeddingQuant | None:
