@@ -18,7 +18,7 @@ logits move least. The output side is what rounding a tied embedding hurts most;
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range, space_first
@@ -168,7 +168,7 @@ class EmbeddingQuant(Stage):
         rest = PackedTensor(*self._quantize(weight.data[wide:], self.bits, inputs))
         if not wide:
             return rest
-        return PackedTensor(rest.codes, rest.scales, rest.bits, rest.mins, PackedTensor(*self._quantize(weight.data[:wide], WIDE_BITS, inputs)))
+        return replace(rest, top=PackedTensor(*self._quantize(weight.data[:wide], WIDE_BITS, inputs)))
 
     def _quantize(self, weight: Any, bits: int, inputs: Any = None) -> tuple[Any, Any, int, Any]:
         """Replace the values of ``weight`` (a view of the embedding) by their grid values at ``bits``

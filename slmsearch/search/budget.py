@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from slmsearch.compress.embedding import WIDE_BITS
 from slmsearch.compress.gptq import WIDER
 from slmsearch.compress.plan import Plan
 from slmsearch.search.config import SpaceConfig, StudyConfig
@@ -68,17 +69,28 @@ def fewest_drops(params: dict[str, Any], plan_of: PlanOf, fits: Fits, lo: int, h
     return None
 
 
-def most_widened(params: dict[str, Any], plan_of: PlanOf, fits: Fits, n_kept: int) -> int:
-    """The most layers that can be quantized one width wider with ``params`` still fitting (footprint
-    grows with each one, so a bisection finds it)."""
-    lo, hi = 0, n_kept
+def _most_fitting(params: dict[str, Any], plan_of: PlanOf, fits: Fits, key: str, most: int, step: int = 1) -> int:
+    """The largest multiple of ``step`` up to ``most`` that ``params[key]`` can take with the plan
+    still fitting (the footprint grows with it, so a bisection finds it)."""
+    lo, hi = 0, most // step
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(plan_of({**params, "gptq_wider_layers": mid})):
+        if fits(plan_of({**params, key: mid * step})):
             lo = mid
         else:
             hi = mid - 1
-    return lo
+    return lo * step
+
+
+def most_widened(params: dict[str, Any], plan_of: PlanOf, fits: Fits, n_kept: int) -> int:
+    """The most layers that can be quantized one width wider with ``params`` still fitting."""
+    return _most_fitting(params, plan_of, fits, "gptq_wider_layers", n_kept)
+
+
+def most_wide_rows(params: dict[str, Any], plan_of: PlanOf, fits: Fits, vocab: int) -> int:
+    """The most embedding rows (a multiple of :data:`WIDE_ROW_STEP`, at most ``vocab``) that can be
+    kept at 8 bits with ``params`` still fitting."""
+    return _most_fitting(params, plan_of, fits, "embedding_wide_rows", vocab, WIDE_ROW_STEP)
 
 
 def repairs(params: dict[str, Any], space: SpaceConfig, default_group: int) -> list[dict[str, Any]]:
@@ -98,19 +110,6 @@ def repairs(params: dict[str, Any], space: SpaceConfig, default_group: int) -> l
                                                            {"group_size": default_group, "act_order": space.act_order[0],
                                                             "eora_rank": 0})})
     return steps
-
-
-def most_wide_rows(params: dict[str, Any], plan_of: PlanOf, fits: Fits, vocab: int) -> int:
-    """The most embedding rows (a multiple of :data:`WIDE_ROW_STEP`, at most ``vocab``) that can be
-    kept at 8 bits with ``params`` still fitting (a bisection, as :func:`most_widened`)."""
-    lo, hi = 0, vocab // WIDE_ROW_STEP
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(plan_of({**params, "embedding_wide_rows": mid * WIDE_ROW_STEP})):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * WIDE_ROW_STEP
 
 
 def place_size(params: dict[str, Any], space: SpaceConfig, n_layers: int, plan_of: PlanOf, fits: Fits,
@@ -136,7 +135,7 @@ def place_size(params: dict[str, Any], space: SpaceConfig, n_layers: int, plan_o
         room = most_widened(current, plan_of, fits, n_layers - drop)
         current["gptq_wider_layers"] = int(round(wider_fraction * room))
     current["embedding_wide_rows"] = 0
-    if wide_rows_fraction > 0 and current.get("embedding_bits", 16) < 8 and vocab and fewest is not None:
+    if wide_rows_fraction > 0 and current.get("embedding_bits", 16) < WIDE_BITS and vocab and fewest is not None:
         room = most_wide_rows(current, plan_of, fits, vocab) // WIDE_ROW_STEP
         current["embedding_wide_rows"] = int(round(wide_rows_fraction * room)) * WIDE_ROW_STEP
     return current, repaired

@@ -146,16 +146,9 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
     params.update(kv_cache_params(space, dims))
     lo, hi = drop_bounds(space, n_layers)
     drop_fraction = trial.suggest_float("drop_fraction", 0.0, 1.0, step=0.05) if hi > lo else 0.0
-    wide_lo, wide_hi = space.wider_fraction
-    wider_fraction = 0.0
-    if params["gptq_bits"] in WIDER and wide_hi > 0:
-        wider_fraction = trial.suggest_float("wider_fraction", wide_lo, wide_hi, step=0.05) if wide_hi > wide_lo else wide_lo
-
-    rows_lo, rows_hi = space.embedding_wide_fraction
-    wide_rows_fraction = 0.0
-    if params["embedding_bits"] < WIDE_BITS and rows_hi > 0:
-        wide_rows_fraction = (trial.suggest_float("embedding_wide_fraction", rows_lo, rows_hi, step=0.05)
-                              if rows_hi > rows_lo else rows_lo)
+    wider_fraction = _fraction(trial, "wider_fraction", space.wider_fraction) if params["gptq_bits"] in WIDER else 0.0
+    wide_rows_fraction = (_fraction(trial, "embedding_wide_fraction", space.embedding_wide_fraction)
+                          if params["embedding_bits"] < WIDE_BITS else 0.0)
 
     def plan_of(p: dict[str, Any]) -> Plan:
         return plan_from_params(p, space, dims, n_layers)
@@ -167,6 +160,15 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
     if repaired:
         trial.set_user_attr(REPAIRED_ATTR, repaired)
     return plan_of(params)
+
+
+def _fraction(trial: Any, name: str, bounds: tuple[float, float]) -> float:
+    """A size's share of the room left, in steps of 0.05 within ``bounds``; 0 when the upper bound
+    is 0, and no parameter of the study when the bounds are equal."""
+    lo, hi = bounds
+    if hi <= 0:
+        return 0.0
+    return trial.suggest_float(name, lo, hi, step=0.05) if hi > lo else lo
 
 
 def _choose(trial: Any, name: str, choices: tuple[Any, ...]) -> Any:
