@@ -216,6 +216,8 @@ def run_screened(seed: int, grid: Grid, run: Run, n_evals: int) -> Run:
     for point in grid.anchors():
         proxy_study.enqueue_trial(dict(zip(AXES, point)))
     screened: dict[tuple[int, ...], dict[str, Any]] = {}
+    axis_point: dict[tuple[int, ...], tuple[int, ...]] = {}  # a screened plan's axis values
+    settings = grid.config.screening
 
     def objective(trial: Any) -> tuple[float, float]:
         key, row = grid.lookup(tuple(trial.suggest_categorical(a, grid.axes[a]) for a in AXES))
@@ -223,19 +225,38 @@ def run_screened(seed: int, grid: Grid, run: Run, n_evals: int) -> Run:
             raise optuna.TrialPruned()
         if key not in screened:
             screened[key] = row
+            axis_point[key] = tuple(trial.params[a] for a in AXES)
             run.screens += 1
             run.screen_s += row["proxy_s"]
         prior = screening.predicted_ppl(_point(key, row, proxy=True), screening.PRIOR)
         return prior, row["decode_latency_s"]
 
+    def neighbour() -> tuple[int, ...] | None:
+        """The first unscreened, feasible one-step neighbour of the predicted front (the study's rule)."""
+        evaluated = [_point(k, r, proxy=False) for k, r in run.evaluated.items()]
+        pool = [_point(k, r, proxy=True) for k, r in screened.items() if k not in run.evaluated]
+        theta = screening.fit_correction(evaluated)
+        for p in screening.predicted_front(pool, evaluated, theta):
+            for params in screening.step_neighbours(dict(zip(AXES, axis_point[tuple(json.loads(p.key))])), grid.axes):
+                key, row = grid.lookup(tuple(params[a] for a in AXES))
+                if row["feasible"] and key not in screened:
+                    return tuple(params[a] for a in AXES)
+        return None
+
     def screen(count: int) -> None:
         target = len(screened) + count
+        local = len(screened) + math.ceil(settings.neighbour_share * count)
+        while len(screened) < min(local, target):
+            point = neighbour()
+            if point is None:
+                break
+            proxy_study.enqueue_trial(dict(zip(AXES, point)))
+            proxy_study.optimize(objective, n_trials=1)
         for _ in range(50 * count):
             if len(screened) >= target or len(screened) >= sum(r["feasible"] for r in grid.rows.values()):
                 break
             proxy_study.optimize(objective, n_trials=1)
 
-    settings = grid.config.screening
     screen(settings.first)
     while len(run.curve) < n_evals:
         evaluated = [_point(k, r, proxy=False) for k, r in run.evaluated.items()]
@@ -250,7 +271,7 @@ def run_screened(seed: int, grid: Grid, run: Run, n_evals: int) -> Run:
             screen(settings.per_trial)
         if choice is None:
             pool = [_point(k, r, proxy=True) for k, r in screened.items() if k not in run.evaluated]
-            choice = screening.fallback(pool, theta, broken_ppl=broken)
+            choice = screening.fallback(pool, theta, broken_ppl=broken, evaluated=evaluated)
             if choice is None:
                 break
         key = tuple(json.loads(choice.key))
@@ -263,7 +284,8 @@ def _point(key: tuple[int, ...], row: dict[str, Any], *, proxy: bool) -> Any:
     from slmsearch.search.screening import Point
 
     return Point(key=json.dumps(list(key)), ppl=row["proxy_ppl"] if proxy else row["ppl"], features=row["features"],
-                 weights=row["weights"], costs=(row["decode_latency_s"],), proxy_ppl=row["proxy_ppl"])
+                 weights=row["weights"], costs=(row["decode_latency_s"],), proxy_ppl=row["proxy_ppl"],
+                 family=json.dumps(list(key[:3])))  # the KV cache's width is the key's last axis
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -232,12 +232,20 @@ class ScreeningConfig:
     per_trial: int = 2  # more screened before each later one
     extra_rounds: int = 3  # rounds of per_trial more when no candidate is predicted to improve the front
     windows: int = 0  # token-ppl windows the proxy scores; 0 = pruning.first_windows (the same windows)
+    # share of each round's screens that are one-step neighbours of the predicted front (the rest
+    # the sampler proposes); 0.5 on the replay grid: 1.0 needs 2 more evaluations to 95%, 0 seven more
+    neighbour_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.first < 1 or self.per_trial < 0 or self.extra_rounds < 0 or self.windows < 0:
             raise SlmsearchError(
                 "screening needs first >= 1, per_trial >= 0, extra_rounds >= 0 and windows >= 0, got "
                 f"{self.first}, {self.per_trial}, {self.extra_rounds}, {self.windows}"
+            )
+        if not 0.0 <= float(self.neighbour_share) <= 1.0:
+            raise SlmsearchError(
+                f"screening.neighbour_share must be between 0 and 1, got {self.neighbour_share}; "
+                "0.5 proposes half of each round's screens next to the predicted front"
             )
 
 

@@ -103,19 +103,73 @@ def run_screen(trial: Any, ctx: Any) -> tuple[float, ...]:
     return (min(prior, 1e30), *(float(hw[o.metric]) for o in hw_objectives(config)))
 
 
-def screen(screen_study: Any, ctx: Any, count: int) -> int:
-    """Run ``count`` more screens (each ends COMPLETE, or FAILED if it raised); returns how many ran."""
+def screen(screen_study: Any, ctx: Any, count: int, study: Any = None) -> int:
+    """Run ``count`` more screens (each ends COMPLETE, or FAILED if it raised); returns how many ran.
+    With the user's ``study`` given, ``screening.neighbour_share`` of them are one-step neighbours
+    of the predicted front (:func:`front_neighbours`), the rest the sampler's proposals."""
     from slmsearch import interrupt
 
+    local = math.ceil(ctx.config.screening.neighbour_share * count) if study is not None else 0
     ran = 0
-    for _ in range(count):
+    for i in range(count):
         interrupt.check()  # Ctrl-C between screens stops here (a screen takes seconds)
+        if i < local:
+            params = next(iter(front_neighbours(study, screen_study, ctx)), None)
+            if params is not None:
+                screen_study.enqueue_trial(params, skip_if_exists=True)
         # a screen that raises ends FAILED and the search goes on (Optuna logs it); the plan, if
         # promoted later, meets the same error in its full trial, which reports it
         screen_study.optimize(lambda t: run_screen(t, ctx), n_trials=1, gc_after_trial=True, catch=(Exception,))
         ctx.current_screen = None  # finished (COMPLETE or FAILED): nothing for a Ctrl-C to fail
         ran += 1
     return ran
+
+
+def param_choices(distribution: Any) -> list[Any]:
+    """A parameter's values in order, for a step to a neighbour: a categorical's choices (sorted
+    when they are numbers), a stepped float's or an int's grid; [] for a continuous float."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        values = list(distribution.choices)
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        return sorted(values) if numeric else values
+    if isinstance(distribution, IntDistribution) and not distribution.log:
+        return list(range(distribution.low, distribution.high + 1, distribution.step))
+    if isinstance(distribution, FloatDistribution) and distribution.step:
+        n = int(round((distribution.high - distribution.low) / distribution.step))
+        return [round(distribution.low + i * distribution.step, 10) for i in range(n + 1)]
+    return []
+
+
+def front_neighbours(study: Any, screen_study: Any, ctx: Any) -> list[dict[str, Any]]:
+    """Parameters one step from the plans on the predicted front (the evaluated trials at their
+    measured perplexity, the candidates at their corrected proxy), best predicted first, that no
+    screen has sampled yet."""
+    from optuna.trial import TrialState
+
+    from slmsearch.search import screening
+
+    config = ctx.config
+    n_layers = base_layers(ctx.base_location)
+    evaluated = evaluated_points(study, config, n_layers)
+    pool = candidates(screen_study, study, config, n_layers)
+    sources: dict[str, Any] = {key: t for key, (t, _) in pool.items()}
+    for t in study.get_trials(deepcopy=False):
+        if PLAN_ATTR in t.user_attrs and t.params:
+            sources.setdefault(_identity(t.user_attrs), t)
+    seen = [t.params for t in screen_study.get_trials(deepcopy=False)]
+    seen += [t.params for t in screen_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+    out: list[dict[str, Any]] = []
+    for point in screening.predicted_front([p for _, p in pool.values()], evaluated, screening.fit_correction(evaluated)):
+        source = sources.get(point.key)
+        if source is None:
+            continue
+        choices = {name: param_choices(d) for name, d in source.distributions.items()}
+        for params in screening.step_neighbours(dict(source.params), choices):
+            if params not in seen and params not in out:
+                out.append(params)
+    return out
 
 
 def base_layers(location: str) -> int | None:
@@ -133,7 +187,18 @@ def _point(key: str, ppl: float, plan: dict[str, Any], costs: tuple[float, ...],
     from slmsearch.search import screening
 
     features, weights = screening.weighted_features(plan, n_layers)
-    return screening.Point(key=key, ppl=ppl, features=features, weights=weights, costs=costs, proxy_ppl=proxy_ppl)
+    return screening.Point(key=key, ppl=ppl, features=features, weights=weights, costs=costs, proxy_ppl=proxy_ppl,
+                           family=_family(plan))
+
+
+def _family(plan: dict[str, Any]) -> str:
+    """Plans that differ only in the KV cache's stage share a family (the proxy rounds the cache
+    as the full evaluation does): the plan's other stages."""
+    import json
+
+    from slmsearch.compress.kvcache import KvCacheQuant
+
+    return json.dumps([st for st in plan.get("stages", []) if st.get("stage") != KvCacheQuant.kind], sort_keys=True)
 
 
 def evaluated_points(study: Any, config: Any, n_layers: int | None = None) -> list[Any]:
@@ -198,7 +263,7 @@ def promote(study: Any, screen_study: Any, ctx: Any) -> bool:
     promoted = sum(1 for t in study.get_trials(deepcopy=False) if SCREENED_FROM_ATTR in t.user_attrs)
     due = settings.first + settings.per_trial * promoted
     if done < due:
-        screen(screen_study, ctx, due - done)
+        screen(screen_study, ctx, due - done, study)
     n_layers = base_layers(ctx.base_location)
     evaluated = evaluated_points(study, config, n_layers)
     theta = screening.fit_correction(evaluated)
@@ -211,14 +276,14 @@ def promote(study: Any, screen_study: Any, ctx: Any) -> bool:
         choice = screening.choose([p for _, p in pool.values()], evaluated, theta, broken_ppl=broken)
         if choice is not None or round_ == settings.extra_rounds or settings.per_trial == 0:
             break
-        screen(screen_study, ctx, settings.per_trial)
+        screen(screen_study, ctx, settings.per_trial, study)
     if choice is None:
-        choice = screening.fallback([p for _, p in pool.values()], theta, broken_ppl=broken)
+        choice = screening.fallback([p for _, p in pool.values()], theta, broken_ppl=broken, evaluated=evaluated)
         if choice is None:
             ctx.log("screening: no screened candidate left that is not predicted broken; the sampler proposes the next trial")
             return False
     source, point = pool[choice.key]
-    predicted = screening.predicted_ppl(point, theta)
+    predicted = screening.predicted_ppl(point, theta, screening.family_residuals(evaluated))
     study.enqueue_trial(dict(source.params), user_attrs={
         SCREENED_FROM_ATTR: source.number, PROXY_PPL_ATTR: point.ppl, PREDICTED_ATTR: predicted,
         "correction": {k: round(v, 4) for k, v in theta.items()},

@@ -19,7 +19,15 @@ candidates, then promotes the one this module chooses:
    measured perplexity. :func:`choose` promotes the candidate whose predicted point adds the most
    hypervolume to the evaluated points; one predicted broken (over the pruning limit) is never
    promoted. When no candidate is predicted to add anything, it returns None and the runner
-   screens more.
+   screens more. Two refinements measured on the replay grid (``bench/search_efficiency.py``,
+   docs/benchmarks.md section 10): plans that differ only in the KV cache's width form a *family*
+   whose measured residual replaces the fitted one (:func:`family_residuals`), and a candidate
+   whose family is not measured yet is credited :data:`OPTIMISM` in the gain (optimism under
+   uncertainty: its correction is borrowed from other plans).
+3. **Where to screen next.** Half of each round's screens are proposed here rather than by the
+   sampler: the unscreened one-step neighbours of the predicted front (:func:`predicted_front`,
+   :func:`step_neighbours`), those of its best-predicted plan first. The sampler's proposals keep
+   the search global; the neighbours fill in the front where the study is looking.
 
 Everything here is pure (no Optuna, no torch): ``bench/search_efficiency.py`` replays it on a
 table with the study's own rule.
@@ -42,6 +50,11 @@ from typing import Any
 # over the same plan without only after an evaluation shows it.
 PRIOR: dict[str, float] = {"gptq2": 1.0, "gptq3": -1.05, "gptq4": -0.22, "gptq8": 0.0, "lora": -0.05, "eora": -0.05}
 PRIOR_WEIGHT = 1.0  # the prior counts as this many evaluated plans per feature
+# Credit, in nats of predicted log perplexity, to a candidate whose family has no measurement when
+# its hypervolume gain is computed: about half the spread of the residuals within one GPTQ width on
+# the replay grid (0.15-0.25, bench/grid_levers.csv). 0.1-0.2 measured alike; 0 and 0.05 need one
+# more evaluation to reach 95% (median over 5 seeds, docs/benchmarks.md section 10).
+OPTIMISM = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class Point:
     costs: tuple[float, ...]
     proxy_ppl: float | None = None  # an evaluated plan's proxy score, when it was screened
     weights: tuple[float, ...] = ()  # each feature's share (e.g. of the layers at a GPTQ width); () = 1 each
+    family: str = ""  # plans that differ only where the proxy is exact (the KV cache's width); "" = its own
 
     def weighted(self) -> tuple[tuple[str, float], ...]:
         return tuple(zip(self.features, self.weights or (1.0,) * len(self.features)))
@@ -131,9 +145,24 @@ def fit_correction(evaluated: Sequence[Point], prior: Mapping[str, float] = PRIO
     return theta
 
 
-def predicted_ppl(point: Point, theta: Mapping[str, float]) -> float:
-    """The candidate's proxy perplexity corrected by ``theta``."""
+def predicted_ppl(point: Point, theta: Mapping[str, float], measured: Mapping[str, float] | None = None) -> float:
+    """The candidate's proxy perplexity corrected by its family's measured residual (``measured``,
+    from :func:`family_residuals`) when a plan of its family was evaluated, else by ``theta``."""
+    if measured and point.family and point.family in measured:
+        return point.ppl * math.exp(measured[point.family])
     return point.ppl * math.exp(sum(theta.get(f, 0.0) * w for f, w in point.weighted()))
+
+
+def family_residuals(evaluated: Sequence[Point]) -> dict[str, float]:
+    """Mean residual ``log(ppl) - log(proxy_ppl)`` of each family with an evaluated, screened plan.
+    The proxy rounds the KV cache as the full evaluation does, so plans that differ only in it
+    share the residual of their weight stages (on the replay grid such siblings differ by 0.01-0.06,
+    plans of one GPTQ width by up to 0.5)."""
+    found: dict[str, list[float]] = {}
+    for p in evaluated:
+        if p.family and p.proxy_ppl and p.proxy_ppl > 0 and p.ppl > 0 and math.isfinite(p.ppl) and math.isfinite(p.proxy_ppl):
+            found.setdefault(p.family, []).append(math.log(p.ppl) - math.log(p.proxy_ppl))
+    return {k: sum(v) / len(v) for k, v in found.items()}
 
 
 def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> float:
@@ -159,44 +188,77 @@ def _vector(ppl: float, costs: Sequence[float]) -> tuple[float, ...]:
 
 def choose(candidates: Sequence[Point], evaluated: Sequence[Point], theta: Mapping[str, float], *,
            broken_ppl: float | None = None) -> Point | None:
-    """The candidate whose predicted point adds the most hypervolume to the evaluated points, or
-    None when none adds any; the one with the lowest predicted perplexity when nothing is evaluated
-    yet. Candidates predicted over ``broken_ppl`` are never chosen."""
-    scored = [(c, predicted_ppl(c, theta)) for c in candidates]
+    """The candidate whose predicted point adds the most hypervolume to the evaluated points (with
+    :data:`OPTIMISM` for an unmeasured family), or None when none adds any. With nothing evaluated
+    that is the largest single box: a knee of the predicted front, not its slowest extreme, which
+    the next promotions reach once they add more. Candidates predicted over ``broken_ppl`` are
+    never chosen."""
+    measured = family_residuals(evaluated)
+    scored = [(c, predicted_ppl(c, theta, measured)) for c in candidates]
     scored = [(c, p) for c, p in scored if math.isfinite(p) and (broken_ppl is None or p <= broken_ppl)]
     if not scored:
         return None
     base = [_vector(e.ppl, e.costs) for e in evaluated if math.isfinite(e.ppl) and (broken_ppl is None or e.ppl <= broken_ppl)]
-    if not base:
-        # Nothing evaluated yet: the best predicted model first. The study exists to find the best
-        # model within the budget, and with no evaluated point the hypervolume gives the
-        # quality extreme the thinnest box (it is the slowest plan: its latency normalizes to 1,
-        # 0.1 short of the reference), so it would come after faster, worse plans.
-        return fallback(candidates, theta, broken_ppl=broken_ppl)
     vectors = [_vector(p, c.costs) for c, p in scored]
-    every = base + vectors
-    dims = len(every[0])
-    lo = [min(v[i] for v in every) for i in range(dims)]
-    hi = [max(v[i] for v in every) for i in range(dims)]
-    span = [(h - low) or 1.0 for low, h in zip(lo, hi)]
+    lo, span = _bounds(base + vectors)
 
     def norm(v: Sequence[float]) -> tuple[float, ...]:
         return tuple((x - low) / s for x, low, s in zip(v, lo, span))
 
-    ref = [1.1] * dims
+    ref = [1.1] * len(lo)
     base_n = [norm(v) for v in base]
     before = hypervolume(base_n, ref)
     best: tuple[float, Point] | None = None
     for (cand, _), v in zip(scored, vectors):
-        gain = hypervolume([*base_n, norm(v)], ref) - before
+        credit = 0.0 if cand.family and cand.family in measured else OPTIMISM
+        gain = hypervolume([*base_n, norm((v[0] - credit, *v[1:]))], ref) - before
         if gain > 1e-12 and (best is None or gain > best[0]):
             best = (gain, cand)
     return best[1] if best else None
 
 
-def fallback(candidates: Sequence[Point], theta: Mapping[str, float], *, broken_ppl: float | None = None) -> Point | None:
+def _bounds(vectors: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+    dims = len(vectors[0])
+    lo = [min(v[i] for v in vectors) for i in range(dims)]
+    hi = [max(v[i] for v in vectors) for i in range(dims)]
+    return lo, [(h - low) or 1.0 for low, h in zip(lo, hi)]
+
+
+def predicted_front(candidates: Sequence[Point], evaluated: Sequence[Point], theta: Mapping[str, float]) -> list[Point]:
+    """The non-dominated points among the evaluated (measured) and the candidates (predicted),
+    best predicted quality first: where :func:`step_neighbours` looks for the next screens."""
+    measured = family_residuals(evaluated)
+    points = [(e, _vector(e.ppl, e.costs)) for e in evaluated if math.isfinite(e.ppl)]
+    points += [(c, _vector(predicted_ppl(c, theta, measured), c.costs)) for c in candidates]
+    points = [(p, v) for p, v in points if all(math.isfinite(x) for x in v)]
+
+    def dominated(v: Sequence[float]) -> bool:
+        return any(all(a <= b for a, b in zip(w, v)) and any(a < b for a, b in zip(w, v)) for _, w in points)
+
+    return [p for p, v in sorted(points, key=lambda pv: pv[1]) if not dominated(v)]
+
+
+def step_neighbours(params: Mapping[str, Any], choices: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The plans one step from ``params``: each parameter with ordered ``choices`` moved to the
+    value before or after its own (parameters without choices, or whose value is not among them,
+    stay), in the order of ``params``."""
+    out = []
+    for name, value in params.items():
+        values = list(choices.get(name, ()))
+        if value not in values:
+            continue
+        i = values.index(value)
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(values):
+                out.append({**params, name: values[j]})
+    return out
+
+
+def fallback(candidates: Sequence[Point], theta: Mapping[str, float], *, broken_ppl: float | None = None,
+             evaluated: Sequence[Point] = ()) -> Point | None:
     """When no candidate is predicted to improve the front: the one with the lowest predicted
     perplexity (then the lowest costs) that is not predicted broken, or None."""
-    scored = [(predicted_ppl(c, theta), c.costs, c) for c in candidates]
+    measured = family_residuals(evaluated)
+    scored = [(predicted_ppl(c, theta, measured), c.costs, c) for c in candidates]
     scored = [s for s in scored if math.isfinite(s[0]) and (broken_ppl is None or s[0] <= broken_ppl)]
     return min(scored, key=lambda s: (s[0], s[1]))[2] if scored else None

@@ -76,6 +76,8 @@ def _write(tmp_path, text):
         ("space: {kv_cache_key_group: 24}\n", "space.kv_cache_key_group: unsupported value 24; supported: 8, 16, 32, 64, 128 (or 0"),
         ("space: {kv_cache_rotate: 1}\n", "space.kv_cache_rotate must be true or false, got 1"),
         ("space: {embedding_gptq: yes please}\n", "space.embedding_gptq must be true or false, got 'yes please'"),
+        ("screening: {neighbour_share: 2}\n", "screening.neighbour_share must be between 0 and 1, got 2.0; 0.5 proposes"),
+        ("screening: {neighbour_share: x}\n", "screening.neighbour_share must be a finite number, got 'x'"),
     ],
 )
 def test_bad_study_files_name_the_value(tmp_path, text, needle):

@@ -3,6 +3,8 @@ the companion study, full trials are promoted from them, and a resumed study kee
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -151,3 +153,24 @@ def test_a_stop_during_a_screen_loses_no_finished_screen(tmp_path, tiny_checkpoi
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "repeat_of" not in t.user_attrs
                and "rejected" not in t.user_attrs for t in trials) == 3
     assert not [t for t in trials + screens if t.state == TrialState.RUNNING]
+
+
+def test_screens_after_the_first_are_neighbours_of_the_predicted_front(tmp_path, tiny_checkpoint, data_dir, cache_env):
+    """With ``neighbour_share: 1`` every screen the runner proposes is one parameter one step from
+    a plan on the predicted front (an earlier screen or an evaluated trial)."""
+    config = _config(tmp_path, tiny_checkpoint, data_dir, trials=3)
+    config = dataclasses.replace(config, screening=dataclasses.replace(config.screening, neighbour_share=1.0))
+    optimize(config, log=lambda m: None)
+    screens = optuna.load_study(study_name="tiny:screen", storage=config.storage).trials
+    later = [t for t in screens[config.screening.first:] if t.state == TrialState.COMPLETE]
+    assert later, "the study screened after its first promotion"
+
+    def one_step(a: dict, b: dict, distributions: dict) -> bool:
+        moved = [k for k in a if k in b and a[k] != b[k]]
+        if len(moved) != 1:
+            return False
+        values = screen_runner.param_choices(distributions[moved[0]])
+        return abs(values.index(a[moved[0]]) - values.index(b[moved[0]])) == 1
+
+    for t in later:
+        assert any(one_step(t.params, e.params, t.distributions) for e in screens[: t.number]), t.params

@@ -9,7 +9,8 @@ import random
 import pytest
 
 from slmsearch.search.screening import (
-    PRIOR, Point, choose, fallback, fit_correction, hypervolume, plan_features, predicted_ppl, weighted_features,
+    OPTIMISM, PRIOR, Point, choose, fallback, family_residuals, fit_correction, hypervolume, plan_features,
+    predicted_front, predicted_ppl, step_neighbours, weighted_features,
 )
 
 
@@ -125,15 +126,70 @@ def test_fallback_is_the_best_predicted_quality():
     assert predicted_ppl(cands[1], {"gptq3": -1.0}) == pytest.approx(80 * math.exp(-1))
 
 
-def test_the_first_promotion_is_the_best_predicted_model_then_the_front_grows():
+def test_the_first_promotion_is_the_predicted_knee_then_the_front_grows():
     theta = {"gptq3": -1.0, "gptq4": 0.0}
     slow_good = Point("g", 150.0, ("gptq3",), (3.0,))  # predicted 150 e^-1 = 55: the best, the slowest
     fast = Point("f", 90.0, ("gptq4",), (1.0,))  # predicted 90, a third of the latency
     middle = Point("m", 70.0, ("gptq4",), (2.0,))
-    assert choose([fast, middle, slow_good], [], theta).key == "g"
-    # once it is evaluated, the hypervolume decides (normalized over the points: the middle plan's
-    # box is the largest)
-    evaluated = [Point("g", 60.0, ("gptq3",), (3.0,), proxy_ppl=150.0)]
-    assert choose([fast, middle], evaluated, theta).key == "m"
-    # a best-predicted candidate over the pruning limit is not the first pick either
+    # normalized over the candidates, the middle plan's box is the largest (an extreme's box is
+    # 0.1 thin along its own worst axis)
+    assert choose([fast, middle, slow_good], [], theta).key == "m"
+    evaluated = [Point("m", 70.0, ("gptq4",), (2.0,), proxy_ppl=70.0)]
+    assert choose([fast, slow_good], evaluated, theta).key == "f"  # the larger of the two new boxes
+    # a best-predicted candidate over the pruning limit is never picked
     assert choose([fast, slow_good], [], {"gptq3": 3.0}, broken_ppl=100.0).key == "f"
+
+
+def test_a_measured_sibling_replaces_the_fitted_correction():
+    theta = {"gptq3": -1.0}
+    evaluated = [Point("a-kv4", 100.0, ("gptq3",), (1.0,), proxy_ppl=400.0, family="a"),
+                 Point("a-kv8", 90.0, ("gptq3",), (1.1,), proxy_ppl=400.0, family="a"),
+                 Point("solo", 50.0, ("gptq3",), (2.0,), proxy_ppl=100.0)]  # no family: never shared
+    measured = family_residuals(evaluated)
+    assert measured == {"a": pytest.approx((math.log(0.25) + math.log(0.225)) / 2)}
+    sibling = Point("a-kv16", 380.0, ("gptq3",), (1.2,), family="a")
+    stranger = Point("b", 380.0, ("gptq3",), (1.2,), family="b")
+    assert predicted_ppl(sibling, theta, measured) == pytest.approx(380.0 * math.exp(measured["a"]))
+    assert predicted_ppl(stranger, theta, measured) == pytest.approx(380.0 * math.exp(-1.0))
+    assert predicted_ppl(sibling, theta) == pytest.approx(380.0 * math.exp(-1.0))  # nothing measured given
+
+
+def test_an_unmeasured_family_is_credited_optimism_a_measured_one_is_not():
+    evaluated = [Point("e", 100.0, (), (1.0,), proxy_ppl=100.0, family="e")]
+    # predicted 103 at a higher latency: dominated, unless its correction may be off by OPTIMISM
+    assert 103.0 < 100.0 * math.exp(OPTIMISM)
+    unknown = Point("u", 103.0, (), (1.05,), family="u")
+    known = Point("k", 103.0, (), (1.05,), family="e")
+    assert choose([unknown], evaluated, {}).key == "u"
+    assert choose([known], evaluated, {}) is None
+    # never past the pruning limit, optimism or not
+    assert choose([unknown], evaluated, {}, broken_ppl=102.0) is None
+
+
+def test_the_predicted_front_mixes_measured_and_predicted_points():
+    theta = {"gptq3": -1.0}
+    evaluated = [Point("e", 100.0, ("gptq3",), (1.0,), proxy_ppl=300.0)]
+    a = Point("a", 80.0 * math.e, ("gptq3",), (2.0,))  # predicted 80, slower: on the front
+    b = Point("b", 120.0 * math.e, ("gptq3",), (1.5,))  # predicted 120, slower than e: dominated
+    c = Point("c", 150.0 * math.e, ("gptq3",), (0.5,))  # predicted 150, fastest: on the front
+    assert [p.key for p in predicted_front([a, b, c], evaluated, theta)] == ["a", "e", "c"]
+
+
+def test_step_neighbours_move_one_parameter_one_step():
+    params = {"bits": 3, "drop": 0.1, "pattern": "x", "free": 0.37}
+    choices = {"bits": [2, 3, 4], "drop": [0.0, 0.05, 0.1], "pattern": ["x"], "free": []}
+    assert step_neighbours(params, choices) == [
+        {**params, "bits": 2}, {**params, "bits": 4}, {**params, "drop": 0.05}]
+    assert step_neighbours({"bits": 5}, choices) == []  # a value outside its choices stays
+
+
+def test_param_choices_order_what_a_step_moves_along():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from slmsearch.search.screen_runner import param_choices
+
+    assert param_choices(CategoricalDistribution([4, 2, 3])) == [2, 3, 4]
+    assert param_choices(CategoricalDistribution(["unstructured", "structured"])) == ["unstructured", "structured"]
+    assert param_choices(IntDistribution(0, 6, step=2)) == [0, 2, 4, 6]
+    assert param_choices(FloatDistribution(0.0, 0.2, step=0.05)) == [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert param_choices(FloatDistribution(0.0, 1.0)) == []
