@@ -126,17 +126,17 @@ def test_fallback_is_the_best_predicted_quality():
     assert predicted_ppl(cands[1], {"gptq3": -1.0}) == pytest.approx(80 * math.exp(-1))
 
 
-def test_the_first_promotion_is_the_predicted_knee_then_the_front_grows():
+def test_the_first_promotion_is_the_best_predicted_model_then_the_front_grows():
     theta = {"gptq3": -1.0, "gptq4": 0.0}
     slow_good = Point("g", 150.0, ("gptq3",), (3.0,))  # predicted 150 e^-1 = 55: the best, the slowest
     fast = Point("f", 90.0, ("gptq4",), (1.0,))  # predicted 90, a third of the latency
     middle = Point("m", 70.0, ("gptq4",), (2.0,))
-    # normalized over the candidates, the middle plan's box is the largest (an extreme's box is
-    # 0.1 thin along its own worst axis)
-    assert choose([fast, middle, slow_good], [], theta).key == "m"
-    evaluated = [Point("m", 70.0, ("gptq4",), (2.0,), proxy_ppl=70.0)]
-    assert choose([fast, slow_good], evaluated, theta).key == "f"  # the larger of the two new boxes
-    # a best-predicted candidate over the pruning limit is never picked
+    assert choose([fast, middle, slow_good], [], theta).key == "g"
+    # once it is evaluated, the hypervolume decides (normalized over the points: the middle plan's
+    # box is the largest)
+    evaluated = [Point("g", 60.0, ("gptq3",), (3.0,), proxy_ppl=150.0)]
+    assert choose([fast, middle], evaluated, theta).key == "m"
+    # a best-predicted candidate over the pruning limit is not the first pick either
     assert choose([fast, slow_good], [], {"gptq3": 3.0}, broken_ppl=100.0).key == "f"
 
 
