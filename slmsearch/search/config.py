@@ -228,14 +228,16 @@ class ScreeningConfig:
     enabled: bool = True
     # a screen costs 14-70 s on the default study (depth/WANDA/sensitivity on first use), a full trial
     # 200-240 s: 6 first and 3 per trial keep screening near a third of a study's time; on the replay
-    # grid 3 per trial reach 95% of the hypervolume in a median 10.5 full evaluations over 10 seeds,
-    # 2 per trial in 14 (docs/benchmarks.md section 9)
+    # grid 3 per trial reach 95% of the hypervolume in a median 11 full evaluations over 5 seeds (with
+    # a knee-first rule since reverted: 10.5 over 10 seeds, against 14 at 2 per trial; docs/benchmarks.md
+    # section 9)
     first: int = 6  # candidates screened before the first promoted trial (the anchors among them)
     per_trial: int = 3  # more screened before each later one
     extra_rounds: int = 3  # rounds of per_trial more when no candidate is predicted to improve the front
     windows: int = 0  # token-ppl windows the proxy scores; 0 = pruning.first_windows (the same windows)
     # share of each round's screens that are one-step neighbours of the predicted front (the rest
-    # the sampler proposes); 0.5 on the replay grid: 1.0 needs 2 more evaluations to 95%, 0 seven more
+    # the sampler proposes); on the replay grid at 6 / 2, before the optimism credit, 0.5 reached 95%
+    # in 12 full evaluations, 1.0 in 14 and 0 in 19 (docs/benchmarks.md section 9)
     neighbour_share: float = 0.5
 
     def __post_init__(self) -> None:

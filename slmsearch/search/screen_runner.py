@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from slmsearch.search.trials import (
@@ -114,7 +115,7 @@ def screen(screen_study: Any, ctx: Any, count: int, study: Any = None) -> int:
     for i in range(count):
         interrupt.check()  # Ctrl-C between screens stops here (a screen takes seconds)
         if i < local:
-            params = next(iter(front_neighbours(study, screen_study, ctx)), None)
+            params = next(front_neighbours(study, screen_study, ctx), None)
             if params is not None:
                 screen_study.enqueue_trial(params, skip_if_exists=True)
         # a screen that raises ends FAILED and the search goes on (Optuna logs it); the plan, if
@@ -142,12 +143,10 @@ def param_choices(distribution: Any) -> list[Any]:
     return []
 
 
-def front_neighbours(study: Any, screen_study: Any, ctx: Any) -> list[dict[str, Any]]:
+def front_neighbours(study: Any, screen_study: Any, ctx: Any) -> Iterator[dict[str, Any]]:
     """Parameters one step from the plans on the predicted front (the evaluated trials at their
     measured perplexity, the candidates at their corrected proxy), best predicted first, that no
-    screen has sampled yet."""
-    from optuna.trial import TrialState
-
+    screen has sampled or is waiting to sample; lazily, as the runner takes only the first."""
     from slmsearch.search import screening
 
     config = ctx.config
@@ -158,18 +157,16 @@ def front_neighbours(study: Any, screen_study: Any, ctx: Any) -> list[dict[str, 
     for t in study.get_trials(deepcopy=False):
         if PLAN_ATTR in t.user_attrs and t.params:
             sources.setdefault(_identity(t.user_attrs), t)
-    seen = [t.params for t in screen_study.get_trials(deepcopy=False)]
-    seen += [t.params for t in screen_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
-    out: list[dict[str, Any]] = []
+    seen = [t.params for t in screen_study.get_trials(deepcopy=False)]  # every state, WAITING included
     for point in screening.predicted_front([p for _, p in pool.values()], evaluated, screening.fit_correction(evaluated)):
         source = sources.get(point.key)
         if source is None:
             continue
         choices = {name: param_choices(d) for name, d in source.distributions.items()}
         for params in screening.step_neighbours(dict(source.params), choices):
-            if params not in seen and params not in out:
-                out.append(params)
-    return out
+            if params not in seen:
+                seen.append(params)
+                yield params
 
 
 def base_layers(location: str) -> int | None:

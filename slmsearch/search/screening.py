@@ -20,7 +20,7 @@ candidates, then promotes the one this module chooses:
    hypervolume to the evaluated points; one predicted broken (over the pruning limit) is never
    promoted. When no candidate is predicted to add anything, it returns None and the runner
    screens more. Two refinements measured on the replay grid (``bench/search_efficiency.py``,
-   docs/benchmarks.md section 10): plans that differ only in the KV cache's width form a *family*
+   docs/benchmarks.md section 9): plans that differ only in the KV cache's width form a *family*
    whose measured residual replaces the fitted one (:func:`family_residuals`), and a candidate
    whose family is not measured yet is credited :data:`OPTIMISM` in the gain (optimism under
    uncertainty: its correction is borrowed from other plans).
