@@ -1,19 +1,22 @@
-"""How fast this machine runs the study's model: the scale of the time estimate printed before the
-first trial.
+"""How long the study will take on this machine: the estimate printed before the first trial.
 
-The per-trial formula (:func:`slmsearch.search.study.estimate_trial_seconds`) holds the stage and
-evaluation costs measured on the reference machine for the default model. Before a study starts,
-:func:`forward_seconds` times one forward pass of the study's own model on this machine (float32,
-as evaluation runs it; one window of the evaluation's length); its ratio to the reference
-machine's time for the default model scales the formula, so a slower CPU (bf16 emulated, fewer
-cores) or a larger model gets a proportionally larger estimate from the first line. After each
-trial the study re-estimates from this machine's measured trials.
+Two probes run before a study starts, on this machine and the study's own model:
+:func:`forward_seconds` times one forward pass (float32, as evaluation runs it; one window of the
+evaluation's length), and :func:`gptq_layer_seconds` times the real GPTQ stage on a copy of the
+model cut to one decoder layer, at the space's scale search. The forward pass scales the
+evaluation, LoRA and screening costs measured on the reference machine; the GPTQ layer prices
+GPTQ and EoRA directly, because their speed does not follow the forward pass from one CPU to
+another (an Intel Xeon with AMX ran the forward pass at x0.96 the reference's but GPTQ at ~x1.7).
+:func:`trial_seconds` combines them for one compressed trial; after each trial the study
+re-estimates from this machine's measured trials.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # One forward pass of SmolLM2-135M-Instruct over 1 x 512 tokens in float32 on the reference machine
@@ -51,18 +54,139 @@ def speed_factor(seconds: float, seqlen: int = REFERENCE_SEQLEN) -> float:
     return max(seconds * REFERENCE_SEQLEN / max(seqlen, 1) / REFERENCE_FORWARD_S, 1e-3)
 
 
-def describe(seconds: float, seqlen: int, factor: float) -> str:
-    """The estimate's basis, for the study's first line."""
-    return (f"x{factor:.2f} (this machine's forward pass of the model: {seconds:.2f} s for {seqlen} tokens; the "
-            f"reference machine's for the default model: {REFERENCE_FORWARD_S:.2f} s, {REFERENCE_MACHINE})")
+@dataclass(frozen=True)
+class Probe:
+    """What the probes measured on this machine before a study."""
+
+    forward_s: float  # one forward pass over ``seqlen`` tokens
+    seqlen: int
+    factor: float  # this machine's time per token / the reference machine's (default model)
+    gptq_layer_s: float | None = None  # the GPTQ stage on one decoder layer; None: the space has no GPTQ
 
 
-def probe(config: Any, location: str) -> tuple[float, int, float]:
-    """``(seconds, seqlen, factor)`` for the study ``config`` on the model at ``location``: one
-    evaluation window, at most the model's positions (the factor is per token)."""
+def probe(config: Any, location: str, data_dir: Path | None = None, space: Any = None) -> Probe:
+    """Time one evaluation window's forward pass (at most the model's positions; the factor is per
+    token) and, when ``space`` (default ``config.space``) quantizes layers and ``data_dir`` is
+    given, one decoder layer through the GPTQ stage."""
     from slmsearch.search.hardware import max_positions
 
     seqlen, limit = config.evaluation.token_seqlen or REFERENCE_SEQLEN, max_positions(location)
     seqlen = min(seqlen, limit) if limit else seqlen
     seconds = forward_seconds(location, seqlen=seqlen, trust_remote_code=config.trust_remote_code)
-    return seconds, seqlen, speed_factor(seconds, seqlen)
+    space = space if space is not None else config.space
+    gptq_s = None
+    if data_dir is not None and any(b != 16 for b in space.gptq_bits):
+        gptq_s = gptq_layer_seconds(location, data_dir, config.calibration, space=space)
+    return Probe(seconds, seqlen, speed_factor(seconds, seqlen), gptq_s)
+
+
+# (location, settings) -> seconds: a study resumed in the same process (and the tests' many
+# studies of one tiny model) probe GPTQ once
+_GPTQ_PROBES: dict[tuple[Any, ...], float] = {}
+
+
+def gptq_layer_seconds(location: str, data_dir: Path, calib: Any, *, space: Any) -> float:
+    """Seconds of the real GPTQ stage (gptqmodel: load, quantize, pack, save) on the model at
+    ``location`` cut to its first decoder layer, at the space's widest scale search, 4 bits
+    (3 when 4 is not searched) and its first group size that divides the model."""
+    from slmsearch.compress import pipeline
+    from slmsearch.compress.depth import DepthPrune
+    from slmsearch.compress.gptq import Gptq
+    from slmsearch.compress.plan import Plan
+    from slmsearch.search.space import base_dims, valid_group_sizes
+
+    shape = pipeline.model_geometry(location)
+    bits = 4 if 4 in space.gptq_bits else min(b for b in space.gptq_bits if b != 16)
+    group = valid_group_sizes(space, base_dims(shape))[0]
+    mse = float(max(space.gptq_mse))
+    key = (str(location), str(data_dir), bits, group, mse, tuple(sorted(calib.key().items())))
+    if key not in _GPTQ_PROBES:
+        n = len(shape.layers)
+        stages = ((DepthPrune(indices=tuple(range(1, n))),) if n > 1 else ()) + (Gptq(bits=bits, group_size=group, mse=mse),)
+        result = pipeline.run(Plan(stages), location, Path(data_dir), calib)
+        try:
+            _GPTQ_PROBES[key] = next(r.seconds for r in result.reports if r.name == "gptq")
+        finally:
+            import shutil
+
+            shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
+    return _GPTQ_PROBES[key]
+
+
+def describe(probe: Probe) -> str:
+    """The estimate's basis, for the study's first line."""
+    text = (f"x{probe.factor:.2f} (this machine's forward pass of the model: {probe.forward_s:.2f} s for {probe.seqlen} "
+            f"tokens; the reference machine's for the default model: {REFERENCE_FORWARD_S:.2f} s, {REFERENCE_MACHINE})")
+    if probe.gptq_layer_s is not None:
+        text += f"; GPTQ {probe.gptq_layer_s:.1f} s per decoder layer here"
+    return text
+
+
+# Stage and evaluation costs of the default study in reference-machine seconds (this machine's
+# seconds / the forward-pass factor). Re-measured from `make demo` on a 2-core Intel Xeon with AMX
+# (forward-pass factor x0.96, GPTQ probe 6.9-8.1 s per layer at 4-bit g64, scale search 2.4),
+# 2026-12-03, four compressed trials and 18 screens (docs/benchmarks.md section 9):
+TRIAL_OVERHEAD_S = 5.0  # loading, hashing, the hardware model: a trial's seconds less its stages and evaluation
+WINDOW_S = 3.0  # one token-perplexity window of 512 tokens (8-25 s for 4, lm-eval's set-up included)
+PAGE_S = 5.5  # one word-perplexity page (7.8-15 s for 2)
+QUESTION_S = 0.9  # one TriviaQA question, 5 shots (9.7-85.5 s for 50: a pruned model's answers run long)
+LORA_S = 5.0  # LoRA's set-up, then
+LORA_STEP_S = 3.5  # per step (34-47 s for 10)
+EMBEDDING_GPTQ_S = 65.0  # the embedding's codes by GPTQ, once per new input model (64-65 s)
+SCREEN_S = 50.0  # one proxy screen (6-108 s, mean 50 over 18)
+# GPTQ and EoRA in units of the probe's seconds per layer: over all widths, groups and wider layers the
+# demo's GPTQ took 6.3-11.0 s per kept layer (mean 8.5) against the probe's 7.4; EoRA r16 3.9
+GPTQ_PER_PROBE = 1.15
+EORA_PER_PROBE = 0.53
+# the probe on the reference machine is not known: without one, a GPTQ layer is this many
+# reference seconds (the Intel figure over its forward-pass factor)
+REFERENCE_GPTQ_LAYER_S = 7.7
+
+
+def evaluation_seconds(config: Any) -> float:
+    """Reference seconds of one trial's evaluation (the study's windows, pages and questions)."""
+    e = config.evaluation
+    return WINDOW_S * (e.token_windows or 580) + PAGE_S * (e.word_pages or 62) + QUESTION_S * (e.triviaqa_limit or 1900)
+
+
+def baseline_seconds(config: Any, probe: Probe) -> float:
+    """This machine's seconds for the baseline trial: nothing compressed, evaluation only."""
+    return (TRIAL_OVERHEAD_S + evaluation_seconds(config)) * probe.factor
+
+
+def _share(values: Any, used: Any) -> float:
+    values = list(values)
+    return sum(bool(used(v)) for v in values) / len(values) if values else 0.0
+
+
+def trial_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers: int = 30) -> float:
+    """This machine's seconds for one compressed trial of ``space`` (default ``config.space``; pass
+    the budget-filtered one) on a model of ``n_layers`` decoder layers, its share of the screens
+    included: each stage's cost times the share of the space's choices that run it."""
+    space = space if space is not None else config.space
+    f = probe.factor
+    layer_s = probe.gptq_layer_s if probe.gptq_layer_s is not None else REFERENCE_GPTQ_LAYER_S * f
+    lo, hi = space.drop_layers
+    kept = max(1.0, n_layers - (lo + hi) / 2)
+    gptq = _share(space.gptq_bits, lambda b: b != 16)
+    eora = gptq * _share(space.eora_ranks, lambda r: r > 0)
+    lora = _share(space.lora_ranks, lambda r: r > 0)
+    embedding = _share(space.embedding_bits, lambda b: b != 16) if space.embedding_gptq else 0.0
+    s = config.screening
+    compressed = max(1, config.trials - 1)  # the baseline is one of the trials
+    screens = (s.first + s.per_trial * (compressed - 1)) / compressed if s.enabled else 0.0
+    reference = (TRIAL_OVERHEAD_S + evaluation_seconds(config) + lora * (LORA_S + LORA_STEP_S * space.lora_steps)
+                 + embedding * EMBEDDING_GPTQ_S * 0.5  # about half the trials bring a new input model
+                 + screens * SCREEN_S)
+    return reference * f + gptq * GPTQ_PER_PROBE * layer_s * kept + eora * EORA_PER_PROBE * layer_s * kept
+
+
+def study_seconds(config: Any, probe: Probe, remaining: int, *, baseline_done: bool, space: Any = None,
+                  n_layers: int = 30) -> float:
+    """This machine's seconds for the ``remaining`` trials: the baseline (when not yet done) and the
+    compressed trials."""
+    if remaining <= 0:
+        return 0.0
+    compressed = remaining if baseline_done else remaining - 1
+    base = 0.0 if baseline_done else baseline_seconds(config, probe)
+    return base + compressed * trial_seconds(config, probe, space=space, n_layers=n_layers)

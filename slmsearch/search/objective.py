@@ -61,7 +61,7 @@ class TrialContext:
     baseline_first_ppl: float | None = None
     current: int | None = None  # number of the trial running now, for Ctrl-C
     current_screen: int | None = None  # number of the screen running now (in screen_study), for Ctrl-C
-    clock_factor: float = 1.0  # this machine's time for the model / the reference's (search/clock.py)
+    trial_estimate_s: float = 0.0  # this machine's seconds per compressed trial, before one was measured (search/clock.py)
     space: Any = None  # config.space without the choices no plan can hold in the budget (search.budget)
     trial_seconds: list[tuple[bool, float]] = field(default_factory=list)  # (baseline?, s) of this worker's trials
     screen_study: Any = None  # the companion study of proxy screens (search/screen_runner.py), when screening

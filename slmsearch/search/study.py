@@ -105,30 +105,6 @@ def _record_run_segment(study: Any, stored: dict[str, Any]) -> None:
         study.set_user_attr(CONFIG_STUDY_ATTR, {**before, **settings})
 
 
-def estimate_trial_seconds(config: StudyConfig) -> float:
-    """A rough wall time of one evaluated trial of the default model on the reference machine (2 AMD
-    EPYC cores, see docs); the study scales it by this machine's speed (:mod:`slmsearch.search.clock`)."""
-    space = config.space
-    gptq_share = sum(b != 16 for b in space.gptq_bits) / len(space.gptq_bits)
-    eora_share = gptq_share * sum(r > 0 for r in space.eora_ranks) / len(space.eora_ranks)
-    lora_share = sum(r > 0 for r in space.lora_ranks) / len(space.lora_ranks) * 0.75
-    settings = config.evaluation
-    # per window / page / question, measured in bench/trial_cost.py (docs/benchmarks.md §1)
-    eval_s = 0.6 * (settings.token_windows or 580) + 4 * (settings.word_pages or 62) + 0.2 * (settings.triviaqa_limit or 1900)
-    # GPTQ ~50 s and EoRA ~60 s per trial since gptqmodel's workers stopped oversubscribing the cores;
-    # GPTQ's scale search doubles its time (docs/benchmarks.md section 6)
-    gptq_s = 50 * (2 if max(space.gptq_mse) > 0 else 1)
-    screening = config.screening
-    # a proxy screen: 14-70 s on the default study, median ~32 s (bench/search_side_by_side.py's log,
-    # docs/benchmarks.md section 9); the first screens spread over the trials
-    screen_s = 35 * (screening.per_trial + screening.first / config.trials) if screening.enabled else 0.0
-    # the embedding's GPTQ, ~70 s, once per input model (the stage cache keeps it): about half the
-    # trials bring a new one (layers dropped or LoRA-trained)
-    emb_share = sum(b != 16 for b in space.embedding_bits) / len(space.embedding_bits)
-    emb_s = 70 * emb_share * 0.5 if space.embedding_gptq else 0.0
-    return 15 + gptq_share * gptq_s + eora_share * 60 + lora_share * 2.5 * space.lora_steps + eval_s + screen_s + emb_s
-
-
 def optimize(config: StudyConfig, *, log: Any = print, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) the study until ``config.trials`` trials are evaluated; returns a summary."""
     return optimize_located(config, log=log, stop_after=stop_after)[0]
@@ -203,23 +179,27 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
                 log(f"anchor plan {'enqueued for screening' if screen_study is not None else 'enqueued'}: "
                     f"{anchor_plan(params, space, base_shape, fits).label()}")
     remaining = max(0, config.trials - done)
-    factor, basis = 1.0, "x1 (nothing left to run)"
-    if remaining:
-        from slmsearch.search import clock
+    from slmsearch.search import clock
 
-        probe_s, probe_len, factor = clock.probe(config, location)
-        basis = clock.describe(probe_s, probe_len, factor)
-    per_trial = estimate_trial_seconds(config) * factor
+    n_layers = len(base_shape.layers)
+    probe = clock.Probe(clock.REFERENCE_FORWARD_S, clock.REFERENCE_SEQLEN, 1.0)
+    basis = "x1 (nothing left to run)"
+    if remaining:
+        probe = clock.probe(config, location, data_dir, space)
+        basis = clock.describe(probe)
+    per_trial = clock.trial_seconds(config, probe, space=space, n_layers=n_layers)
+    baseline_done = any(t.user_attrs.get(BASELINE_ATTR) and counted(t) for t in study.get_trials(deepcopy=False))
+    total = clock.study_seconds(config, probe, remaining, baseline_done=baseline_done, space=space, n_layers=n_layers)
     log(
         f"study {config.name!r} on {redact(url)}: {done} of {config.trials} trials done; "
-        f"~{per_trial * remaining / 60:.0f} min estimated for the {remaining} left "
-        f"(~{per_trial:.0f} s each: the reference machine's stage costs scaled by {basis}; re-estimated after "
-        f"each trial from this machine's); smallest reachable footprint {smallest:.1f} MB"
+        f"~{total / 60:.0f} min estimated for the {remaining} left "
+        f"(~{per_trial:.0f} s each compressed trial, screens included: the reference machine's stage costs scaled by "
+        f"{basis}; re-estimated after each trial from this machine's); smallest reachable footprint {smallest:.1f} MB"
     )
     ctx = TrialContext(
         config=config, base_location=location, base_shape=base_shape, platform=platform, data_dir=data_dir,
         storage=storage, cache=StageCache(max_bytes=config.cache_bytes), log=log, space=space, screen_study=screen_study,
-        clock_factor=factor,
+        trial_estimate_s=per_trial,
     )
     started = time.perf_counter()
     try:
@@ -345,7 +325,7 @@ def _re_estimate(study: Any, ctx: TrialContext, number: int, log: Any, screening
     ctx.trial_seconds.append((bool(trial.user_attrs.get(BASELINE_ATTR)), seconds))
     remaining = max(0, ctx.config.trials - sum(counted(t) for t in trials))
     if remaining:
-        left = remaining_seconds(ctx.trial_seconds, remaining, estimate_trial_seconds(ctx.config) * ctx.clock_factor)
+        left = remaining_seconds(ctx.trial_seconds, remaining, ctx.trial_estimate_s)
         log(f"trial {number}: {seconds:.0f} s; ~{left / 60:.0f} min left for the {remaining} remaining "
             f"(from this machine's trials so far)")
 

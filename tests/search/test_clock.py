@@ -1,4 +1,5 @@
-"""The up-front time estimate is scaled by this machine's forward pass of the study's model."""
+"""The up-front time estimate is measured on this machine: a forward pass of the study's model scales
+the evaluation, LoRA and screens; one decoder layer through the real GPTQ stage prices GPTQ and EoRA."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from slmsearch.search import clock
 from slmsearch.search.config import load_study_config
-from slmsearch.search.study import estimate_trial_seconds, optimize
+from slmsearch.search.study import optimize
 from test_study import write_study  # same folder
 
 
@@ -32,9 +33,46 @@ def test_speed_factor_is_the_ratio_to_the_reference_per_token():
     assert clock.speed_factor(clock.REFERENCE_FORWARD_S, seqlen=clock.REFERENCE_SEQLEN // 2) == pytest.approx(2.0)
 
 
-def test_the_studys_first_estimate_is_scaled_by_this_machine(tmp_path, tiny_checkpoint, data_dir, cache_env, monkeypatch):
-    """A machine three times slower than the reference (the probe says so) gets three times the
-    reference formula, in the first line and in the time left before a compressed trial was measured."""
+def test_the_gptq_probe_times_the_real_stage_on_one_layer(tiny_checkpoint, data_dir, tmp_path):
+    from slmsearch.compress.calib import CalibSettings
+    from slmsearch.search.config import SpaceConfig
+
+    calib = CalibSettings(n_samples=4, seqlen=64, batch=4)
+    space = SpaceConfig(gptq_bits=(3, 4, 16), group_sizes=(32,), gptq_mse=(0.0,))
+    clock._GPTQ_PROBES.clear()
+    seconds = clock.gptq_layer_seconds(str(tiny_checkpoint), data_dir, calib, space=space)
+    assert 0 < seconds < math.inf
+    (key,) = clock._GPTQ_PROBES  # remembered for the next study of this process, at 4 bits g32
+    assert key[2:5] == (4, 32, 0.0)
+    assert clock.gptq_layer_seconds(str(tiny_checkpoint), data_dir, calib, space=space) == seconds
+
+
+def test_trial_seconds_follow_the_probes():
+    """Three times slower per token triples the forward-scaled part; the GPTQ probe prices GPTQ and
+    EoRA per kept layer; a space without GPTQ does not depend on the GPTQ probe."""
+    from dataclasses import replace
+
+    config = load_study_config("studies/default.yaml")
+    space = replace(config.space, eora_ranks=(0,))
+    fast = clock.Probe(1.0, 512, 1.0, 0.0)
+    slow = clock.Probe(3.0, 512, 3.0, 0.0)
+    assert clock.trial_seconds(config, slow, space=space) == pytest.approx(3 * clock.trial_seconds(config, fast, space=space))
+    gptq = clock.Probe(1.0, 512, 1.0, 10.0)
+    kept = 30 - sum(space.drop_layers) / 2
+    share = sum(b != 16 for b in space.gptq_bits) / len(space.gptq_bits)
+    extra = clock.trial_seconds(config, gptq, space=space) - clock.trial_seconds(config, fast, space=space)
+    assert extra == pytest.approx(share * clock.GPTQ_PER_PROBE * 10.0 * kept)
+    no_gptq = replace(space, gptq_bits=(16,))
+    assert clock.trial_seconds(config, gptq, space=no_gptq) == clock.trial_seconds(config, fast, space=no_gptq)
+    # the baseline compresses nothing: evaluation only, counted once
+    total = clock.study_seconds(config, gptq, 3, baseline_done=False, space=space)
+    assert total == pytest.approx(clock.baseline_seconds(config, gptq) + 2 * clock.trial_seconds(config, gptq, space=space))
+
+
+def test_the_studys_first_estimate_is_measured_on_this_machine(tmp_path, tiny_checkpoint, data_dir, cache_env, monkeypatch):
+    """A machine three times slower than the reference (the probe says so) with a GPTQ layer of 2 s
+    gets the formula at those figures in the first line, and in the time left before a compressed
+    trial was measured."""
     config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, trials=3))
     probed = []
 
@@ -43,10 +81,12 @@ def test_the_studys_first_estimate_is_scaled_by_this_machine(tmp_path, tiny_chec
         return 3 * clock.REFERENCE_FORWARD_S * seqlen / clock.REFERENCE_SEQLEN
 
     monkeypatch.setattr(clock, "forward_seconds", slow)
+    monkeypatch.setattr(clock, "gptq_layer_seconds", lambda *a, **k: 2.0)
     lines: list[str] = []
     optimize(config, log=lines.append, stop_after=0)
     assert len(probed) == 1  # once per run, before the first trial
     first = next(line for line in lines if "min estimated" in line)
     per_trial = float(re.search(r"~(\d+) s each", first).group(1))
-    assert per_trial == round(3 * estimate_trial_seconds(config))
-    assert "x3.00" in first
+    probe = clock.Probe(slow(""), 512, 3.0, 2.0)
+    assert per_trial == round(clock.trial_seconds(config, probe, n_layers=4))
+    assert "x3.00" in first and "GPTQ 2.0 s per decoder layer" in first
