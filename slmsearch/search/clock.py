@@ -134,10 +134,14 @@ LORA_S = 5.0  # LoRA's set-up, then
 LORA_STEP_S = 3.5  # per step (34-47 s for 10)
 EMBEDDING_GPTQ_S = 65.0  # the embedding's codes by GPTQ, once per new input model (64-65 s)
 SCREEN_S = 50.0  # one proxy screen (6-108 s, mean 50 over 18)
-# GPTQ and EoRA in units of the probe's seconds per layer: over all widths, groups and wider layers the
-# demo's GPTQ took 6.3-11.0 s per kept layer (mean 8.5) against the probe's 7.4; EoRA r16 3.9
-GPTQ_PER_PROBE = 1.15
+# GPTQ and EoRA in units of the probe's seconds per layer: over all widths, groups and wider layers
+# the two demos' GPTQ took 6.1-11.0 s per kept layer (mean 8.0 over 11 trials) against the idle probe's
+# 7.4 (6.9-8.1); EoRA r16 3.9 s per layer
+GPTQ_PER_PROBE = 1.08
 EORA_PER_PROBE = 0.53
+# EoRA's adapters cost bytes a 64 MB plan rarely has: the two demos promoted a plan with EoRA in 2 of
+# 11 compressed trials, where 3 of the space's 4 ranks have one; its share of the space is scaled by this
+EORA_PROMOTED = 0.25
 # the probe on the reference machine is not known: without one, a GPTQ layer is this many
 # reference seconds (the Intel figure over its forward-pass factor)
 REFERENCE_GPTQ_LAYER_S = 7.7
@@ -169,7 +173,7 @@ def trial_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers: int
     lo, hi = space.drop_layers
     kept = max(1.0, n_layers - (lo + hi) / 2)
     gptq = _share(space.gptq_bits, lambda b: b != 16)
-    eora = gptq * _share(space.eora_ranks, lambda r: r > 0)
+    eora = gptq * _share(space.eora_ranks, lambda r: r > 0) * EORA_PROMOTED
     lora = _share(space.lora_ranks, lambda r: r > 0)
     embedding = _share(space.embedding_bits, lambda b: b != 16) if space.embedding_gptq else 0.0
     s = config.screening
