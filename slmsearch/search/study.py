@@ -192,7 +192,9 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
     total = clock.study_seconds(config, probe, remaining, baseline_done=baseline_done, space=space, n_layers=n_layers)
     log(
         f"study {config.name!r} on {redact(url)}: {done} of {config.trials} trials done; "
-        f"~{total / 60:.0f} min estimated for the {remaining} left "
+        f"~{total / 60:.0f} min estimated for the {remaining} left"
+        + (f" (the timeout of {config.timeout_s / 60:.0f} min ends it first)" if config.timeout_s and config.timeout_s < total else "")
+        + " "
         f"(~{per_trial:.0f} s each compressed trial, screens included: the reference machine's stage costs scaled by "
         f"{basis}; re-estimated after each trial from this machine's); smallest reachable footprint {smallest:.1f} MB"
     )

@@ -90,3 +90,11 @@ def test_the_studys_first_estimate_is_measured_on_this_machine(tmp_path, tiny_ch
     probe = clock.Probe(slow(""), 512, 3.0, 2.0)
     assert per_trial == round(clock.trial_seconds(config, probe, n_layers=4))
     assert "x3.00" in first and "GPTQ 2.0 s per decoder layer" in first
+    assert "timeout" not in first
+    # a timeout shorter than the estimate is named: it, not the trial count, ends the run
+    from dataclasses import replace
+
+    lines.clear()
+    optimize(replace(config, timeout_s=60.0), log=lines.append, stop_after=0)
+    first = next(line for line in lines if "min estimated" in line)
+    assert "(the timeout of 1 min ends it first)" in first
