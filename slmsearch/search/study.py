@@ -185,7 +185,14 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
     probe = clock.Probe(clock.REFERENCE_FORWARD_S, clock.REFERENCE_SEQLEN, 1.0)
     basis = "x1 (nothing left to run)"
     if remaining:
-        probe = clock.probe(config, location, data_dir, space)
+        # timing runs a forward pass and a real GPTQ stage: Ctrl-C here stops before any trial starts
+        stopped = "interrupted while timing this machine, before any trial started; re-run the same command to resume"
+        try:
+            with interrupt.handling(on_force=lambda: stopped):
+                probe = clock.probe(config, location, data_dir, space)
+                interrupt.check()
+        except KeyboardInterrupt:
+            raise Interrupted(stopped) from None
         basis = clock.describe(probe)
     per_trial = clock.trial_seconds(config, probe, space=space, n_layers=n_layers)
     baseline_done = any(t.user_attrs.get(BASELINE_ATTR) and counted(t) for t in study.get_trials(deepcopy=False))

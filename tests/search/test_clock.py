@@ -98,3 +98,27 @@ def test_the_studys_first_estimate_is_measured_on_this_machine(tmp_path, tiny_ch
     optimize(replace(config, timeout_s=60.0), log=lines.append, stop_after=0)
     first = next(line for line in lines if "min estimated" in line)
     assert "(the timeout of 1 min ends it first)" in first
+
+
+def test_ctrl_c_while_timing_stops_before_any_trial(tmp_path, tiny_checkpoint, data_dir, cache_env, monkeypatch):
+    """The probes run a forward pass and a real GPTQ stage (seconds to a minute): Ctrl-C there ends
+    the run with one line and no trial started."""
+    import optuna
+
+    from slmsearch import interrupt
+    from slmsearch.search.study import Interrupted
+
+    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, trials=3))
+
+    def pressed(*args, **kwargs):
+        interrupt._requested.set()  # what the SIGINT handler does
+        return clock.Probe(1.0, 512, 1.0, 1.0)
+
+    monkeypatch.setattr(clock, "probe", pressed)
+    try:
+        with pytest.raises(Interrupted, match="while timing this machine, before any trial started"):
+            optimize(config, log=lambda m: None)
+    finally:
+        interrupt._requested.clear()
+    trials = optuna.load_study(study_name="tiny", storage=config.storage).trials
+    assert all(t.state == optuna.trial.TrialState.WAITING for t in trials)  # the enqueued baseline, not started
