@@ -13,6 +13,7 @@ re-estimates from this machine's measured trials.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -107,8 +108,6 @@ def gptq_layer_seconds(location: str, data_dir: Path, calib: Any, *, space: Any)
         try:
             _GPTQ_PROBES[key] = next(r.seconds for r in result.reports if r.name == "gptq")
         finally:
-            import shutil
-
             shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
     return _GPTQ_PROBES[key]
 

@@ -157,8 +157,10 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
     url = storage_url(config)
     storage = open_storage(url, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s)
     study = open_study(config, storage)
-    done = sum(counted(t) for t in study.get_trials(deepcopy=False))
-    fresh = not study.get_trials(deepcopy=False)
+    existing = study.get_trials(deepcopy=False)
+    done = sum(counted(t) for t in existing)
+    baseline_done = any(t.user_attrs.get(BASELINE_ATTR) and counted(t) for t in existing)
+    fresh = not existing
     if fresh:
         # skip_if_exists: workers started together enqueue the baseline once (as far as timing allows).
         study.enqueue_trial(baseline_params(config.space), user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
@@ -195,7 +197,6 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
             raise Interrupted(stopped) from None
         basis = clock.describe(probe)
     per_trial = clock.trial_seconds(config, probe, space=space, n_layers=n_layers)
-    baseline_done = any(t.user_attrs.get(BASELINE_ATTR) and counted(t) for t in study.get_trials(deepcopy=False))
     total = clock.study_seconds(config, probe, remaining, baseline_done=baseline_done, space=space, n_layers=n_layers)
     log(
         f"study {config.name!r} on {redact(url)}: {done} of {config.trials} trials done; "
