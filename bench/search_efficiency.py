@@ -265,7 +265,8 @@ def run_screened(seed: int, grid: Grid, run: Run, n_evals: int) -> Run:
         choice = None
         for round_ in range(settings.extra_rounds + 1):
             pool = [_point(k, r, proxy=True) for k, r in screened.items() if k not in run.evaluated]
-            choice = screening.choose(pool, evaluated, theta, broken_ppl=broken)
+            choice = screening.choose(pool, evaluated, theta, broken_ppl=broken,
+                                      prune_ratio=grid.config.pruning.max_ppl_ratio)
             if choice is not None or round_ == settings.extra_rounds:
                 break
             screen(settings.per_trial)

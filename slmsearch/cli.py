@@ -151,7 +151,7 @@ def eval_cmd(
 @click.option("--study", "study_file", default=None, metavar="YAML|NAME", help="Study file or a name in studies/ (default: studies/default.yaml).")
 @click.option("--study-name", default=None, help="Name of the study in the storage (default: the file's).")
 @click.option("--trials", type=int, default=None, help="Evaluated trials to reach (budget rejections are extra).")
-@click.option("--timeout", "timeout_s", type=float, default=None, help="Stop starting trials after this many seconds.")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Time limit in seconds: a trial that this machine's clock predicts cannot end within it is not started.")
 @click.option("--storage", default=None, help="Optuna storage URL (default sqlite:///runs/<study>.db; postgresql://... for many workers).")
 @click.option("--sampler", type=click.Choice(["nsga2", "tpe", "random"]), default=None)
 @click.option("--seed", type=int, default=None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +162,25 @@ def _share(values: Any, used: Any) -> float:
     return sum(bool(used(v)) for v in values) / len(values) if values else 0.0
 
 
-def trial_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers: int = 30) -> float:
+def screens_per_trial(config: Any) -> float:
+    """Screens per compressed trial over the study: ``first`` before the first promotion, then
+    ``per_trial`` before each (the extra rounds, taken only when no candidate is worth a trial, left out)."""
+    s = config.screening
+    if not s.enabled:
+        return 0.0
+    compressed = max(1, config.trials - 1)  # the baseline is one of the trials
+    return (s.first + s.per_trial * (compressed - 1)) / compressed
+
+
+def screen_seconds(probe: Probe) -> float:
+    """This machine's seconds for one proxy screen."""
+    return SCREEN_S * probe.factor
+
+
+def compressed_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers: int = 30) -> float:
     """This machine's seconds for one compressed trial of ``space`` (default ``config.space``; pass
-    the budget-filtered one) on a model of ``n_layers`` decoder layers, its share of the screens
-    included: each stage's cost times the share of the space's choices that run it."""
+    the budget-filtered one) on a model of ``n_layers`` decoder layers, its screens not included:
+    each stage's cost times the share of the space's choices that run it."""
     space = space if space is not None else config.space
     f = probe.factor
     layer_s = probe.gptq_layer_s if probe.gptq_layer_s is not None else REFERENCE_GPTQ_LAYER_S * f
@@ -175,13 +190,15 @@ def trial_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers: int
     eora = gptq * _share(space.eora_ranks, lambda r: r > 0) * EORA_PROMOTED
     lora = _share(space.lora_ranks, lambda r: r > 0)
     embedding = _share(space.embedding_bits, lambda b: b != 16) if space.embedding_gptq else 0.0
-    s = config.screening
-    compressed = max(1, config.trials - 1)  # the baseline is one of the trials
-    screens = (s.first + s.per_trial * (compressed - 1)) / compressed if s.enabled else 0.0
     reference = (TRIAL_OVERHEAD_S + evaluation_seconds(config) + lora * (LORA_S + LORA_STEP_S * space.lora_steps)
-                 + embedding * EMBEDDING_GPTQ_S * 0.5  # about half the trials bring a new input model
-                 + screens * SCREEN_S)
+                 + embedding * EMBEDDING_GPTQ_S * 0.5)  # about half the trials bring a new input model
     return reference * f + gptq * GPTQ_PER_PROBE * layer_s * kept + eora * EORA_PER_PROBE * layer_s * kept
+
+
+def trial_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers: int = 30) -> float:
+    """:func:`compressed_seconds` with the trial's share of the screens."""
+    return (compressed_seconds(config, probe, space=space, n_layers=n_layers)
+            + screens_per_trial(config) * screen_seconds(probe))
 
 
 def study_seconds(config: Any, probe: Probe, remaining: int, *, baseline_done: bool, space: Any = None,
@@ -193,3 +210,52 @@ def study_seconds(config: Any, probe: Probe, remaining: int, *, baseline_done: b
     compressed = remaining if baseline_done else remaining - 1
     base = 0.0 if baseline_done else baseline_seconds(config, probe)
     return base + compressed * trial_seconds(config, probe, space=space, n_layers=n_layers)
+
+
+def screens_due(config: Any, *, promoted: int, screened: int, promotions: int) -> int:
+    """Screens the schedule runs before the next ``promotions`` promotions, when ``promoted`` trials
+    were promoted and ``screened`` screens ran (``screen_runner.promote``'s schedule, extra rounds aside)."""
+    s = config.screening
+    if not s.enabled or promotions <= 0:
+        return 0
+    return max(0, s.first + s.per_trial * (promoted + promotions - 1) - screened)
+
+
+@dataclass(frozen=True)
+class Formula:
+    """The formula's seconds on this machine (from the probes), before any trial was measured."""
+
+    baseline_s: float
+    compressed_s: float  # a compressed trial's stages and evaluation
+    screen_s: float  # one proxy screen
+
+
+def formula(config: Any, probe: Probe, *, space: Any = None, n_layers: int = 30) -> Formula:
+    return Formula(baseline_seconds(config, probe), compressed_seconds(config, probe, space=space, n_layers=n_layers),
+                   screen_seconds(probe))
+
+
+@dataclass
+class Measured:
+    """What this worker measured so far: each trial's seconds (its screens apart) and whether it was
+    the baseline; how many screens ran, in how many seconds."""
+
+    trials: list[tuple[bool, float]] = field(default_factory=list)
+    screens: int = 0
+    screen_s: float = 0.0
+
+    def compressed_s(self, formula: Formula) -> float:
+        """The mean of the compressed trials measured (the baseline compresses nothing: it is not
+        representative); before one was measured, the formula's."""
+        done = [s for baseline, s in self.trials if not baseline]
+        return sum(done) / len(done) if done else formula.compressed_s
+
+    def per_screen_s(self, formula: Formula) -> float:
+        return self.screen_s / self.screens if self.screens else formula.screen_s
+
+
+def seconds_left(measured: Measured, formula: Formula, *, compressed: int, baseline: bool, screens: int) -> float:
+    """Seconds for ``compressed`` more compressed trials, the baseline when ``baseline``, and
+    ``screens`` more screens, each at this machine's measured pace (the formula's before one was measured)."""
+    base = formula.baseline_s if baseline else 0.0
+    return base + compressed * measured.compressed_s(formula) + screens * measured.per_screen_s(formula)

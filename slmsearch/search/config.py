@@ -228,8 +228,8 @@ class ScreeningConfig:
     enabled: bool = True
     # a screen costs 14-70 s on the default study (depth/WANDA/sensitivity on first use), a full trial
     # 200-240 s: 6 first and 3 per trial keep screening near a third of a study's time; on the replay
-    # grid 3 per trial reach 95% of the hypervolume in a median 11 full evaluations over 5 seeds (with
-    # a knee-first rule since reverted: 10.5 over 10 seeds, against 14 at 2 per trial; docs/benchmarks.md
+    # grid 3 per trial reach 95% of the hypervolume in a median 10 full evaluations over 5 seeds (the
+    # knee first, the best predicted second; 10.5 over 10 seeds, against 14 at 2 per trial; docs/benchmarks.md
     # section 9)
     first: int = 6  # candidates screened before the first promoted trial (the anchors among them)
     per_trial: int = 3  # more screened before each later one

@@ -18,6 +18,7 @@ from typing import Any
 
 from slmsearch import interrupt
 from slmsearch.compress.plan import Plan
+from slmsearch.search.clock import Formula, Measured
 from slmsearch.search.config import StudyConfig
 from slmsearch.search.slots import SurplusTrial, claim_slot
 from slmsearch.search.space import suggest_deployment, suggest_plan
@@ -61,9 +62,9 @@ class TrialContext:
     baseline_first_ppl: float | None = None
     current: int | None = None  # number of the trial running now, for Ctrl-C
     current_screen: int | None = None  # number of the screen running now (in screen_study), for Ctrl-C
-    trial_estimate_s: float = 0.0  # this machine's seconds per compressed trial, before one was measured (search/clock.py)
+    formula: Formula | None = None  # this machine's seconds per trial and screen before one was measured (search/clock.py)
     space: Any = None  # config.space without the choices no plan can hold in the budget (search.budget)
-    trial_seconds: list[tuple[bool, float]] = field(default_factory=list)  # (baseline?, s) of this worker's trials
+    measured: Measured = field(default_factory=Measured)  # this worker's trials' and screens' seconds (the re-estimates)
     screen_study: Any = None  # the companion study of proxy screens (search/screen_runner.py), when screening
 
     def sampled_space(self) -> Any:

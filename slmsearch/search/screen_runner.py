@@ -270,7 +270,8 @@ def promote(study: Any, screen_study: Any, ctx: Any) -> bool:
     pool: dict[str, tuple[Any, Any]] = {}
     for round_ in range(settings.extra_rounds + 1):
         pool = candidates(screen_study, study, config, n_layers)
-        choice = screening.choose([p for _, p in pool.values()], evaluated, theta, broken_ppl=broken)
+        choice = screening.choose([p for _, p in pool.values()], evaluated, theta, broken_ppl=broken,
+                                  prune_ratio=config.pruning.max_ppl_ratio)
         if choice is not None or round_ == settings.extra_rounds or settings.per_trial == 0:
             break
         screen(screen_study, ctx, settings.per_trial, study)

@@ -17,7 +17,8 @@ candidates, then promotes the one this module chooses:
 2. **The front it predicts.** Every candidate becomes a point (predicted log perplexity, then
    the study's hardware objectives), all minimized; evaluated plans are points with their
    measured perplexity. :func:`choose` promotes the candidate whose predicted point adds the most
-   hypervolume to the evaluated points; one predicted broken (over the pruning limit) is never
+   hypervolume to the evaluated points (the first, with nothing evaluated, is the largest predicted
+   box; the second the best predicted model); one predicted broken (over the pruning limit) is never
    promoted. When no candidate is predicted to add anything, it returns None and the runner
    screens more. Two refinements measured on the replay grid (``bench/search_efficiency.py``,
    docs/benchmarks.md section 9): plans that differ only in the KV cache's width form a *family*
@@ -187,25 +188,32 @@ def _vector(ppl: float, costs: Sequence[float]) -> tuple[float, ...]:
 
 
 def choose(candidates: Sequence[Point], evaluated: Sequence[Point], theta: Mapping[str, float], *,
-           broken_ppl: float | None = None) -> Point | None:
+           broken_ppl: float | None = None, prune_ratio: float | None = None) -> Point | None:
     """The candidate whose predicted point adds the most hypervolume to the evaluated points (with
-    :data:`OPTIMISM` for an unmeasured family), or None when none adds any; the one with the lowest
-    predicted perplexity when nothing is evaluated yet. Candidates predicted over ``broken_ppl`` are
-    never chosen."""
+    :data:`OPTIMISM` for an unmeasured family), or None when none adds any. With nothing evaluated
+    that is the largest predicted box (a knee of the predicted front); with one plan evaluated, the
+    best predicted model comes first when it is predicted better than that one, so the first two
+    trials give a user a balanced plan and the best model the budget is predicted to hold (on the
+    replay grid the pair is ahead of random search and of the anchors at the first and second
+    evaluation: docs/benchmarks.md section 9). Candidates predicted over ``broken_ppl`` are never
+    chosen; with nothing evaluated, neither are those predicted over ``prune_ratio`` (the pruning
+    rule's ``max_ppl_ratio``) x the best predicted one: once that one is evaluated, the study would
+    prune them."""
     measured = family_residuals(evaluated)
     scored = [(c, predicted_ppl(c, theta, measured)) for c in candidates]
     scored = [(c, p) for c, p in scored if math.isfinite(p) and (broken_ppl is None or p <= broken_ppl)]
     if not scored:
         return None
+    if not evaluated and prune_ratio is not None:
+        limit = prune_ratio * min(p for _, p in scored)
+        scored = [(c, p) for c, p in scored if p <= limit]
     base = [_vector(e.ppl, e.costs) for e in evaluated if math.isfinite(e.ppl) and (broken_ppl is None or e.ppl <= broken_ppl)]
-    if not base:
-        # Nothing evaluated yet: the best predicted model first. With no evaluated point the
-        # hypervolume gives the largest box to a knee of the predicted front, and on the replay grid
-        # that rule is ahead of random search at the first evaluation (0.569 of the grid's
-        # hypervolume against 0.296, where this one has 0.111). In the default study it spent the
-        # first 735 s trial on a fast plan (word ppl 379) that the fourth trial dominated, and the
-        # study exists to find the best model within the budget (docs/benchmarks.md section 9).
-        return fallback(candidates, theta, broken_ppl=broken_ppl, evaluated=evaluated)
+    if len(base) == 1:
+        # The second promotion: the best predicted model, when it is predicted better than the one
+        # evaluated (the first promotion, below, is the largest predicted box: a knee)
+        top = fallback(candidates, theta, broken_ppl=broken_ppl, evaluated=evaluated)
+        if top is not None and predicted_ppl(top, theta, measured) < math.exp(base[0][0]):
+            return top
     vectors = [_vector(p, c.costs) for c, p in scored]
     lo, span = _bounds(base + vectors)
 

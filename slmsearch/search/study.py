@@ -12,6 +12,7 @@ from typing import Any
 
 from slmsearch import interrupt
 from slmsearch.errors import SlmsearchError
+from slmsearch.search import clock
 from slmsearch.search.config import RUN_KEYS, StudyConfig, changed_settings
 from slmsearch.search.objective import TrialContext, run_trial
 from slmsearch.search.slots import SurplusTrial, taken_slots
@@ -181,11 +182,10 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
                 log(f"anchor plan {'enqueued for screening' if screen_study is not None else 'enqueued'}: "
                     f"{anchor_plan(params, space, base_shape, fits).label()}")
     remaining = max(0, config.trials - done)
-    from slmsearch.search import clock
-
     n_layers = len(base_shape.layers)
     probe = clock.Probe(clock.REFERENCE_FORWARD_S, clock.REFERENCE_SEQLEN, 1.0)
     basis = "x1 (nothing left to run)"
+    started = time.perf_counter()  # the timeout counts the probes too
     if remaining:
         # timing runs a forward pass and a real GPTQ stage: Ctrl-C here stops before any trial starts
         stopped = "interrupted while timing this machine, before any trial started; re-run the same command to resume"
@@ -209,9 +209,8 @@ def optimize_located(config: StudyConfig, *, log: Any = print, stop_after: int |
     ctx = TrialContext(
         config=config, base_location=location, base_shape=base_shape, platform=platform, data_dir=data_dir,
         storage=storage, cache=StageCache(max_bytes=config.cache_bytes), log=log, space=space, screen_study=screen_study,
-        trial_estimate_s=per_trial,
+        formula=clock.formula(config, probe, space=space, n_layers=n_layers),
     )
-    started = time.perf_counter()
     try:
         with interrupt.handling(on_force=lambda: _interrupted_message(study, ctx)):
             _run_loop(study, ctx, log=log, stop_after=stop_after, started=started, max_runs=50 * max(1, remaining))
@@ -280,9 +279,13 @@ def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None
             bar.refresh()
             if bar.n >= config.trials:
                 break
-            if config.timeout_s is not None and time.perf_counter() - started > config.timeout_s:
-                log(f"timeout of {config.timeout_s:g} s reached")
-                break
+            if config.timeout_s is not None:
+                # a trial that cannot finish in the time left is not started (checked between trials)
+                elapsed, upcoming = time.perf_counter() - started, _next_seconds(trials, ctx)
+                if elapsed + upcoming > config.timeout_s:
+                    log(f"timeout of {config.timeout_s:g} s: {elapsed:.0f} s used, and the next trial would take "
+                        f"~{upcoming:.0f} s on this machine (its screens included); stopping")
+                    break
             if (stop_after is not None and runs >= stop_after) or runs >= max_runs:
                 break
             if taken_slots(trials) >= config.trials:
@@ -302,9 +305,13 @@ def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None
             if ctx.screen_study is not None and not any(t.state == optuna.trial.TrialState.WAITING for t in trials):
                 from slmsearch.search.screen_runner import promote
 
-                t0 = time.perf_counter()
+                t0, before = time.perf_counter(), _screens_run(ctx.screen_study)
                 promote(study, ctx.screen_study, ctx)
                 screening_s = time.perf_counter() - t0
+                ran = _screens_run(ctx.screen_study) - before
+                if ran > 0:
+                    ctx.measured.screens += ran
+                    ctx.measured.screen_s += screening_s
             study.optimize(lambda t: run_trial(t, ctx), n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
             finished, ctx.current = ctx.current, None
             runs += 1
@@ -314,30 +321,56 @@ def _run_loop(study: Any, ctx: TrialContext, *, log: Any, stop_after: int | None
         bar.close()
 
 
-def remaining_seconds(measured: list[tuple[bool, float]], remaining: int, formula_s: float) -> float:
-    """Seconds for ``remaining`` trials from this run's measured ``(is_baseline, seconds)``: their mean
-    once one compressed trial was measured (the baseline compresses nothing: it is not
-    representative); before that the reference machine's ``formula_s`` per trial."""
-    compressed = [s for baseline, s in measured if not baseline]
-    if compressed:
-        return remaining * sum(compressed) / len(compressed)
-    return remaining * formula_s
+def _screens_run(screen_study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(screen_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
+
+
+def _screens_due(trials: list[Any], ctx: TrialContext, promotions: int) -> int:
+    """Screens the schedule runs before the next ``promotions`` promoted trials (0 without screening)."""
+    from optuna.trial import TrialState
+
+    from slmsearch.search.screen_runner import SCREENED_FROM_ATTR
+
+    if ctx.screen_study is None:
+        return 0
+    promoted = sum(SCREENED_FROM_ATTR in t.user_attrs for t in trials)
+    screened = len(ctx.screen_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return clock.screens_due(ctx.config, promoted=promoted, screened=screened, promotions=promotions)
+
+
+def _next_seconds(trials: list[Any], ctx: TrialContext) -> float:
+    """This machine's seconds for the trial this worker starts next, with the screens that choose
+    it: the baseline when it waits (it is first in the queue), else a compressed trial."""
+    from optuna.trial import TrialState
+
+    formula = ctx.formula or clock.Formula(0.0, 0.0, 0.0)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    if any(t.user_attrs.get(BASELINE_ATTR) for t in waiting):
+        return clock.seconds_left(ctx.measured, formula, compressed=0, baseline=True, screens=0)
+    screens = 0 if waiting else _screens_due(trials, ctx, promotions=1)
+    return clock.seconds_left(ctx.measured, formula, compressed=1, baseline=False, screens=screens)
 
 
 def _re_estimate(study: Any, ctx: TrialContext, number: int, log: Any, screening_s: float = 0.0) -> None:
-    """After each trial this worker evaluated: its seconds, and the time left re-estimated from
-    the trials measured on this machine (the estimate printed first is the reference machine's)."""
+    """After each trial this worker evaluated: its seconds (and the screens' that chose it), and the
+    time left re-estimated from this machine's measured trials and screens (the first estimate
+    came from the probes and the reference machine's stage costs)."""
     trials = study.get_trials(deepcopy=False)
     trial = next((t for t in trials if t.number == number), None)
     if trial is None or not counted(trial) or "seconds_total" not in trial.user_attrs:
         return
-    seconds = float(trial.user_attrs["seconds_total"]) + screening_s  # the screens that chose it count too
-    ctx.trial_seconds.append((bool(trial.user_attrs.get(BASELINE_ATTR)), seconds))
+    seconds = float(trial.user_attrs["seconds_total"])
+    ctx.measured.trials.append((bool(trial.user_attrs.get(BASELINE_ATTR)), seconds))
     remaining = max(0, ctx.config.trials - sum(counted(t) for t in trials))
-    if remaining:
-        left = remaining_seconds(ctx.trial_seconds, remaining, ctx.trial_estimate_s)
-        log(f"trial {number}: {seconds:.0f} s; ~{left / 60:.0f} min left for the {remaining} remaining "
-            f"(from this machine's trials so far)")
+    if remaining and ctx.formula is not None:
+        baseline = not any(t.user_attrs.get(BASELINE_ATTR) and counted(t) for t in trials)
+        compressed = remaining - int(baseline)
+        left = clock.seconds_left(ctx.measured, ctx.formula, compressed=compressed, baseline=baseline,
+                                  screens=_screens_due(trials, ctx, compressed))
+        log(f"trial {number}: {seconds:.0f} s" + (f" (+ {screening_s:.0f} s of screening)" if screening_s else "")
+            + f"; ~{left / 60:.0f} min left for the {remaining} remaining (from this machine's trials and screens so far)")
 
 
 def _interrupted_message(study: Any, ctx: TrialContext) -> str:

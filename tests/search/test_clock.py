@@ -69,6 +69,24 @@ def test_trial_seconds_follow_the_probes():
     assert total == pytest.approx(clock.baseline_seconds(config, gptq) + 2 * clock.trial_seconds(config, gptq, space=space))
 
 
+def test_screens_due_follow_the_promotion_schedule():
+    """``first`` screens before the first promotion, ``per_trial`` before each next one, less those
+    that already ran; none without screening."""
+    from dataclasses import replace
+
+    config = load_study_config("studies/default.yaml")
+    s = replace(config.screening, first=6, per_trial=3)
+    config = replace(config, screening=s)
+    assert clock.screens_due(config, promoted=0, screened=0, promotions=1) == 6
+    assert clock.screens_due(config, promoted=0, screened=2, promotions=1) == 4  # resumed mid-round
+    assert clock.screens_due(config, promoted=1, screened=6, promotions=1) == 3
+    assert clock.screens_due(config, promoted=1, screened=6, promotions=4) == 12
+    assert clock.screens_due(config, promoted=2, screened=14, promotions=1) == 0  # extra rounds ran ahead
+    assert clock.screens_due(replace(config, screening=replace(s, enabled=False)), promoted=0, screened=0, promotions=3) == 0
+    # the first estimate's share per compressed trial is the same schedule over the study
+    assert clock.screens_per_trial(replace(config, trials=8)) == pytest.approx((6 + 3 * 6) / 7)
+
+
 def test_the_studys_first_estimate_is_measured_on_this_machine(tmp_path, tiny_checkpoint, data_dir, cache_env, monkeypatch):
     """A machine three times slower than the reference (the probe says so) with a GPTQ layer of 2 s
     gets the formula at those figures in the first line, and in the time left before a compressed
@@ -122,3 +140,25 @@ def test_ctrl_c_while_timing_stops_before_any_trial(tmp_path, tiny_checkpoint, d
         interrupt._requested.clear()
     trials = optuna.load_study(study_name="tiny", storage=config.storage).trials
     assert all(t.state == optuna.trial.TrialState.WAITING for t in trials)  # the enqueued baseline, not started
+
+
+def test_a_trial_that_cannot_end_within_the_timeout_is_not_started(tmp_path, tiny_checkpoint, data_dir, cache_env,
+                                                                    monkeypatch):
+    """The timeout is a limit on the run, not on when trials start: with the clock predicting the
+    baseline alone at ~10 min, a 5-minute timeout starts nothing and says why; a 1-hour one runs it."""
+    import optuna
+    from dataclasses import replace
+
+    config = load_study_config(write_study(tmp_path, tiny_checkpoint, data_dir, trials=2))
+    probe = clock.Probe(1.0, 512, 1.0, 1.0)
+    monkeypatch.setattr(clock, "probe", lambda *a, **k: probe)
+    monkeypatch.setattr(clock, "baseline_seconds", lambda *a, **k: 600.0)
+    lines: list[str] = []
+    optimize(replace(config, timeout_s=300.0), log=lines.append)
+    assert any(re.search(r"timeout of 300 s: \d+ s used, and the next trial would take ~600 s", line) for line in lines)
+    study = optuna.load_study(study_name=config.name, storage=config.storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.WAITING]  # the baseline, not started
+    lines.clear()
+    optimize(replace(config, timeout_s=3600.0), log=lines.append, stop_after=1)
+    assert not any("timeout" in line for line in lines)
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE

@@ -126,18 +126,30 @@ def test_fallback_is_the_best_predicted_quality():
     assert predicted_ppl(cands[1], {"gptq3": -1.0}) == pytest.approx(80 * math.exp(-1))
 
 
-def test_the_first_promotion_is_the_best_predicted_model_then_the_front_grows():
+def test_the_first_promotion_is_a_knee_the_second_the_best_predicted_model_then_the_front_grows():
     theta = {"gptq3": -1.0, "gptq4": 0.0}
     slow_good = Point("g", 150.0, ("gptq3",), (3.0,))  # predicted 150 e^-1 = 55: the best, the slowest
     fast = Point("f", 90.0, ("gptq4",), (1.0,))  # predicted 90, a third of the latency
     middle = Point("m", 70.0, ("gptq4",), (2.0,))
-    assert choose([fast, middle, slow_good], [], theta).key == "g"
-    # once it is evaluated, the hypervolume decides (normalized over the points: the middle plan's
-    # box is the largest)
-    evaluated = [Point("g", 60.0, ("gptq3",), (3.0,), proxy_ppl=150.0)]
-    assert choose([fast, middle], evaluated, theta).key == "m"
-    # a best-predicted candidate over the pruning limit is not the first pick either
-    assert choose([fast, slow_good], [], {"gptq3": 3.0}, broken_ppl=100.0).key == "f"
+    # nothing evaluated: the largest predicted box (normalized over the candidates: the middle plan)
+    assert choose([fast, middle, slow_good], [], theta).key == "m"
+    # one evaluated: the best predicted model, when it is predicted better than that one
+    evaluated = [Point("m", 72.0, ("gptq4",), (2.0,), proxy_ppl=70.0)]
+    assert choose([fast, slow_good], evaluated, theta).key == "g"
+    # ... and when it is not (the middle plan measured 50: the slow one is dominated), the hypervolume decides
+    better = [Point("m", 50.0, ("gptq4",), (2.0,), proxy_ppl=70.0)]
+    assert choose([fast, slow_good], better, theta).key == "f"
+    # from the second evaluated plan on, the hypervolume decides
+    both = evaluated + [Point("g", 56.0, ("gptq3",), (3.0,), proxy_ppl=150.0)]
+    assert choose([fast], both, theta).key == "f"
+    # a best-predicted candidate over the pruning limit is not the second pick
+    assert choose([fast, slow_good], evaluated, {"gptq3": 3.0}, broken_ppl=100.0).key == "f"
+    # with nothing evaluated, a candidate the pruning rule would prune once the best predicted one
+    # is evaluated (here over 2 x 55) is no knee, and does not stretch the scale the boxes are measured on
+    wild = Point("w", 1000.0, ("gptq4",), (0.5,))
+    assert choose([fast, middle, slow_good, wild], [], theta).key == "f"
+    assert choose([fast, middle, slow_good, wild], [], theta, prune_ratio=6.0).key == "m"
+    assert choose([fast, middle, slow_good, wild], [], theta, prune_ratio=1.5).key == "m"  # 90 > 82.5: f is out
 
 
 def test_a_measured_sibling_replaces_the_fitted_correction():

@@ -223,9 +223,14 @@ def test_the_readers_do_not_import_the_runner(reader):
     assert "slmsearch.search.storage" in imported
 
 
-def test_the_time_left_comes_from_this_machines_trials():
-    from slmsearch.search.study import remaining_seconds
+def test_the_time_left_comes_from_this_machines_trials_and_screens():
+    from slmsearch.search.clock import Formula, Measured, seconds_left
 
-    assert remaining_seconds([], 4, formula_s=100.0) == 400.0
-    assert remaining_seconds([(True, 30.0)], 4, formula_s=100.0) == 400.0  # the baseline alone says little
-    assert remaining_seconds([(True, 30.0), (False, 500.0), (False, 700.0)], 3, formula_s=100.0) == 1800.0
+    formula = Formula(baseline_s=50.0, compressed_s=100.0, screen_s=10.0)
+    measured = Measured()
+    assert seconds_left(measured, formula, compressed=4, baseline=True, screens=6) == 50 + 400 + 60
+    measured.trials.append((True, 30.0))  # the baseline alone says nothing of a compressed trial
+    assert seconds_left(measured, formula, compressed=4, baseline=False, screens=0) == 400.0
+    measured.trials += [(False, 500.0), (False, 700.0)]
+    measured.screens, measured.screen_s = 9, 270.0  # screens are timed apart from the trials they chose
+    assert seconds_left(measured, formula, compressed=3, baseline=False, screens=6) == 3 * 600 + 6 * 30
