@@ -8,8 +8,8 @@ fresh stage cache (sharing only the converted model) and its own SQLite study, u
   and evaluated);
 - ``new``: the default, ``screening.enabled: true`` (proxy screens; the candidate predicted to add
   most to the front is compressed and evaluated).
-A trial running when the time is up finishes (the study checks its timeout between trials), so
-each side's real wall time is reported too.
+The study does not start a trial (with the screens that choose it) that its clock predicts cannot
+end within the timeout; each side's real wall time is reported too.
 
 Per side: the hypervolume of its feasible evaluated trials on the study's three objectives
 (normalized over both sides' feasible trials together: log word perplexity, TriviaQA exact match,
