@@ -369,7 +369,7 @@ def _re_estimate(study: Any, ctx: TrialContext, number: int, log: Any, screening
         compressed = remaining - int(baseline)
         left = clock.seconds_left(ctx.measured, ctx.formula, compressed=compressed, baseline=baseline,
                                   screens=_screens_due(trials, ctx, compressed))
-        log(f"trial {number}: {seconds:.0f} s" + (f" (+ {screening_s:.0f} s of screening)" if screening_s else "")
+        log(f"trial {number}: {seconds:.0f} s" + (f" (+ {screening_s:.0f} s of screening)" if screening_s >= 0.5 else "")
             + f"; ~{left / 60:.0f} min left for the {remaining} remaining (from this machine's trials and screens so far)")
 
 
