@@ -252,15 +252,16 @@ def promote(study: Any, screen_study: Any, ctx: Any) -> bool:
     from optuna.trial import TrialState
 
     from slmsearch.search import screening
+    from slmsearch.search.clock import screens_due
 
     config = ctx.config
     settings = config.screening
     start = time.perf_counter()
     done = len(screen_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     promoted = sum(1 for t in study.get_trials(deepcopy=False) if SCREENED_FROM_ATTR in t.user_attrs)
-    due = settings.first + settings.per_trial * promoted
-    if done < due:
-        screen(screen_study, ctx, due - done, study)
+    missing = screens_due(config, promoted=promoted, screened=done, promotions=1)  # the schedule, one place
+    if missing:
+        screen(screen_study, ctx, missing, study)
     n_layers = base_layers(ctx.base_location)
     evaluated = evaluated_points(study, config, n_layers)
     theta = screening.fit_correction(evaluated)

@@ -204,15 +204,15 @@ def choose(candidates: Sequence[Point], evaluated: Sequence[Point], theta: Mappi
     scored = [(c, p) for c, p in scored if math.isfinite(p) and (broken_ppl is None or p <= broken_ppl)]
     if not scored:
         return None
-    if not evaluated and prune_ratio is not None:
+    base = [_vector(e.ppl, e.costs) for e in evaluated if math.isfinite(e.ppl) and (broken_ppl is None or e.ppl <= broken_ppl)]
+    if not base and prune_ratio is not None:
         limit = prune_ratio * min(p for _, p in scored)
         scored = [(c, p) for c, p in scored if p <= limit]
-    base = [_vector(e.ppl, e.costs) for e in evaluated if math.isfinite(e.ppl) and (broken_ppl is None or e.ppl <= broken_ppl)]
     if len(base) == 1:
-        # The second promotion: the best predicted model, when it is predicted better than the one
-        # evaluated (the first promotion, below, is the largest predicted box: a knee)
-        top = fallback(candidates, theta, broken_ppl=broken_ppl, evaluated=evaluated)
-        if top is not None and predicted_ppl(top, theta, measured) < math.exp(base[0][0]):
+        # The second promotion: the best predicted model (fallback's order), when it is predicted
+        # better than the one evaluated (the first promotion, below, is the largest predicted box: a knee)
+        top, ppl = min(scored, key=lambda cp: (cp[1], cp[0].costs))
+        if ppl < math.exp(base[0][0]):
             return top
     vectors = [_vector(p, c.costs) for c, p in scored]
     lo, span = _bounds(base + vectors)
