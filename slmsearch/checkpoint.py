@@ -310,7 +310,7 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if p.name != PACKED_EMBEDDING_FILE)
 
 
-def _dense_names(folder: Path) -> list[str]:
+def dense_names(folder: Path) -> list[str]:
     """The dense tensors a packed embedding replaces (a tied model's stored lm_head too)."""
     packed, _ = read_packed(folder)
     names = [f"{packed_prefix(k)}.weight" for k in packed]
@@ -341,7 +341,7 @@ def _drop_dense_embedding(folder: Path) -> None:
     from safetensors.torch import save_file
 
     packed, _ = read_packed(folder)
-    drop = set(_dense_names(folder))
+    drop = set(dense_names(folder))
     dense_dtype = None
     for path in _weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
@@ -506,11 +506,12 @@ def load(folder: str | os.PathLike[str], *, dtype: str = "float32", dense: bool 
     """(model in eval mode, tokenizer) for any checkpoint folder: plain HF (with a kept LoRA
     adapter applied through peft) or GPTQ (through gptqmodel, with its EoRA adapter).
 
-    ``dtype`` is a plain model's; a GPTQ model computes in :func:`compute_dtype` (bf16 where the
-    CPU has it natively, else float32).
-    ``dense``: a GPTQ model's quantized Linears become plain Linears in that dtype holding the
-    dequantized weights, EoRA merged (:func:`dequantize_to_dense`): the kernel model's function
-    without its per-call dequantization. Evaluation uses it.
+    ``dtype`` is a plain model's; a GPTQ model is loaded in :func:`kernel_dtype` (bf16 where the
+    CPU has it natively; else float16, gptqmodel's kernels for every width computing in it).
+    ``dense``: a GPTQ model's quantized Linears become plain Linears in :func:`compute_dtype`
+    (bf16, or float32 where bf16 is emulated: then the whole model is float32, its weights the grid's
+    values exactly) holding the dequantized weights, EoRA merged (:func:`dequantize_to_dense`): the
+    kernel model's function without its per-call dequantization. Evaluation uses it.
     A finished folder's packed embedding is unpacked (bit for bit what the stage computed) into a
     temporary dense view that transformers or gptqmodel reads (:func:`dense_view`)."""
     from transformers import AutoTokenizer
@@ -539,19 +540,24 @@ def _load_model(source: Path, folder: Path, dtype: str, dense: bool) -> Any:
 
     adapter_dir = folder / ADAPTER_DIR
     if is_gptq_folder(folder):
-        from slmsearch.compress.gptqmodel_runtime import compute_device, compute_dtype, gptqmodel_env
+        from slmsearch.compress.gptqmodel_runtime import compute_device, compute_dtype, gptqmodel_env, kernel_dtype
 
         gptqmodel_env()
-        from gptqmodel import GPTQModel
+        from gptqmodel import BACKEND, GPTQModel
         from gptqmodel.adapter.adapter import Lora
 
         kwargs: dict[str, Any] = {}
         rank = adapter_rank(folder)
         if rank is not None:
             kwargs["adapter"] = Lora(path=str(adapter_dir), rank=rank)
-        model = GPTQModel.load(str(source), device=compute_device(), dtype=compute_dtype(), **kwargs).model
+        compute, loaded = compute_dtype(), kernel_dtype()
+        if loaded != compute:  # float32 computation: gptqmodel's torch kernel in float16, every width
+            kwargs["backend"] = BACKEND.TORCH
+        model = GPTQModel.load(str(source), device=compute_device(), dtype=loaded, **kwargs).model
         if dense:
-            dequantize_to_dense(model, model.dtype)  # the kernel's compute dtype (bf16 on a CPU)
+            dequantize_to_dense(model, compute)  # the kernel's compute dtype (bf16 on a CPU that has it)
+            if loaded != compute:
+                _restore_float_tensors(model, source, compute)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -561,6 +567,24 @@ def _load_model(source: Path, folder: Path, dtype: str, dense: bool) -> Any:
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model
+
+
+def _restore_float_tensors(model: torch.nn.Module, source: Path, dtype: torch.dtype) -> None:
+    """Cast ``model`` to ``dtype`` and read back, in ``dtype``, every stored floating tensor that it
+    holds as a parameter or buffer (norms, the embedding, an unquantized head): loading through a
+    narrower kernel dtype rounded them on the way in."""
+    import torch
+    from safetensors import safe_open
+
+    model.to(dtype)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for path in _weight_files(source):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    target = own.get(key)
+                    if target is not None and target.is_floating_point():
+                        target.copy_(f.get_tensor(key).to(dtype))
 
 
 def dequantize_to_dense(model: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -586,6 +610,8 @@ def dequantize_to_dense(model: torch.nn.Module, dtype: torch.dtype) -> int:
             for name, child in list(parent.named_children()):
                 if not isinstance(child, BaseQuantLinear):
                     continue
+                if dtype == torch.float32 and child.scales.dtype != torch.float32:
+                    child.scales = child.scales.float()  # stored float16 scales x integer codes: exact in float32
                 weight = child.dequantize_weight().float()  # [in, out]
                 adapter = getattr(child, "adapter", None)
                 if adapter is not None and getattr(adapter, "lora_A", None) is not None:

@@ -171,6 +171,9 @@ class Gptq(Stage):
             with runtime.stdout_to_nothing():  # gptqmodel prints the folder's files and whole config.json
                 model.save(str(out_dir))
             del model
+            # what a bfloat16 run writes, on every machine (a packed embedding's dense copy stays as
+            # its codes computed it: finish leaves it out only when it equals them)
+            store_floats_in_bfloat16(Path(out_dir), keep=_packed_dense_names(Path(src_dir)))
             restored = restore_zeros_in_folder(Path(out_dir), zero_masks) if zero_masks else 0
             copy_tokenizer(Path(src_dir), Path(out_dir))
         metrics: dict[str, Any] = {"zeros_restored": restored, "sparse_modules": len(zero_masks)}
@@ -230,6 +233,8 @@ class Eora(Stage):
                     raise SlmsearchError("eora needs the dense checkpoint that GPTQ quantized (base_dir)")
                 from slmsearch.compress import gptqmodel_runtime as runtime
 
+                import torch
+
                 runtime.gptqmodel_env()
                 from gptqmodel import GPTQModel
                 from gptqmodel.adapter.adapter import Lora
@@ -244,7 +249,9 @@ class Eora(Stage):
                         calibration_dataset=calibration_rows(calib),
                         batch_size=calib.settings.batch,
                         tokenizer=calib.tokenizer,
-                        dtype=runtime.compute_dtype(),
+                        # bfloat16 on every machine: gptqmodel's kernels for every width take no
+                        # float32, and bfloat16's range holds the residual stream (float16's may not)
+                        dtype=torch.bfloat16,
                         device=runtime.compute_device(),
                     )
                 if not (Path(out_dir) / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file():
@@ -291,6 +298,39 @@ def _zero_masks(src: Path) -> dict[str, torch.Tensor]:
                     if mask.float().mean() > 0.01:  # random exact zeros in a dense model: ignore
                         masks[key[: -len(".weight")]] = mask
     return masks
+
+
+def _packed_dense_names(src: Path) -> frozenset[str]:
+    from slmsearch import checkpoint
+
+    return frozenset(checkpoint.dense_names(src)) if checkpoint.has_packed_embedding(src) else frozenset()
+
+
+def store_floats_in_bfloat16(folder: Path, keep: frozenset[str] = frozenset()) -> int:
+    """Rewrite the float32 tensors of a saved GPTQ checkpoint (the embedding, norms, an unquantized
+    head: what gptqmodel saves in the dtype it computed in) as bfloat16, the 16 bits that a plan
+    prices them at and that a bfloat16 run stores. Only a float32 run (a CPU without native
+    bfloat16) leaves any; tensors named in ``keep`` stay. Returns the number of tensors rewritten."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from slmsearch.checkpoint import PACKED_EMBEDDING_FILE
+
+    changed = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        if file.name == PACKED_EMBEDDING_FILE:
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        wide = [key for key, tensor in tensors.items() if tensor.dtype == torch.float32 and key not in keep]
+        if wide:
+            tensors.update({key: tensors[key].to(torch.bfloat16) for key in wide})
+            with atomic_file(file) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+            changed += len(wide)
+    return changed
 
 
 def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor]) -> int:

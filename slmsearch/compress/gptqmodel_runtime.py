@@ -240,6 +240,19 @@ def compute_dtype() -> Any:
     return getattr(torch, _DTYPE_CHOICE[0])
 
 
+def kernel_dtype(compute: Any | None = None) -> Any:
+    """The dtype a quantized checkpoint is loaded in through gptqmodel, for ``compute``
+    (:func:`compute_dtype` by default): bfloat16 stays bfloat16; for float32 it is float16.
+
+    gptqmodel's torch kernel, the one that takes every width (2-8 bits) and an EoRA adapter,
+    computes in float16 or bfloat16 only, and its one float32 kernel on a CPU (TorchFusedLinear)
+    takes 4-bit layers only: loaded in float32, a plan with a 3-bit layer cannot load at all. float16
+    holds the stored float16 scales exactly, so the float32 dense copy that
+    :func:`slmsearch.checkpoint.load` builds from it is the grid's values exactly."""
+    compute = compute_dtype() if compute is None else compute
+    return torch.float16 if compute == torch.float32 else compute
+
+
 def matmul_seconds(rows: int = 256, inner: int = 576, cols: int = 1536, reps: int = 5) -> tuple[float, float]:
     """Best-of-``reps`` seconds of one [rows, inner] @ [inner, cols] matmul in bfloat16, then float32
     (a decoder MLP's shape at the default model's width)."""

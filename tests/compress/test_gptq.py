@@ -126,21 +126,29 @@ def test_eora_leaves_the_gptq_entry_it_starts_from_intact(quantized, tiny_base):
 
 @pytest.mark.parametrize("name", ["eora", "sparse"])
 def test_dense_evaluation_model_computes_the_quantized_model(quantized, name):
-    """``checkpoint.load(dense=True)``: plain Linears in the kernel's dtype with gptqmodel's
-    dequantized weights and the EoRA adapter merged give the kernel model's logits."""
+    """``checkpoint.load(dense=True)``: plain Linears in the compute dtype (the kernel's, bfloat16,
+    or float32 where bfloat16 is emulated and the kernel runs in float16) with gptqmodel's
+    dequantized weights (in float32 there: the stored float16 scales exactly) and the EoRA adapter
+    merged give the kernel model's logits."""
+    from slmsearch.compress.gptqmodel_runtime import compute_dtype
+
     folder = quantized[name].checkpoint_dir
     kernel, _ = checkpoint.load(folder)
     dense, _ = checkpoint.load(folder, dense=True)
+    dtype = compute_dtype()
     assert not any(hasattr(m, "qweight") for m in dense.modules())
     module = dict(dense.named_modules())[LAYER]
-    assert isinstance(module, torch.nn.Linear) and module.weight.dtype == kernel.dtype
+    assert isinstance(module, torch.nn.Linear) and module.weight.dtype == dtype
     kernel_module = dict(kernel.named_modules())[LAYER]
+    scales = kernel_module.scales
+    kernel_module.scales = scales.to(dtype) if dtype == torch.float32 else scales
     expected = kernel_module.dequantize_weight().float()
+    kernel_module.scales = scales
     if name == "eora":
-        plain = expected.to(kernel.dtype)
+        plain = expected.to(dtype)
         expected = expected + kernel_module.adapter.lora_A.float() @ kernel_module.adapter.lora_B.float()
         assert not torch.equal(module.weight.T, plain)  # the adapter is in
-    assert torch.equal(module.weight.T, expected.to(kernel.dtype))
+    assert torch.equal(module.weight.T, expected.to(dtype))
     ids = torch.tensor([[5, 17, 99, 3, 42, 7, 64, 11]])
     with torch.no_grad():
         ref = kernel(ids).logits.float()
@@ -332,19 +340,41 @@ def test_emulated_bfloat16_falls_back_to_float32():
     assert choose_dtype(bf16_s=5.0, fp32_s=1.0) == "float32"  # emulated (AVX only): 4-10x slower
 
 
-def test_float32_compute_quantizes_and_loads_in_float32(tiny_base, tmp_path, monkeypatch):
-    """The path a CPU without native bfloat16 takes, forced: GPTQ in float32, the checkpoint loaded in
-    float32, its logits those of the bfloat16 run's codes to bfloat16 precision."""
+def test_float32_compute_quantizes_and_loads_every_width_in_float32(tiny_base, tmp_path, monkeypatch):
+    """The path a CPU without native bfloat16 takes, forced: GPTQ in float32, then a 3-bit plan with
+    a 4-bit layer and an EoRA adapter (gptqmodel's one float32 kernel takes 4-bit layers only: this
+    plan used not to load, nor could EoRA run). The dense copy is float32 throughout: each quantized
+    weight is its stored float16 scale times an integer, exactly; the norms are the stored ones."""
+    from safetensors import safe_open
+
     from slmsearch.compress import gptqmodel_runtime as runtime
 
     monkeypatch.setenv(runtime.ENV_COMPUTE_DTYPE, "float32")
-    result = run(Plan.from_dict([{"stage": "gptq", "bits": 4, "group_size": 32}]), str(tiny_base), DATA_DIR,
-                 CalibSettings(**TINY_CALIB), out=tmp_path / "f32")
-    model, _ = checkpoint.load(result.checkpoint_dir, dense=True)
-    assert next(model.parameters()).dtype == torch.float32
+    assert runtime.kernel_dtype() == torch.float16 and runtime.kernel_dtype(torch.bfloat16) == torch.bfloat16
+    cache = StageCache(tmp_path / "stages")
+    gptq = "{stage: gptq, bits: 3, group_size: 32, wider_layers: 1}"
+    runs = {name: run(Plan.from_yaml(text), str(tiny_base), DATA_DIR, CalibSettings(**TINY_CALIB), cache=cache)
+            for name, text in {"gptq": f"[{gptq}]", "eora": f"[{gptq}, {{stage: eora, rank: 8}}]"}.items()}
+    folder = runs["gptq"].checkpoint_dir
+    assert sorted(set(_layer_widths(folder))) == [3, 4]
+    model, _ = checkpoint.load(folder, dense=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        for name in ("model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"):
+            scales = f.get_tensor(f"{name}.scales").float()  # [groups, out]
+            weight = dict(model.named_modules())[name].weight.detach()  # [out, in]
+            codes = weight / scales.T.repeat_interleave(32, dim=1)
+            assert torch.equal(codes, codes.round()) and codes.abs().max() <= 15
+        norm = "model.layers.0.input_layernorm.weight"
+        assert torch.equal(model.get_parameter(norm), f.get_tensor(norm).float())
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 64, 11]])
+    adapted, _ = checkpoint.load(runs["eora"].checkpoint_dir, dense=True)
+    kernel, _ = checkpoint.load(runs["eora"].checkpoint_dir)  # not dense: gptqmodel's kernels, in float16
+    assert kernel.dtype == torch.float16
     with torch.no_grad():
-        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
-    assert torch.isfinite(logits).all()
+        plain, got, ref = (m(ids).logits.float() for m in (model, adapted, kernel))
+    assert torch.isfinite(got).all() and not torch.equal(got, plain)  # the adapter is in
+    assert torch.allclose(got, ref, atol=0.02 * ref.abs().max().item())
     monkeypatch.setenv(runtime.ENV_COMPUTE_DTYPE, "float16")
     with pytest.raises(SlmsearchError, match="SLMSEARCH_COMPUTE_DTYPE='float16': use bfloat16 or float32"):
         runtime.compute_dtype()
