@@ -17,8 +17,10 @@ decode latency; reference point 1.1), the best feasible token perplexity, the fu
 (compressed and evaluated trials, the baseline excluded), how many of them ended pruned, the
 budget rejections and the screens.
 
-Run (real model; 2 x M minutes, default M = 15):
-  flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/search_side_by_side.py [--minutes 15]
+Run (real model; 2 x M minutes and the last trial's overrun, default M = 40: at 12-15 minutes the
+first round of screens leaves the new side no room for more than the anchors' count of trials;
+docs/benchmarks.md section 9):
+  flock /tmp/slmsearch-heavy.lock .venv/bin/python bench/search_side_by_side.py [--minutes 40]
 Writes bench/results/search_side_by_side.json.
 """
 
@@ -117,7 +119,7 @@ def hypervolumes(sides: dict[str, dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock time per side")
+    ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock time per side")
     ap.add_argument("--cache-root")
     ap.add_argument("--out", default=str(HERE / "results" / "search_side_by_side.json"))
     args = ap.parse_args(argv)
