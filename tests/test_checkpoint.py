@@ -96,14 +96,20 @@ def test_format_detection_on_a_plain_and_a_gptq_folder(tiny_checkpoint, gptq_fol
 def test_a_gptq_folder_loads_through_gptqmodel_and_as_a_dense_copy(gptq_folder):
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
+    from slmsearch.compress.gptqmodel_runtime import compute_dtype
+
     kernel, _ = checkpoint.load(gptq_folder)
     quantized = [m for m in kernel.modules() if isinstance(m, BaseQuantLinear)]
     assert len(quantized) == 4 * 7  # every decoder Linear of the 4 layers
     dense, _ = checkpoint.load(gptq_folder, dense=True)
     assert not [m for m in dense.modules() if isinstance(m, BaseQuantLinear)]
     layer = dict(dense.named_modules())["model.layers.1.mlp.up_proj"]
-    reference = dict(kernel.named_modules())["model.layers.1.mlp.up_proj"].dequantize_weight().T
-    assert type(layer) is torch.nn.Linear and layer.weight.dtype == kernel.dtype
+    kernel_layer = dict(kernel.named_modules())["model.layers.1.mlp.up_proj"]
+    dtype = compute_dtype()  # the kernel's (bf16), or float32 where bf16 is emulated (the kernel in float16)
+    if dtype == torch.float32:  # the stored float16 scales times the integer codes, exactly
+        kernel_layer.scales = kernel_layer.scales.float()
+    reference = kernel_layer.dequantize_weight().T
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == dtype
     torch.testing.assert_close(layer.weight, reference.to(layer.weight.dtype), rtol=0, atol=0)
 
 
@@ -276,7 +282,7 @@ def test_a_packed_embedding_survives_gptq_and_loads_through_gptqmodel(tiny_check
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert not {"model.embed_tokens.weight", "lm_head.weight"} & set(f.keys())
     packed, dtype = checkpoint.read_packed(out)
-    model, _ = checkpoint.load(out)
+    model, _ = checkpoint.load(out, dense=True)  # gptqmodel's load, then its dense copy in the packed dtype
     weight = model.get_input_embeddings().weight
     assert str(weight.dtype) == f"torch.{dtype}"
     assert torch.equal(weight.cpu(), packed["embed"].dense(weight.dtype))
