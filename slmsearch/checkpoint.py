@@ -306,7 +306,8 @@ def carry_packed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         shutil.copy2(Path(src) / PACKED_EMBEDDING_FILE, Path(dst) / PACKED_EMBEDDING_FILE)
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint folder's model weight files (its packed embedding's file left out)."""
     return sorted(p for p in folder.glob("*.safetensors") if p.name != PACKED_EMBEDDING_FILE)
 
 
@@ -327,12 +328,12 @@ def finish(folder: str | os.PathLike[str]) -> int:
     (:mod:`slmsearch.gptq_compact`, each checked to equal what :func:`load` rebuilds). The weight
     files are rewritten whole, their index updated. Returns the bytes saved."""
     folder = Path(folder)
-    before = sum(p.stat().st_size for p in _weight_files(folder))
+    before = sum(p.stat().st_size for p in weight_files(folder))
     if has_packed_embedding(folder):
         _drop_dense_embedding(folder)
     if is_gptq_folder(folder):
         _drop_derivable_gptq(folder)
-    return before - sum(p.stat().st_size for p in _weight_files(folder))
+    return before - sum(p.stat().st_size for p in weight_files(folder))
 
 
 def _drop_dense_embedding(folder: Path) -> None:
@@ -343,7 +344,7 @@ def _drop_dense_embedding(folder: Path) -> None:
     packed, _ = read_packed(folder)
     drop = set(dense_names(folder))
     dense_dtype = None
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
             if not drop & set(f.keys()):
                 continue
@@ -372,7 +373,7 @@ def _drop_derivable_gptq(folder: Path) -> None:
     group_size, sym = gptq_compact.layout(quantize_config(folder))
     kinds: set[str] = set()
     dropped: set[str] = set()
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             tensors = {n: f.get_tensor(n) for n in f.keys()}
@@ -413,7 +414,7 @@ def _needs_view(folder: Path) -> bool:
     from safetensors import safe_open
 
     names: set[str] = set()
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
             names.update(f.keys())
     with safe_open(str(folder / PACKED_EMBEDDING_FILE), framework="pt") as f:  # names only, no tensor read
@@ -435,7 +436,7 @@ def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> 
 
     folder, view = Path(folder).resolve(), Path(view)
     view.mkdir(parents=True, exist_ok=True)
-    weights = _weight_files(folder)
+    weights = weight_files(folder)
     for path in folder.iterdir():
         if path in weights or path.name == PACKED_EMBEDDING_FILE or path.name.endswith(".safetensors.index.json"):
             continue
@@ -550,7 +551,8 @@ def _load_model(source: Path, folder: Path, dtype: str, dense: bool) -> Any:
         rank = adapter_rank(folder)
         if rank is not None:
             kwargs["adapter"] = Lora(path=str(adapter_dir), rank=rank)
-        compute, loaded = compute_dtype(), kernel_dtype()
+        compute = compute_dtype()
+        loaded = kernel_dtype(compute)
         if loaded != compute:  # float32 computation: gptqmodel's torch kernel in float16, every width
             kwargs["backend"] = BACKEND.TORCH
         model = GPTQModel.load(str(source), device=compute_device(), dtype=loaded, **kwargs).model
@@ -579,7 +581,7 @@ def _restore_float_tensors(model: torch.nn.Module, source: Path, dtype: torch.dt
     model.to(dtype)
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
-        for path in _weight_files(source):
+        for path in weight_files(source):
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     target = own.get(key)

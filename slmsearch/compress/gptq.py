@@ -150,6 +150,8 @@ class Gptq(Stage):
                    wider_layers=wider, mse=float(mse))
 
     def apply_dir(self, src_dir: Path, out_dir: Path, calib: Calibration, base_dir: Path | None = None) -> StageReport:
+        import torch
+
         from slmsearch.compress import gptqmodel_runtime as runtime
 
         runtime.gptqmodel_env()
@@ -171,9 +173,10 @@ class Gptq(Stage):
             with runtime.stdout_to_nothing():  # gptqmodel prints the folder's files and whole config.json
                 model.save(str(out_dir))
             del model
-            # what a bfloat16 run writes, on every machine (a packed embedding's dense copy stays as
-            # its codes computed it: finish leaves it out only when it equals them)
-            store_floats_in_bfloat16(Path(out_dir), keep=_packed_dense_names(Path(src_dir)))
+            if runtime.compute_dtype() == torch.float32:
+                # what a bfloat16 run writes (a packed embedding's dense copy stays as its codes
+                # computed it: finish leaves it out only when it equals them)
+                store_floats_in_bfloat16(Path(out_dir), keep=_packed_dense_names(Path(src_dir)))
             restored = restore_zeros_in_folder(Path(out_dir), zero_masks) if zero_masks else 0
             copy_tokenizer(Path(src_dir), Path(out_dir))
         metrics: dict[str, Any] = {"zeros_restored": restored, "sparse_modules": len(zero_masks)}
@@ -315,12 +318,10 @@ def store_floats_in_bfloat16(folder: Path, keep: frozenset[str] = frozenset()) -
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from slmsearch.checkpoint import PACKED_EMBEDDING_FILE
+    from slmsearch.checkpoint import weight_files
 
     changed = 0
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        if file.name == PACKED_EMBEDDING_FILE:
-            continue
+    for file in weight_files(Path(folder)):
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
