@@ -88,8 +88,22 @@ def machine() -> str:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         load = "?"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__} "
-            f"threads={torch.get_num_threads()}, load avg {load}")
+    return (f"{cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
+            f"torch {torch.__version__} threads={torch.get_num_threads()}, load avg {load}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest matrix extensions, from /proc/cpuinfo (as lscpu shows
+    them): e.g. ``AMD EPYC (avx2)`` or ``Intel(R) Xeon(R) ... (avx512_bf16 amx_bf16)``; "" elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wide = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f in flags] or [f for f in ("avx2", "avx") if f in flags][:1]
+    return f"{fields.get('model name', '')} ({' '.join(wide)})".strip()
 
 
 @contextlib.contextmanager

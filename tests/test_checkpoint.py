@@ -277,7 +277,6 @@ def test_a_packed_embedding_survives_gptq_and_loads_through_gptqmodel(tiny_check
     for stage in ("gptq", "eora"):  # one progress line per decoder layer
         lines = [line.split(" (")[0] for line in err if line.startswith(f"[{stage}]")]
         assert lines == [f"[{stage}] layer {i}/4" for i in range(1, 5)], err
-    assert sum("EoRA: covariance for" in line for line in err) == 0  # said once, shortened, if at all
     assert checkpoint.is_gptq_folder(out) and checkpoint.has_packed_embedding(out) and checkpoint.has_adapter(out)
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert not {"model.embed_tokens.weight", "lm_head.weight"} & set(f.keys())

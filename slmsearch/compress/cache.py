@@ -31,7 +31,9 @@ MANIFEST = "MANIFEST.json"
 LAST_USED = ".last_used"
 DEFAULT_MAX_BYTES = 20 * 10**9  # 20 GB (1e9 bytes, as a study's cache_gb): about 33 fp32 SmolLM2-135M checkpoints
 # Bump when what a stage writes changes, so entries from older code are never reused.
-CACHE_FORMAT = 3  # 3: a quantized embedding's 16-bit scales and packed codes (checkpoint.PACKED_EMBEDDING_FILE)
+# 3: a quantized embedding's 16-bit scales and packed codes (checkpoint.PACKED_EMBEDDING_FILE);
+# 4: EoRA adapters fitted by compress/eora.py in float32 (were gptqmodel's, in bf16)
+CACHE_FORMAT = 4
 
 
 def file_sha256(path: Path) -> str:

@@ -1,7 +1,9 @@
-"""GPTQ quantization and EoRA adapters, through gptqmodel (which works on checkpoint folders).
+"""GPTQ quantization through gptqmodel (which works on checkpoint folders), and EoRA adapters.
 
 Known-good path on CPU (shared/research/toolchain.md): load the dense folder in bf16, quantize,
-save; then generate the EoRA adapter with ``GPTQModel.adapter.generate`` in bf16 (the one-call
+save. The EoRA adapter is fitted by :mod:`slmsearch.compress.eora` in float32 on the quantized
+model's dense copy and saved in gptqmodel's adapter format (gptqmodel's own ``adapter.generate``
+computes in fp16/bf16 only: ~48 s a layer where bf16 is emulated, and its one-call
 quantize-with-adapter variant deadlocked on CPU). Inference loads the GPTQ folder with the
 adapter: :func:`slmsearch.checkpoint.load`.
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slmsearch.checkpoint import ADAPTER_CONFIG_FILE, ADAPTER_DIR, CONFIG_FILE, copy_folder, copy_tokenizer
+from slmsearch.checkpoint import ADAPTER_DIR, CONFIG_FILE, copy_folder, copy_tokenizer
 from slmsearch.compress.geometry import undivided_inputs
 from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_choice, check_range, space_first
 from slmsearch.errors import SlmsearchError
@@ -231,35 +233,25 @@ class Eora(Stage):
     def apply_dir(self, src_dir: Path, out_dir: Path, calib: Calibration, base_dir: Path | None = None) -> StageReport:
         with Timer() as t:
             copy_folder(Path(src_dir), Path(out_dir), link_weights=True)
+            metrics: dict[str, Any] = {}
             if not self.is_noop():
                 if base_dir is None:
                     raise SlmsearchError("eora needs the dense checkpoint that GPTQ quantized (base_dir)")
-                from slmsearch.compress import gptqmodel_runtime as runtime
+                metrics = self._fit(Path(src_dir), Path(out_dir), calib, Path(base_dir))
+        return StageReport(self.kind, self.to_dict(), t.seconds, {"rank": self.rank, **metrics})
 
-                import torch
+    def _fit(self, src: Path, out: Path, calib: Calibration, base: Path) -> dict[str, Any]:
+        """Fit the adapters in float32 on the quantized model's dense copy (:mod:`slmsearch.compress.eora`)."""
+        from slmsearch import checkpoint
+        from slmsearch.compress import eora
+        from slmsearch.progress import Ticker
 
-                runtime.gptqmodel_env()
-                from gptqmodel import GPTQModel
-                from gptqmodel.adapter.adapter import Lora
-
-                runtime.limit_worker_threads()
-                with runtime.module_logs_out_of_the_working_directory(), \
-                        runtime.layer_progress_of_inner_models("eora", _n_layers(Path(src_dir))):
-                    GPTQModel.adapter.generate(
-                        adapter=Lora(path=str(Path(out_dir) / ADAPTER_DIR), rank=self.rank),
-                        model_id_or_path=str(base_dir),
-                        quantized_model_id_or_path=str(src_dir),
-                        calibration_dataset=calibration_rows(calib),
-                        batch_size=calib.settings.batch,
-                        tokenizer=calib.tokenizer,
-                        # bfloat16 on every machine: gptqmodel's kernels for every width take no
-                        # float32, and bfloat16's range holds the residual stream (float16's may not)
-                        dtype=torch.bfloat16,
-                        device=runtime.compute_device(),
-                    )
-                if not (Path(out_dir) / ADAPTER_DIR / ADAPTER_CONFIG_FILE).is_file():
-                    raise SlmsearchError(f"gptqmodel wrote no EoRA adapter under {Path(out_dir) / ADAPTER_DIR}")
-        return StageReport(self.kind, self.to_dict(), t.seconds, {"rank": self.rank})
+        model, _ = checkpoint.load(src, dense=True)
+        model.float()
+        ticker = Ticker(self.kind, _n_layers(src), "layer", every_s=0)
+        factors = eora.fit_adapters(model, eora.reference_weights(base), calib, self.rank, lambda _: ticker.tick())
+        eora.save_adapter(out / ADAPTER_DIR, factors, self.rank, str(src))
+        return {"modules": len(factors)}
 
 
 def _n_layers(src: Path) -> int:

@@ -53,8 +53,6 @@ def gptqmodel_log_level() -> str:
         from logbar import LogBar
 
         LogBar.shared().setLevel(level)
-        if not any(isinstance(f, OncePerKind) for f in LogBar.shared().filters):
-            LogBar.shared().addFilter(OncePerKind())
     except ImportError:
         return level
     except (ValueError, TypeError):
@@ -62,32 +60,6 @@ def gptqmodel_log_level() -> str:
             f"{LOG_LEVEL_ENV}={os.environ.get(LOG_LEVEL_ENV)!r} is not a log level; use DEBUG, INFO, WARNING or ERROR"
         ) from None
     return level
-
-
-# gptqmodel warnings repeated per module -> the one short line said instead, the first time
-REPEATED_WARNINGS: dict[str, str] = {
-    "EoRA: covariance for": "EoRA: module covariances are numerically rank deficient; gptqmodel uses a "
-                            "truncated pseudoinverse for them (said once, not per module)",
-}
-
-
-class OncePerKind(logging.Filter):
-    """Let a warning of :data:`REPEATED_WARNINGS` through once, shortened; drop its repeats (an
-    EoRA stage on the default model logged 154 such lines, one per module)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        for start, short in REPEATED_WARNINGS.items():
-            if message.startswith(start):
-                if start in self.seen:
-                    return False
-                self.seen.add(start)
-                record.msg, record.args = short, ()
-        return True
 
 
 def no_progress_bars_off_a_terminal() -> None:
@@ -312,23 +284,3 @@ def stdout_to_nothing() -> Iterator[None]:
 
     with contextlib.redirect_stdout(io.StringIO()):
         yield
-
-
-@contextmanager
-def layer_progress_of_inner_models(label: str, n_layers: int) -> Iterator[None]:
-    """:func:`layer_progress` for the models gptqmodel creates itself (EoRA's ``adapter.generate``
-    loads its own): the callback is set on gptqmodel's model class meanwhile (its looper reads
-    ``model.layer_callback``, which an instance without one finds on its class), then removed."""
-    from gptqmodel.models.base import BaseQModel
-
-    had = "layer_callback" in BaseQModel.__dict__
-    previous = BaseQModel.__dict__.get("layer_callback")
-    BaseQModel.layer_callback = staticmethod(layer_progress(label, n_layers))  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if had:
-            BaseQModel.layer_callback = previous  # type: ignore[attr-defined]
-        else:
-            del BaseQModel.layer_callback  # type: ignore[attr-defined]
-

@@ -267,6 +267,47 @@ def masked_delta(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return delta * (weight != 0).to(delta.dtype)
 
 
+def input_eigenspace(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps into and out of the eigenspace of a Linear's input covariance ``X.T @ X`` [in, in]:
+    with ``covariance = Q diag(lam) Q.T``, ``into = Q diag(sqrt lam)`` and ``back = diag(1/sqrt lam) Q.T``
+    (float64), so that ``||M @ X.T|| = ||M @ into||`` for any ``M`` and ``into @ back`` projects onto
+    the directions the inputs use. Eigenvalues at or below a float32 covariance's numerical noise
+    (``lam_max * in * eps32``) count as zero: those directions carry no input (a pseudoinverse)."""
+    n_in = covariance.shape[0]
+    if covariance.shape != (n_in, n_in):
+        raise SlmsearchError(f"a covariance must be square, got shape {tuple(covariance.shape)}")
+    lam, q = torch.linalg.eigh(covariance.double())
+    kept = lam > lam[-1].clamp_min(0.0) * n_in * torch.finfo(torch.float32).eps
+    root = torch.where(kept, lam.clamp_min(0.0).sqrt(), torch.zeros_like(lam))
+    inv_root = torch.where(kept, 1.0 / torch.where(kept, root, torch.ones_like(root)), torch.zeros_like(lam))
+    return q * root, inv_root[:, None] * q.T
+
+
+def eigenspace_low_rank(delta: torch.Tensor, space: tuple[torch.Tensor, torch.Tensor],
+                        rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EoRA's factors (Liu et al. 2024, arXiv 2410.21271): ``a`` [rank, in] and ``b`` [out, rank]
+    such that ``b @ a`` is the rank-``rank`` matrix closest to ``delta`` [out, in] *on the inputs*,
+    minimising ``||(delta - b @ a) @ X.T||``; ``space`` is :func:`input_eigenspace` of ``X.T @ X``.
+
+    The error equals ``||(delta - b @ a) @ into||``, so the best fit is the truncated SVD of
+    ``delta @ into`` carried back with ``back``. Solved in float64, returned in float32. A ``rank``
+    above ``min(out, in)`` is padded with zero rows and columns (the shapes match the rank asked).
+    """
+    into, back = space
+    if rank < 1:
+        raise SlmsearchError(f"eora rank must be >= 1, got {rank}")
+    if delta.shape[1] != into.shape[0]:
+        raise SlmsearchError(f"an eigenspace of {into.shape[0]} inputs does not fit a delta of {delta.shape[1]}")
+    u, s, vh = torch.linalg.svd(delta.double() @ into, full_matrices=False)
+    r = min(rank, s.numel())
+    half = s[:r].sqrt()
+    b = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+    a = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+    b[:, :r] = u[:, :r] * half
+    a[:r] = (half[:, None] * vh[:r]) @ back
+    return a.float(), b.float()
+
+
 def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack int32 words along dim 0 into ``bits``-bit unsigned values (GPTQ layout).
 

@@ -135,9 +135,10 @@ EMBEDDING_GPTQ_S = 65.0  # the embedding's codes by GPTQ, once per new input mod
 SCREEN_S = 50.0  # one proxy screen (6-108 s, mean 50 over 18)
 # GPTQ and EoRA in units of the probe's seconds per layer: over all widths, groups and wider layers
 # the two demos' GPTQ took 6.1-11.0 s per kept layer (mean 8.0 over 11 trials) against the idle probe's
-# 7.4 (6.9-8.1); EoRA r16 3.9 s per layer
+# 7.4 (6.9-8.1). EoRA (slmsearch's float32 fit, compress/eora.py) r16 on the default study's calibration:
+# 3.07 s per layer against a probe of 7.14 on an AVX2 AMD EPYC (bench/eora_fit.py, bench/results/eora_fit.json)
 GPTQ_PER_PROBE = 1.08
-EORA_PER_PROBE = 0.53
+EORA_PER_PROBE = 0.43
 # EoRA's adapters cost bytes a 64 MB plan rarely has: the two demos promoted a plan with EoRA in 2 of
 # 11 compressed trials, where 3 of the space's 4 ranks have one; its share of the space is scaled by this
 EORA_PROMOTED = 0.25
