@@ -34,6 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from slmsearch.errors import SlmsearchError
@@ -311,6 +312,26 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if p.name != PACKED_EMBEDDING_FILE)
 
 
+def rewrite_weight_files(folder: Path, edit: Callable[[Path, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]) -> int:
+    """Read each of a folder's weight files (:func:`weight_files`) whole and call ``edit(path,
+    tensors)``: it returns the tensors to store instead, and the file is replaced atomically with
+    its metadata kept, or None to leave the file as it is. Returns the number of files replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    replaced = 0
+    for path in weight_files(Path(folder)):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+        new = edit(path, tensors)
+        if new is not None:
+            with atomic_file(path) as tmp:
+                save_file(new, str(tmp), metadata=meta)
+            replaced += 1
+    return replaced
+
+
 def dense_names(folder: Path) -> list[str]:
     """The dense tensors a packed embedding replaces (a tied model's stored lm_head too)."""
     packed, _ = read_packed(folder)
@@ -338,52 +359,42 @@ def finish(folder: str | os.PathLike[str]) -> int:
 
 def _drop_dense_embedding(folder: Path) -> None:
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     packed, _ = read_packed(folder)
     drop = set(dense_names(folder))
-    dense_dtype = None
-    for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            if not drop & set(f.keys()):
-                continue
-            meta = f.metadata()
-            keep = {n: f.get_tensor(n) for n in f.keys() if n not in drop}
-            for key, p in packed.items():
-                name = f"{packed_prefix(key)}.weight"
-                if name in f.keys():
-                    dense = f.get_tensor(name)
-                    dense_dtype = dense.dtype
-                    if not torch.equal(p.dense(dense.dtype), dense):
-                        raise SlmsearchError(f"{path}: {name} differs from its packed codes; re-create the checkpoint")
-        with atomic_file(path) as tmp:
-            save_file(keep, str(tmp), metadata=meta)
-    if dense_dtype is not None:  # record the dtype the dense copy had (gptqmodel may have changed it)
-        write_packed(folder, packed, str(dense_dtype).removeprefix("torch."))
+    dense_dtypes: list[torch.dtype] = []
+
+    def edit(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if not drop & set(tensors):
+            return None
+        for key, p in packed.items():
+            dense = tensors.get(f"{packed_prefix(key)}.weight")
+            if dense is not None:
+                dense_dtypes.append(dense.dtype)
+                if not torch.equal(p.dense(dense.dtype), dense):
+                    raise SlmsearchError(f"{path}: {packed_prefix(key)}.weight differs from its packed codes; re-create the checkpoint")
+        return {n: t for n, t in tensors.items() if n not in drop}
+
+    rewrite_weight_files(folder, edit)
+    if dense_dtypes:  # record the dtype the dense copy had (gptqmodel may have changed it)
+        write_packed(folder, packed, str(dense_dtypes[-1]).removeprefix("torch."))
     _drop_from_index(folder, drop)
 
 
 def _drop_derivable_gptq(folder: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from slmsearch import gptq_compact
 
     group_size, sym = gptq_compact.layout(quantize_config(folder))
     kinds: set[str] = set()
     dropped: set[str] = set()
-    for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {n: f.get_tensor(n) for n in f.keys()}
+
+    def edit(_: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         drop = gptq_compact.derivable(tensors, group_size, sym)
-        if not drop:
-            continue
-        with atomic_file(path) as tmp:
-            save_file({n: t for n, t in tensors.items() if n not in drop}, str(tmp), metadata=meta)
         kinds.update(drop.values())
         dropped.update(drop)
+        return {n: t for n, t in tensors.items() if n not in drop} if drop else None
+
+    rewrite_weight_files(folder, edit)
     if dropped:
         _drop_from_index(folder, dropped)
         info = read_meta(folder) if (folder / META_FILE).is_file() else {}

@@ -26,7 +26,6 @@ from slmsearch.checkpoint import ADAPTER_DIR, CONFIG_FILE, copy_folder, copy_tok
 from slmsearch.compress.geometry import undivided_inputs
 from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_choice, check_range, space_first
 from slmsearch.errors import SlmsearchError
-from slmsearch.fsutil import atomic_file
 
 if TYPE_CHECKING:
     import torch
@@ -307,22 +306,18 @@ def store_floats_in_bfloat16(folder: Path, keep: frozenset[str] = frozenset()) -
     prices them at and that a bfloat16 run stores. Only a float32 run (a CPU without native
     bfloat16) leaves any; tensors named in ``keep`` stay. Returns the number of tensors rewritten."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from slmsearch.checkpoint import weight_files
+    from slmsearch.checkpoint import rewrite_weight_files
 
     changed = 0
-    for file in weight_files(Path(folder)):
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+
+    def edit(_: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        nonlocal changed
         wide = [key for key, tensor in tensors.items() if tensor.dtype == torch.float32 and key not in keep]
-        if wide:
-            tensors.update({key: tensors[key].to(torch.bfloat16) for key in wide})
-            with atomic_file(file) as tmp:
-                save_file(tensors, str(tmp), metadata=metadata)
-            changed += len(wide)
+        changed += len(wide)
+        return {**tensors, **{key: tensors[key].to(torch.bfloat16) for key in wide}} if wide else None
+
+    rewrite_weight_files(Path(folder), edit)
     return changed
 
 
@@ -334,32 +329,26 @@ def restore_zeros_in_folder(folder: Path, masks: dict[str, torch.Tensor]) -> int
     module's width is read from its packed rows (mixed precision gives layers different widths).
     Returns the number of weights that were non-zero after GPTQ and are zero again.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    from slmsearch.checkpoint import rewrite_weight_files
     from slmsearch.compress import kernels
 
     changed = 0
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        touched = False
-        for name, mask in masks.items():
-            if f"{name}.qweight" not in tensors:
-                continue
+
+    def edit(_: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        nonlocal changed
+        names = [name for name in masks if f"{name}.qweight" in tensors]
+        for name in names:
+            mask = masks[name]
             qweight = tensors[f"{name}.qweight"]  # [in * bits / 32, out]
             bits = qweight.shape[0] * 32 // mask.shape[1]  # this module's width (layers may differ)
             codes = kernels.unpack_bits(qweight, bits)[: mask.shape[1]]  # [in, out]
             zeros = kernels.unpack_bits(tensors[f"{name}.qzeros"].T.contiguous(), bits).T + 1  # [groups, out]
-            g_idx = tensors[f"{name}.g_idx"].long()
-            target = zeros[g_idx]  # [in, out]
+            target = zeros[tensors[f"{name}.g_idx"].long()]  # [in, out]
             where = mask.T
             changed += int((codes[where] != target[where]).sum())
             codes[where] = target[where]
             tensors[f"{name}.qweight"] = kernels.pack_bits(codes, bits)
-            touched = True
-        if touched:
-            with atomic_file(file) as tmp:
-                save_file(tensors, str(tmp), metadata=metadata)
+        return tensors if names else None
+
+    rewrite_weight_files(Path(folder), edit)
     return changed
