@@ -45,18 +45,15 @@ def input_covariance(layer: torch.nn.Module, module: torch.nn.Module, inputs: La
     """``X.T @ X`` / tokens (float64) of ``module``'s inputs over every calibration batch of ``layer``."""
     import torch
 
-    total: list[torch.Tensor] = []
+    total: torch.Tensor | None = None
     tokens = 0
 
     def hook(_: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        nonlocal tokens
+        nonlocal total, tokens
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         part = (x.T @ x).double()
+        total = part if total is None else total + part
         tokens += x.shape[0]
-        if total:
-            total[0] += part
-        else:
-            total.append(part)
 
     handle = module.register_forward_pre_hook(hook)
     try:
@@ -65,9 +62,9 @@ def input_covariance(layer: torch.nn.Module, module: torch.nn.Module, inputs: La
                 layer(hidden, **kwargs)
     finally:
         handle.remove()
-    if not total:
+    if total is None:
         raise SlmsearchError("eora: the calibration batches reached no Linear input (no calibration windows?)")
-    return total[0] / max(tokens, 1)
+    return total / tokens
 
 
 def fit_adapters(model: Any, reference: Callable[[str], torch.Tensor], calib: Calibration, rank: int,

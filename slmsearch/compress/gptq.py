@@ -282,8 +282,10 @@ def _zero_masks(src: Path) -> dict[str, torch.Tensor]:
     """Boolean zero masks of the decoder Linear weights that hold exact zeros (a pruned model)."""
     from safetensors import safe_open
 
+    from slmsearch.checkpoint import weight_files
+
     masks: dict[str, torch.Tensor] = {}
-    for file in sorted(src.glob("*.safetensors")):
+    for file in weight_files(src):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if ".layers." in key and key.endswith("_proj.weight"):

@@ -89,7 +89,7 @@ def no_progress_bars_off_a_terminal() -> None:
 
 @contextmanager
 def module_logs_out_of_the_working_directory() -> Iterator[Path | None]:
-    """Send the per-module logs gptqmodel writes during a quantize or EoRA run to a temporary
+    """Send the per-module logs gptqmodel writes during a quantize run to a temporary
     folder, removed afterwards, instead of ``./logs`` of whatever directory slmsearch was started in.
 
     gptqmodel appends one JSON record per module (loss, time, samples) to
@@ -161,7 +161,7 @@ _LIMITED_POOLS: set[int] = set()  # id() of the gptqmodel thread pools whose wor
 def limit_worker_threads() -> int:
     """Give each of gptqmodel's CPU worker threads ``cores // workers`` torch threads; returns that.
 
-    gptqmodel solves modules (GPTQ's column loop, EoRA's eigendecomposition and SVD) on its own
+    gptqmodel solves modules (GPTQ's column loop; EoRA's solves too, when gptqmodel ran EoRA) on its own
     worker threads, ``GPTQMODEL_CPU_WORKERS`` of them, and each starts with torch's default thread
     count (all cores): 2 workers x 2 threads on 2 cores oversubscribe them, and LAPACK's SVD runs
     ~6x slower (EoRA stage 86 s -> 62 s when limited; docs/benchmarks.md section 1). torch's thread

@@ -100,9 +100,7 @@ class MinMaxQuant(Stage):
             packed, dtype = checkpoint.read_packed(src) if checkpoint.has_packed_embedding(src) else ({}, "")
             err = norm = 0.0
             exact = total = 0
-            for path in sorted(src.glob("*.safetensors")):
-                if path.name == checkpoint.PACKED_EMBEDDING_FILE:
-                    continue
+            for path in checkpoint.weight_files(src):
                 with safe_open(str(path), framework="pt") as f:
                     meta = f.metadata()
                     tensors = {n: f.get_tensor(n) for n in f.keys()}
