@@ -50,10 +50,10 @@ OUT = REPO / "bench" / "results" / "quality_at_budget.csv"
 COLUMNS = ["budget_mb", "search", "token_ppl", "ratio_to_dense", "word_ppl", "triviaqa_em", "footprint_mb", "plan",
            "trials", "study_minutes", "note"]
 # Last turn's levers: what the space held before KV-cache precision, embedding groups, mixed
-# precision, the scale search and distillation were added.
+# precision, the scale search, distillation and 8-bit scale codes were added.
 LAST_TURN = {"kv_cache_bits": (16,), "embedding_groups": (0,), "embedding_gptq": False, "wider_fraction": (0.0, 0.0), "gptq_mse": (0.0,),
              "layer_grids": ("gptq",), "embedding_grids": ("sym",), "embedding_wide_fraction": (0.0, 0.0),
-             "lora_loss": ("lm",)}
+             "lora_loss": ("lm",), "gptq_scale_bits": (16,)}
 
 
 FINAL_METRICS = ("wikitext_token_ppl", "wikitext_word_ppl", "triviaqa_exact_match")

@@ -55,6 +55,8 @@ ADAPTER_DIR = "adapter"  # the one adapter folder: EoRA (GPTQ) or a kept LoRA (p
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's adapter config (``r`` is the rank)
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PACKED_EMBEDDING_FILE = "embedding-packed.safetensors"  # packed codes + scales of a quantized embedding
+SCALE_CODES_FILE = "gptq-scales.safetensors"  # GPTQ scales on 8-bit log2 grids: the grids, a finished folder's codes
+SIDE_FILES = (PACKED_EMBEDDING_FILE, SCALE_CODES_FILE)  # safetensors files that are not model weight files
 DERIVED_KEY = "gptq_derived"  # meta: the GPTQ tensor kinds a finished folder left out (finish, gptq_compact)
 # set on a model by EmbeddingQuant ({"embed"|"lm_head": PackedTensor}) and MinMaxQuant ({module path: PackedTensor})
 PACKED_ATTR = "_slmsearch_packed"
@@ -308,8 +310,50 @@ def carry_packed(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """A checkpoint folder's model weight files (its packed embedding's file left out)."""
-    return sorted(p for p in folder.glob("*.safetensors") if p.name != PACKED_EMBEDDING_FILE)
+    """A checkpoint folder's model weight files (its packed embedding's and scale codes' files left out)."""
+    return sorted(p for p in folder.glob("*.safetensors") if p.name not in SIDE_FILES)
+
+
+def write_scale_grids(folder: str | os.PathLike[str], bits: int) -> int:
+    """Round every GPTQ ``scales`` tensor of ``folder`` onto its own ``bits``-bit log2 grid
+    (:func:`slmsearch.gptq_compact.on_log_grid`) and store the grids in :data:`SCALE_CODES_FILE`
+    (:func:`finish` stores the codes there too). Returns the number of tensors rounded."""
+    from safetensors.torch import save_file
+
+    from slmsearch import gptq_compact
+
+    grids: dict[str, torch.Tensor] = {}
+
+    def edit(_: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        rounded, found = gptq_compact.on_log_grid(tensors, bits)
+        grids.update(found)
+        return rounded if found else None
+
+    rewrite_weight_files(Path(folder), edit)  # a stage's output folder: discarded whole if this fails
+    with atomic_file(Path(folder) / SCALE_CODES_FILE) as tmp:
+        save_file(grids, str(tmp), metadata={"bits": str(bits)})
+    return len(grids)
+
+
+def _scale_file(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """(tensors, bits) of a folder's :data:`SCALE_CODES_FILE`."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / SCALE_CODES_FILE), framework="pt") as f:
+        return {n: f.get_tensor(n) for n in f.keys()}, int((f.metadata() or {}).get("bits", 8))
+
+
+def has_scale_codes(folder: str | os.PathLike[str]) -> bool:
+    """True when a finished folder stores its GPTQ scales as codes (:func:`finish`)."""
+    from safetensors import safe_open
+
+    from slmsearch.gptq_compact import SCALES
+
+    path = Path(folder) / SCALE_CODES_FILE
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return any(n.endswith(f".{SCALES}") for n in f.keys())
 
 
 def rewrite_weight_files(folder: Path, edit: Callable[[Path, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]) -> int:
@@ -346,15 +390,41 @@ def finish(folder: str | os.PathLike[str]) -> int:
     """Make ``folder`` a finished checkpoint, the files a deployment stores: where it holds a packed
     embedding, drop the dense copy (checked first to equal the unpacked codes bit for bit); in a
     GPTQ folder, drop the ``g_idx`` and ``qzeros`` tensors that carry nothing
-    (:mod:`slmsearch.gptq_compact`, each checked to equal what :func:`load` rebuilds). The weight
-    files are rewritten whole, their index updated. Returns the bytes saved."""
+    (:mod:`slmsearch.gptq_compact`, each checked to equal what :func:`load` rebuilds), and store
+    scales made on 8-bit grids as their codes. The weight files are rewritten whole, their index
+    updated. Returns the bytes saved."""
     folder = Path(folder)
     before = sum(p.stat().st_size for p in weight_files(folder))
     if has_packed_embedding(folder):
         _drop_dense_embedding(folder)
     if is_gptq_folder(folder):
-        _drop_derivable_gptq(folder)
+        _drop_derivable_gptq(folder)  # first: it reads each Linear's dimensions from its scales
+        if (folder / SCALE_CODES_FILE).is_file():
+            _store_scale_codes(folder)
     return before - sum(p.stat().st_size for p in weight_files(folder))
+
+
+def _store_scale_codes(folder: Path) -> None:
+    """Write the codes of the scales rounded to 8-bit grids into :data:`SCALE_CODES_FILE`, then
+    leave the fp16 scales out of the weight files."""
+    from safetensors.torch import save_file
+
+    from slmsearch import gptq_compact
+
+    stored, bits = _scale_file(folder)
+    codes: dict[str, torch.Tensor] = {}
+
+    def collect(_: Path, tensors: dict[str, torch.Tensor]) -> None:
+        codes.update(gptq_compact.scale_codes(tensors, stored, bits))
+
+    rewrite_weight_files(folder, collect)
+    if not codes:
+        return
+    with atomic_file(folder / SCALE_CODES_FILE) as tmp:
+        save_file({**stored, **codes}, str(tmp), metadata={"bits": str(bits)})
+    rewrite_weight_files(folder, lambda _, tensors: {n: t for n, t in tensors.items() if n not in codes}
+                         if codes.keys() & tensors.keys() else None)
+    _drop_from_index(folder, set(codes))
 
 
 def _drop_dense_embedding(folder: Path) -> None:
@@ -418,7 +488,7 @@ def derived_gptq(folder: str | os.PathLike[str]) -> list[str]:
 def _needs_view(folder: Path) -> bool:
     """True when neither transformers nor gptqmodel can read ``folder`` as it is: a finished
     folder with a packed embedding, or GPTQ tensors left out."""
-    if derived_gptq(folder):
+    if derived_gptq(folder) or has_scale_codes(folder):
         return True
     if not has_packed_embedding(folder):
         return False
@@ -449,7 +519,7 @@ def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> 
     view.mkdir(parents=True, exist_ok=True)
     weights = weight_files(folder)
     for path in folder.iterdir():
-        if path in weights or path.name == PACKED_EMBEDDING_FILE or path.name.endswith(".safetensors.index.json"):
+        if path in weights or path.name in SIDE_FILES or path.name.endswith(".safetensors.index.json"):
             continue
         (view / path.name).symlink_to(path)
     n = len(weights) + 1
@@ -465,6 +535,10 @@ def dense_view(folder: str | os.PathLike[str], view: str | os.PathLike[str]) -> 
     if has_packed_embedding(folder):
         packed, dtype = read_packed(folder)
         extra.update({f"{packed_prefix(k)}.weight": p.dense(getattr(torch, dtype)).contiguous() for k, p in packed.items()})
+    if has_scale_codes(folder):
+        scales = gptq_compact.decoded_scales(_scale_file(folder)[0])
+        extra.update(scales)
+        shapes.update({name: list(t.shape) for name, t in scales.items()})
     derived = derived_gptq(folder)
     if derived:
         extra.update(gptq_compact.rebuilt(shapes, derived, gptq_compact.layout(quantize_config(folder))[0]))

@@ -13,8 +13,16 @@ slmsearch makes:
 A deployment (and :func:`slmsearch.checkpoint.finish`) drops them when they are exactly that,
 checked tensor by tensor, so the files hold what the hardware model counts
 (:meth:`slmsearch.compress.gptq.Gptq.shape`): for SmolLM2-135M at 3 bits, 1.2 MB of 64.
-:func:`rebuilt` makes them again, bit for bit, for gptqmodel's loader. At module level only the
-standard library is imported.
+:func:`rebuilt` makes them again, bit for bit, for gptqmodel's loader.
+
+The ``scales`` (fp16, one per group and output) may be stored as 8-bit codes instead
+(``gptq.scale_bits: 8``): each tensor's scales on a log2 grid of its own range
+(:func:`slmsearch.compress.kernels.log_scale_grid`, ``<prefix>.scales_log2_grid``). The GPTQ
+stage rounds the fp16 scales onto the grid (:func:`on_log_grid`), so every later stage and the
+evaluation see the deployed values; a finished folder stores the codes (:func:`scale_codes`,
+checked to decode to the fp16 scales bit for bit) in :data:`slmsearch.checkpoint.SCALE_CODES_FILE`
+and :func:`decoded_scales` makes the fp16 tensors again. At 3 bits g64 on SmolLM2-135M this is
+1.66 MB of 64. At module level only the standard library is imported.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-G_IDX, QZEROS = "g_idx", "qzeros"
+G_IDX, QZEROS, SCALES = "g_idx", "qzeros", "scales"
+SCALE_GRID = "scales_log2_grid"  # <prefix>.scales_log2_grid: float32 [lowest log2, step] of 8-bit scale codes
 
 
 def layout(quantize_config: Mapping[str, Any]) -> tuple[int, bool]:
@@ -100,3 +109,60 @@ def rebuilt(shapes: Mapping[str, Sequence[int]], kinds: Collection[str], group_s
         if QZEROS in kinds and f"{prefix}.{QZEROS}" not in shapes:
             out[f"{prefix}.{QZEROS}"] = symmetric_zeros(groups, out_f, bits)
     return out
+
+
+def _scale_names(tensors: Mapping[str, Any]) -> list[str]:
+    """The ``scales`` tensors of the quantized Linears in ``tensors`` (those beside a ``qweight``)."""
+    return [n for n in tensors if n.endswith(f".{SCALES}") and f"{n[: -len(SCALES) - 1]}.qweight" in tensors]
+
+
+def on_log_grid(tensors: Mapping[str, torch.Tensor], bits: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(``tensors`` with every quantized Linear's fp16 ``scales`` rounded to its own ``bits``-bit
+    log2 grid, {``<prefix>.scales_log2_grid``: grid}). The codes (``qweight``) are kept: a scale
+    moves by under half a grid step (1.1% over 8 octaves at 8 bits), far below a rounding step of
+    the weights, so GPTQ's choice of codes stays the nearest one."""
+    import torch
+
+    from slmsearch.compress import kernels
+    from slmsearch.errors import SlmsearchError
+
+    out, grids = dict(tensors), {}
+    for name in _scale_names(tensors):
+        scales = tensors[name]
+        if scales.dtype != torch.float16:
+            raise SlmsearchError(f"{name} is {scales.dtype}, not float16: 8-bit scale codes are made from gptqmodel's fp16 scales")
+        grid = kernels.log_scale_grid(scales, bits)
+        out[name] = kernels.log_scale_values(kernels.log_scale_codes(scales, grid, bits), grid).to(scales.dtype)
+        grids[f"{name[: -len(SCALES) - 1]}.{SCALE_GRID}"] = grid
+    return out, grids
+
+
+def scale_codes(tensors: Mapping[str, torch.Tensor], grids: Mapping[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """{``<prefix>.scales``: uint8 codes} of the ``scales`` in ``tensors`` that have a grid,
+    each checked to decode to the stored fp16 tensor bit for bit."""
+    import torch
+
+    from slmsearch.compress import kernels
+    from slmsearch.errors import SlmsearchError
+
+    out: dict[str, torch.Tensor] = {}
+    for name in _scale_names(tensors):
+        grid = grids.get(f"{name[: -len(SCALES) - 1]}.{SCALE_GRID}")
+        if grid is None:
+            continue
+        codes = kernels.log_scale_codes(tensors[name], grid, bits)
+        if not torch.equal(kernels.log_scale_values(codes, grid).to(tensors[name].dtype), tensors[name]):
+            raise SlmsearchError(f"{name} is not on its {bits}-bit scale grid; re-create the checkpoint")
+        out[name] = codes
+    return out
+
+
+def decoded_scales(stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp16 ``scales`` that the uint8 codes in ``stored`` (a finished folder's
+    :data:`slmsearch.checkpoint.SCALE_CODES_FILE`, codes beside their grids) stand for."""
+    import torch
+
+    from slmsearch.compress import kernels
+
+    return {name: kernels.log_scale_values(codes, stored[f"{name[: -len(SCALES) - 1]}.{SCALE_GRID}"]).to(torch.float16)
+            for name, codes in stored.items() if name.endswith(f".{SCALES}")}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slmsearch.checkpoint import ADAPTER_DIR, CONFIG_FILE, copy_folder, copy_tokenizer
+from slmsearch.checkpoint import ADAPTER_DIR, CONFIG_FILE, copy_folder, copy_tokenizer, write_scale_grids
 from slmsearch.compress.geometry import undivided_inputs
 from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_choice, check_range, space_first
 from slmsearch.errors import SlmsearchError
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_GROUPS = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
 WIDER = {2: 3, 3: 4, 4: 8}  # the width a layer raised by mixed precision gets (gptqmodel's widths)
+SCALE_BITS = (16, 8)  # fp16 scales as gptqmodel writes them, or 8-bit codes on a log2 grid per tensor
 
 
 def calibration_rows(calib: Calibration) -> list[dict[str, list[int]]]:
@@ -49,7 +50,7 @@ class Gptq(Stage):
 
     kind = "gptq"
     works_on_dirs = True
-    column_defaults = {"gptq_bits": 16, "gptq_wider_layers": 0}
+    column_defaults = {"gptq_bits": 16, "gptq_wider_layers": 0, "gptq_scale_bits": 16}
     bits: int = 4  # 2, 3, 4 or 8
     group_size: int = 128  # 32, 64, 128, or -1 (per output channel)
     act_order: bool = False  # gptqmodel desc_act: quantize columns by decreasing Hessian diagonal
@@ -66,6 +67,10 @@ class Gptq(Stage):
     # layers whose rounding alone moves the output most (compress/sensitivity.py).
     layer_bits: tuple[int, ...] = ()
     wider_layers: int = 0
+    # how the deployment stores each group's scale: 16 (fp16), or 8 (a code on a log2 grid spanning
+    # the tensor's own scales, as llama.cpp's k-quants store theirs in 6 bits under an fp16 one):
+    # the stage rounds the scales to it, so the evaluation scores what is deployed
+    scale_bits: int = 16
 
     def __post_init__(self) -> None:
         check_choice("gptq", "bits", self.bits, GPTQ_BITS)
@@ -79,6 +84,7 @@ class Gptq(Stage):
         if self.layer_bits and min(self.layer_bits) != self.bits:
             raise SlmsearchError(f"gptq.bits must be the narrowest of gptq.layer_bits ({min(self.layer_bits)}), got {self.bits}")
         check_range("gptq", "wider_layers", self.wider_layers, 0, 4096, integer=True)
+        check_choice("gptq", "scale_bits", self.scale_bits, SCALE_BITS)
         check_range("gptq", "mse", self.mse, 0.0, 10.0)
         if not isinstance(self.gptaq, bool):
             raise SlmsearchError(f"gptq.gptaq must be true or false, got {self.gptaq!r}")
@@ -118,7 +124,7 @@ class Gptq(Stage):
 
     def shape(self, shape: ModelShape) -> ModelShape:
         """gptqmodel's v1 format as a finished checkpoint stores it (:mod:`slmsearch.gptq_compact`),
-        per layer at its width (:meth:`widths`): ``b``-bit codes and a 16-bit scale per group; a
+        per layer at its width (:meth:`widths`): ``b``-bit codes and a ``scale_bits`` scale per group; a
         ``b``-bit zero point per group only on an asymmetric grid; a 32-bit group index per input
         only in activation order or with one group per output (it then gives the input size)."""
         from slmsearch.hwmodel.shape import TensorFormat
@@ -126,29 +132,31 @@ class Gptq(Stage):
         group = None if self.group_size == -1 else self.group_size
         g_idx_bits = 32 if self.act_order or group is None else 0
         return shape.with_linear_formats(
-            TensorFormat(weight_bits=b, group_size=group, scale_bits=16, zero_bits=0 if self.sym else b,
+            TensorFormat(weight_bits=b, group_size=group, scale_bits=self.scale_bits, zero_bits=0 if self.sym else b,
                          g_idx_bits=g_idx_bits)
             for b in self.widths(len(shape.layers))
         )
 
     def label(self) -> str:
         mixed = f"+{self.wider_layers}" if self.wider_layers else (f"~{sum(self.layer_bits) / len(self.layer_bits):.2f}" if self.layer_bits else "")
-        return f"w{self.bits}{mixed}g{'ch' if self.group_size == -1 else self.group_size}{'' if self.sym else 'a'}"
+        scales = "" if self.scale_bits == 16 else f"s{self.scale_bits}"
+        return f"w{self.bits}{mixed}g{'ch' if self.group_size == -1 else self.group_size}{'' if self.sym else 'a'}{scales}"
 
     def columns(self) -> dict[str, Any]:
-        return {"gptq_bits": self.bits, "gptq_wider_layers": self.wider_layers}
+        return {"gptq_bits": self.bits, "gptq_wider_layers": self.wider_layers, "gptq_scale_bits": self.scale_bits}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], space: Any, earlier: tuple[Stage, ...]) -> Gptq | None:
         """``gptq_bits`` (16 = no stage) with ``group_size``, ``act_order``, ``gptq_wider_layers`` and
-        ``gptq_mse`` (else the space's first)."""
+        ``gptq_mse`` and ``gptq_scale_bits`` (else the space's first)."""
         bits = int(params.get("gptq_bits", 16))
         if bits == 16 or params.get("layer_grid", "gptq") != "gptq":
             return None
         wider = int(params.get("gptq_wider_layers", 0)) if bits in WIDER else 0
         mse = params.get("gptq_mse", space_first(space, "gptq_mse", 0.0))
+        scale_bits = params.get("gptq_scale_bits", space_first(space, "gptq_scale_bits", 16))
         return cls(bits=bits, group_size=int(params["group_size"]), act_order=bool(params.get("act_order", False)),
-                   wider_layers=wider, mse=float(mse))
+                   wider_layers=wider, mse=float(mse), scale_bits=int(scale_bits))
 
     def apply_dir(self, src_dir: Path, out_dir: Path, calib: Calibration, base_dir: Path | None = None) -> StageReport:
         import torch
@@ -179,8 +187,11 @@ class Gptq(Stage):
                 # computed it: finish leaves it out only when it equals them)
                 store_floats_in_bfloat16(Path(out_dir), keep=_packed_dense_names(Path(src_dir)))
             restored = restore_zeros_in_folder(Path(out_dir), zero_masks) if zero_masks else 0
+            gridded = write_scale_grids(Path(out_dir), self.scale_bits) if self.scale_bits != 16 else 0
             copy_tokenizer(Path(src_dir), Path(out_dir))
         metrics: dict[str, Any] = {"zeros_restored": restored, "sparse_modules": len(zero_masks)}
+        if gridded:
+            metrics["scales_on_grids"] = gridded
         if len(set(widths)) > 1:
             metrics["layer_bits"] = list(widths)
         return StageReport(self.kind, self.to_dict(), t.seconds, metrics)

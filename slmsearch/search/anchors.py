@@ -54,7 +54,8 @@ def anchor_params(space: SpaceConfig, base_shape: Any, fits: Fits, *, max_anchor
             params: dict[str, Any] = {
                 "wanda_pattern": "none", "lora_rank": 0 if 0 in space.lora_ranks else lora,
                 "embedding_bits": min(space.embedding_bits), "gptq_bits": bits,
-                "group_size": group_size, "act_order": space.act_order[0], "gptq_mse": space.gptq_mse[0], "eora_rank": 0,
+                "group_size": group_size, "act_order": space.act_order[0], "gptq_mse": space.gptq_mse[0],
+                "gptq_scale_bits": space.gptq_scale_bits[0], "eora_rank": 0,
                 "kv_cache_bits": min(space.kv_cache_bits), "drop_fraction": 0.0, "wider_fraction": space.wider_fraction[1],
                 "embedding_wide_fraction": space.embedding_wide_fraction[1], "layer_grid": "gptq",
             }

@@ -33,6 +33,7 @@ KV_CACHE_LEVELS = ("l2", "l3")
 GPTQ_BITS = (2, 3, 4, 8, 16)  # 16 = not quantized
 GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
 EMBEDDING_BITS = (16, 8, 4)
+SCALE_BITS = (16, 8)  # how a GPTQ scale is stored (compress/gptq.py SCALE_BITS)
 EMBEDDING_GROUPS = (0, 32, 64, 128)  # 0 = one scale per row
 KV_CACHE_BITS = (16, 8, 4)  # 16 = a float cache
 KV_CACHE_GROUPS = (8, 16, 32, 64, 128)
@@ -89,6 +90,9 @@ class SpaceConfig:
     # gptqmodel's scale search norm (0 = plain min/max range): on SmolLM2-135M 3-bit g64, token ppl
     # x2.77 the dense model's without it, x1.85 with 2.4, at twice the GPTQ time (docs/benchmarks.md)
     gptq_mse: tuple[float, ...] = (2.4,)
+    # how a GPTQ scale is stored: 8 = a code on a log2 grid per tensor (1.66 MB less than fp16 at
+    # 3-bit g64 on SmolLM2-135M: about 4 more layers at 4 bits in 64 MB; docs/benchmarks.md), 16 = fp16
+    gptq_scale_bits: tuple[int, ...] = (8,)
     eora_ranks: tuple[int, ...] = (0, 8, 16, 32)  # only with GPTQ
     embedding_bits: tuple[int, ...] = (16, 8, 4)
     # columns per 16-bit scale of a quantized embedding, 0 = one per row. On SmolLM2-135M at 4 bits,
@@ -149,6 +153,7 @@ class SpaceConfig:
         object.__setattr__(self, "group_sizes", _choices(s, "group_sizes", self.group_sizes, GROUP_SIZES))
         object.__setattr__(self, "act_order", _choices(s, "act_order", self.act_order, (False, True)))
         object.__setattr__(self, "gptq_mse", _choices(s, "gptq_mse", self.gptq_mse, (0.0, 2.0, 2.4, 3.0)))
+        object.__setattr__(self, "gptq_scale_bits", _choices(s, "gptq_scale_bits", self.gptq_scale_bits, SCALE_BITS))
         object.__setattr__(self, "eora_ranks", _choices(s, "eora_ranks", self.eora_ranks, tuple(range(0, 4097))))
         object.__setattr__(self, "embedding_bits", _choices(s, "embedding_bits", self.embedding_bits, EMBEDDING_BITS))
         object.__setattr__(self, "embedding_groups", _choices(s, "embedding_groups", self.embedding_groups, EMBEDDING_GROUPS))

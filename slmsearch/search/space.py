@@ -141,6 +141,7 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
         params["group_size"] = trial.suggest_categorical("group_size", list(groups))
         params["act_order"] = trial.suggest_categorical("act_order", list(space.act_order))
         params["gptq_mse"] = _choose(trial, "gptq_mse", space.gptq_mse)
+        params["gptq_scale_bits"] = _choose(trial, "gptq_scale_bits", space.gptq_scale_bits)
         params["eora_rank"] = trial.suggest_categorical("eora_rank", list(space.eora_ranks))
     params["kv_cache_bits"] = _choose(trial, "kv_cache_bits", space.kv_cache_bits)
     params.update(kv_cache_params(space, dims))

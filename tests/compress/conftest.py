@@ -97,7 +97,8 @@ def quantized(tiny_base, tmp_path_factory):
     """GPTQ plans of the tiny base, run once per session through the pipeline and its cache,
     from an empty working directory: ``plans[name]`` is the PipelineResult of "gptq", "eora"
     (gptq + EoRA), "sparse" (WANDA + gptq), "mixed" (the most sensitive layer one bit wider)
-    and "sparse_mixed" (WANDA + gptq with given per-layer widths); ``plans["cwd_after"]`` lists what the runs left in
+    "sparse_mixed" (WANDA + gptq with given per-layer widths), "asym", and "gptq3" / "scales8" (3-bit
+    with fp16 scales / with 8-bit scale codes); ``plans["cwd_after"]`` lists what the runs left in
     the working directory."""
     from slmsearch.compress.cache import StageCache
     from slmsearch.compress.calib import CalibSettings
@@ -117,6 +118,8 @@ def quantized(tiny_base, tmp_path_factory):
             "mixed": "[{stage: gptq, bits: 3, group_size: 32, wider_layers: 1}]",
             "sparse_mixed": "[{stage: wanda, sparsity: 0.5}, {stage: gptq, bits: 3, group_size: 32, layer_bits: [3, 4, 3, 8]}]",
             "asym": "[{stage: gptq, bits: 3, group_size: 32, sym: false}]",
+            "gptq3": "[{stage: gptq, bits: 3, group_size: 32}]",
+            "scales8": "[{stage: gptq, bits: 3, group_size: 32, scale_bits: 8}]",
         }.items():
             plans[name] = run(Plan.from_yaml(text), str(tiny_base), DATA_DIR, settings, cache=cache)
     plans["cwd_after"] = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))

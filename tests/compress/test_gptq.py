@@ -381,7 +381,8 @@ def test_float32_compute_quantizes_and_loads_every_width_in_float32(tiny_base, t
 
 
 @pytest.mark.parametrize("name,left_out", [("gptq", {"g_idx", "qzeros"}), ("eora", {"g_idx", "qzeros"}),
-                                           ("sparse_mixed", {"g_idx", "qzeros"}), ("asym", {"g_idx"})])
+                                           ("sparse_mixed", {"g_idx", "qzeros"}), ("asym", {"g_idx"}),
+                                           ("scales8", {"g_idx", "qzeros"})])
 def test_a_finished_folder_leaves_out_what_it_can_rebuild_and_computes_the_same(quantized, name, left_out, tmp_path):
     """finish drops g_idx (columns in their own order) and a symmetric grid's qzeros (one value),
     every quantized Linear, and nothing else; load rebuilds them: the same logits, bit for bit."""
@@ -426,3 +427,73 @@ def test_only_tensors_equal_to_their_rebuilt_form_are_left_out():
     shapes = {k: list(v.shape) for k, v in tensors.items() if k in ("m.qweight", "m.scales")}
     rebuilt = gptq_compact.rebuilt(shapes, ["g_idx", "qzeros"], group)
     assert torch.equal(rebuilt["m.g_idx"], tensors["m.g_idx"]) and torch.equal(rebuilt["m.qzeros"], tensors["m.qzeros"])
+
+
+def _tensors(folder, suffix):
+    from safetensors import safe_open
+
+    out = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({(path.name, k): f.get_tensor(k) for k in f.keys() if k.endswith(suffix)})
+    return out
+
+
+def test_scales_on_8_bit_grids_keep_the_codes_and_move_each_scale_by_under_half_a_step(quantized):
+    """scale_bits 8 rounds each fp16 scale onto its tensor's log2 grid after GPTQ: the packed codes
+    are GPTQ's own (the same plan with fp16 scales), each scale moves by at most half a grid step,
+    and the model's output moves far less than the rounding of the weights moved it."""
+    plain, rounded = quantized["gptq3"].checkpoint_dir, quantized["scales8"].checkpoint_dir
+    assert quantized["scales8"].reports[-1].metrics["scales_on_grids"] == 4 * 7
+    q16 = {k: v for (_, k), v in _tensors(plain, ".qweight").items()}
+    q8 = {k: v for (_, k), v in _tensors(rounded, ".qweight").items()}
+    assert q16.keys() == q8.keys() and all(torch.equal(q16[k], q8[k]) for k in q16)
+    s16 = {k: v for (_, k), v in _tensors(plain, ".scales").items()}
+    s8 = {k: v for (_, k), v in _tensors(rounded, ".scales").items()}
+    grids = {k: v for (_, k), v in _tensors(rounded, ".scales_log2_grid").items()}
+    assert len(grids) == len(s16) == 28
+    for name, scales in s16.items():
+        step = float(grids[name.replace(".scales", ".scales_log2_grid")][1])
+        moved = (torch.log2(s8[name].float()) - torch.log2(scales.float())).abs().max()
+        assert 0 < step <= 16 / 255 and moved <= step / 2 + 2e-3  # half a step, plus fp16's rounding
+    assert not all(torch.equal(s16[k], s8[k]) for k in s16)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 64, 11, 8, 250]])
+    with torch.no_grad():
+        a = checkpoint.load(plain, dense=True)[0](ids).logits.float()
+        b = checkpoint.load(rounded, dense=True)[0](ids).logits.float()
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_a_finished_folder_stores_8_bit_scale_codes_that_the_hardware_model_counts(quantized, tmp_path):
+    from slmsearch.hwmodel import ModelShape
+
+    source = quantized["scales8"].checkpoint_dir
+    folder = finished_copy(source, tmp_path / "finished")
+    stored = _tensors(folder, ".scales")
+    assert {f for f, _ in stored} == {checkpoint.SCALE_CODES_FILE} and len(stored) == 28
+    assert all(t.dtype == torch.uint8 for t in stored.values())
+    assert checkpoint.has_scale_codes(folder) and not checkpoint.has_scale_codes(source)
+    shape = ModelShape.from_checkpoint(folder)
+    assert {layer.linear_format.scale_bits for layer in shape.layers} == {8}
+    assert ModelShape.from_checkpoint(source).layers[0].linear_format.scale_bits == 16  # fp16 until finished
+    saved = sum(p.stat().st_size for p in source.glob("*.safetensors")) - sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    n_scales = sum(t.numel() for t in stored.values())
+    assert saved >= n_scales  # one byte a scale at least (g_idx and qzeros went too)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(checkpoint.load(folder, dense=True)[0](prompt).logits,
+                           checkpoint.load(source, dense=True)[0](prompt).logits)
+
+
+def test_finish_refuses_scales_that_left_their_grid(quantized, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "copy"
+    checkpoint.copy_folder(quantized["scales8"].checkpoint_dir, folder)
+    path = next(p for p in checkpoint.weight_files(folder))
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.endswith(".scales"))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(SlmsearchError, match=rf"{name} is not on its 8-bit scale grid; re-create the checkpoint"):
+        checkpoint.finish(folder)

@@ -135,3 +135,39 @@ def test_rtn_clipping_search_lowers_the_error_it_minimises():
     assert (w - searched).abs().pow(2.4).sum() < (w - plain).abs().pow(2.4).sum()
     assert (searched_scales <= rtn_codes(w, 4, 64)[1]).all()  # ranges only shrink
     assert int(searched_codes.max()) <= 15
+
+
+def test_log_scale_codes_keep_each_scale_within_half_a_step_of_its_own_range():
+    g = torch.Generator().manual_seed(0)
+    scales = torch.exp2(torch.rand(24, 40, generator=g) * 6 - 9).half()  # 6 octaves
+    grid = kernels.log_scale_grid(scales, 8)
+    lo, step = float(grid[0]), float(grid[1])
+    assert lo == pytest.approx(math.log2(float(scales.float().min())), abs=1e-6)
+    assert lo + 255 * step == pytest.approx(math.log2(float(scales.float().max())), abs=1e-5)
+    codes = kernels.log_scale_codes(scales, grid, 8)
+    assert codes.dtype == torch.uint8 and int(codes.min()) == 0 and int(codes.max()) == 255
+    back = kernels.log_scale_values(codes, grid)
+    assert (torch.log2(back) - torch.log2(scales.float())).abs().max() <= step / 2 + 1e-6
+    # decoded and stored in fp16, a scale finds its own code again (what finish checks)
+    assert torch.equal(kernels.log_scale_codes(back.half(), grid, 8), codes)
+    # fewer bits: a coarser grid over the same range, never a worse error bound than its half step
+    grid4 = kernels.log_scale_grid(scales, 4)
+    assert float(grid4[1]) == pytest.approx(step * 255 / 15)
+
+
+def test_log_scale_grid_limits_its_span_and_keeps_fp16_normal():
+    same = torch.full((4, 4), 0.01, dtype=torch.float16)
+    grid = kernels.log_scale_grid(same, 8)
+    assert float(grid[1]) * 255 == pytest.approx(1.0)  # at least one octave
+    assert torch.equal(kernels.log_scale_values(kernels.log_scale_codes(same, grid, 8), grid).half(), same)
+    wide = torch.tensor([[2.0**-30, 0.0, 2.0**-3, 1.0]])
+    grid = kernels.log_scale_grid(wide, 8)
+    assert float(grid[0]) == pytest.approx(-14.0)  # 16 octaves below the largest would be -16: fp16's normal floor
+    codes = kernels.log_scale_codes(wide, grid, 8)
+    assert codes.tolist() == [[0, 0, round((-3 + 14) / float(grid[1])), 255]]  # below the grid (zero too): its lowest
+    assert kernels.log_scale_grid(torch.tensor([[2.0**-2, 2.0**-20, 1.0]]), 8)[0] == pytest.approx(-14.0)
+    assert kernels.log_scale_grid(torch.tensor([[2.0**6, 2.0**-20, 1.0]]), 8)[0] == pytest.approx(-10.0)  # 16 octaves
+    with pytest.raises(SlmsearchError, match="scale codes must be 2 to 8 bits, got 9"):
+        kernels.log_scale_grid(wide, 9)
+    with pytest.raises(SlmsearchError, match="no positive scale"):
+        kernels.log_scale_grid(torch.zeros(2, 2), 8)

@@ -54,6 +54,7 @@ TYPICAL: dict[str, tuple[Stage, ...]] = {
     "embedding": (EmbeddingQuant(bits=4, group_size=32),),
     "embedding wide rows": (EmbeddingQuant(bits=4, group_size=32, grid="minmax", wide_rows=64),),
     "gptq": (Gptq(bits=4, group_size=32),),
+    "scales8": (Gptq(bits=3, group_size=32, scale_bits=8),),
     "minmax": (MinMaxQuant(bits=4, group_size=32),),
     "eora": (Gptq(bits=4, group_size=32), Eora(rank=16)),
     "kv_cache": (KvCacheQuant(bits=4, group_size=16),),
@@ -92,7 +93,7 @@ def test_checkpoint_shape_equals_plan_shape(name, tiny_base, tmp_path, request):
     from slmsearch.hwmodel import ModelShape
 
     plan = Plan(TYPICAL[name])
-    if name in ("gptq", "eora"):
+    if name in ("gptq", "eora", "scales8"):
         result = request.getfixturevalue("quantized")[name]
         assert result.plan == plan
         # gptqmodel loads the (fp32) tiny base in bf16 and stores what it does not quantize so:
@@ -102,7 +103,7 @@ def test_checkpoint_shape_equals_plan_shape(name, tiny_base, tmp_path, request):
         result = run(plan, str(tiny_base), DATA_DIR, CalibSettings(**TINY_CALIB), out=tmp_path / "out")
         base = ModelShape.from_checkpoint(tiny_base)  # in-memory stages keep the stored dtype
     folder = result.checkpoint_dir
-    if name in ("gptq", "eora"):  # a cache entry: the deployment stores the finished folder
+    if name in ("gptq", "eora", "scales8"):  # a cache entry: the deployment stores the finished folder
         folder = finished_copy(folder, tmp_path / "finished")
     measured = ModelShape.from_checkpoint(folder)
     predicted = plan.shape(base)

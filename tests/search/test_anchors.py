@@ -49,7 +49,8 @@ def test_default_study_anchors_fit_with_the_fewest_dropped_layers_and_the_most_w
             if fits(other):
                 o_drop = other.get("depth").n_dropped if other.get("depth") else 0
                 assert (o_drop, -other.get("gptq").wider_layers) >= (drop, -wider), (group, other.label())
-    assert anchor_plan(anchors[0], config.space, base, fits).label() == "emb4g64h w3+4g64 kv4"  # g32 widens only 2
+    # 8-bit scale codes leave room for 7 layers at 4 bits (4 with fp16 scales; g32 widens fewer)
+    assert anchor_plan(anchors[0], config.space, base, fits).label() == "emb4g64h+1k8 w3+7g64s8 kv4"
     # a budget nothing 3-bit or wider can meet: no anchors (the sampler is on its own)
     assert anchor_params(config.space, base, budget(config, base, 30.0)) == []
     narrow = dataclasses.replace(config.space, gptq_bits=(2, 16))

@@ -66,7 +66,7 @@ def test_an_over_budget_plan_is_rejected_before_any_work():
     plan = Plan.from_dict(trial.user_attrs[tr.PLAN_ATTR])
     footprint = estimate(plan.shape(ctx.base_shape), ctx.platform, context_len=128).memory.total_bytes / 1e6
     assert tr.status(trial) == tr.REJECTED and ctx.stage_calls == []
-    assert plan.label() == "drop2 emb4h w2g64 kv4"  # every repair taken, the deepest drop
+    assert plan.label() == "drop2 emb4h w2g64s8 kv4"  # every repair taken, the deepest drop
     assert trial.user_attrs["repaired_params"] == {
         "kv_cache_bits": [16, 4], "embedding_bits": [8, 4], "gptq_bits": [16, 2], "group_size": [None, 64],
         "act_order": [None, False], "eora_rank": [None, 0]}

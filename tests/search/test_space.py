@@ -58,9 +58,9 @@ def test_plan_from_params_builds_every_stage_in_order():
     plan = plan_from_params(FULL, dataclasses.replace(SPACE, depth_score="ppl", lora_heldout=8), DIMS, 30)
     assert plan == Plan((
         DepthPrune(drop=4, by="ppl"), Wanda(pattern="2:4", sparsity=0.5), LoraRecovery(rank=8, steps=10, heldout=8, loss="kd"),
-        EmbeddingQuant(bits=4, mse=2.4, gptq=True), Gptq(bits=3, group_size=64, act_order=True, mse=2.4), Eora(rank=16),
+        EmbeddingQuant(bits=4, mse=2.4, gptq=True), Gptq(bits=3, group_size=64, act_order=True, mse=2.4, scale_bits=8), Eora(rank=16),
     ))
-    assert Plan.from_dict(plan.to_dict()).label() == "drop4 wanda2:4@0.50 lora8kd emb4h w3g64 eora16"
+    assert Plan.from_dict(plan.to_dict()).label() == "drop4 wanda2:4@0.50 lora8kd emb4h w3g64s8 eora16"
 
 
 @pytest.mark.parametrize("params, stages", [
@@ -72,7 +72,7 @@ def test_plan_from_params_builds_every_stage_in_order():
     ({"lora_rank": 8}, ()),  # recovery only after a stage removed something
     ({"wanda_pattern": "2:4", "lora_rank": 4}, (Wanda(pattern="2:4", sparsity=0.5), LoraRecovery(rank=4, steps=10, heldout=0, loss="kd"))),
     ({"eora_rank": 8}, ()),  # EoRA only beside GPTQ
-    ({"gptq_bits": 8, "group_size": -1}, (Gptq(bits=8, group_size=-1, mse=2.4),)),
+    ({"gptq_bits": 8, "group_size": -1}, (Gptq(bits=8, group_size=-1, mse=2.4, scale_bits=8),)),
     ({"embedding_bits": 16, "gptq_bits": 16, "drop_layers": 0}, ()),
 ])
 def test_plan_from_params_rules(params, stages):
@@ -95,7 +95,7 @@ def test_suggest_plan_on_a_fixed_trial_records_the_params_that_rebuild_it():
     assert plan == Plan((
         DepthPrune(drop=4), Wanda(pattern="structured", mlp_fraction=0.25, kv_groups=0, multiple=64),  # round(0.35 * 12)
         LoraRecovery(rank=8, steps=SPACE.lora_steps, heldout=SPACE.lora_heldout, loss="kd"),
-        EmbeddingQuant(bits=8, group_size=32, mse=2.4, gptq=True), Gptq(bits=4, group_size=64, wider_layers=13, mse=2.4),  # 0.5 * 26 kept
+        EmbeddingQuant(bits=8, group_size=32, mse=2.4, gptq=True), Gptq(bits=4, group_size=64, wider_layers=13, mse=2.4, scale_bits=8),  # 0.5 * 26 kept
         Eora(rank=8), KvCacheQuant(bits=8, group_size=64, key_group_size=16),
     ))
     fixed = {"structured_multiple": 64, "lora_steps": SPACE.lora_steps, "drop_layers": 4, "gptq_wider_layers": 13}
@@ -122,7 +122,7 @@ def test_baseline_params_are_the_empty_plan():
 def test_most_compressed_plan_takes_every_extreme():
     assert most_compressed_plan(SPACE, BASE) == Plan((
         DepthPrune(drop=12), Wanda(pattern="structured", mlp_fraction=0.5, kv_groups=0, multiple=64),
-        EmbeddingQuant(bits=4, group_size=64, mse=2.4, gptq=True), Gptq(bits=2, group_size=64, mse=2.4),
+        EmbeddingQuant(bits=4, group_size=64, mse=2.4, gptq=True), Gptq(bits=2, group_size=64, mse=2.4, scale_bits=8),
         KvCacheQuant(bits=4, group_size=64, key_group_size=16),
     ))
     assert most_compressed_plan(SPACE, BASE, pattern="unstructured").get("wanda") == Wanda(sparsity=0.5)
