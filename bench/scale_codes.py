@@ -12,7 +12,11 @@ reported first 200 (5-shot, as every table):
 - ``fp16 -> 8-bit``: the same folder with its scales rounded onto 8-bit grids (what the stage does
   after GPTQ): the cost of the codes alone;
 - ``8-bit anchor``: the anchor the default space places now: the 1.66 MB buy 3 more layers at 4
-  bits and the embedding's first 1,024 token ids at 8 bits (63.9 MB).
+  bits and the embedding's first 1,024 token ids at 8 bits (63.9 MB);
+- ``... the embedding's scales too``: its packed scales as 8-bit codes as well
+  (``embedding.scale_bits: 8``, 0.44 MB): one more layer at 4 bits.
+
+``--only NAME ...`` runs some of them.
 
 Appends one JSON line per model to bench/results/scale_codes.jsonl.
 
@@ -42,10 +46,16 @@ MODELS: dict[str, list[dict[str, Any]]] = {
     "fp16": [EMB, GPTQ, KV],
     "fp16 -> 8-bit": [EMB, GPTQ, KV],  # the same plan, its folder's scales then rounded
     "8-bit anchor": [{**EMB, "wide_rows": 1024}, {**GPTQ, "scale_bits": 8, "wider_layers": 7}, KV],
+    "8-bit anchor, the embedding's scales too": [{**EMB, "wide_rows": 1024, "scale_bits": 8},
+                                                 {**GPTQ, "scale_bits": 8, "wider_layers": 8}, KV],
 }
 
 
 def main() -> None:
+    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else list(MODELS)
+    unknown = sorted(set(only) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"error: unknown model(s) {unknown}; choose from {list(MODELS)}")
     quiet_env()
     from slmsearch import checkpoint
     from slmsearch.compress.cache import StageCache
@@ -66,6 +76,8 @@ def main() -> None:
     base = base_shape(resolve_model(None))
     with tempfile.TemporaryDirectory(prefix="scale-codes-") as tmp:
         for name, stages in MODELS.items():
+            if name not in only:
+                continue
             start = time.perf_counter()
             plan = Plan.from_dict(stages)
             folder = run(plan, None, data, config.calibration, cache=cache).checkpoint_dir

@@ -64,6 +64,7 @@ PACKED_NAMES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}  # safetens
 # Tensor names <prefix>.rtn_codes / .rtn_scales: never GPTQ's ``.qweight``/``.scales``, which
 # gptqmodel looks for in every *.safetensors of a folder to decide that the embedding is quantized.
 CODES, SCALES, MINS = "rtn_codes", "rtn_scales", "rtn_mins"
+SCALE_GRID = "rtn_scale_grid"  # <prefix>.rtn_scale_grid: float32 [lowest log2, step]; the scales then stored as uint8 codes
 TOP = "top"  # <prefix>.top.<CODES|SCALES|MINS>: the wider first rows of a packed tensor (PackedTensor.top)
 
 
@@ -190,13 +191,16 @@ class PackedTensor:
     ``scales`` ``[rows, groups]`` (fp16), the bit-width, and ``mins`` ``[rows, groups]`` (fp16) on an
     asymmetric grid (``w = min + code * scale``), or None on the symmetric one (zero point
     ``2**(bits-1)``). ``top``: the tensor's first rows, stored wider on the same grid (an
-    embedding's most frequent token ids); ``codes`` then holds the rows after them."""
+    embedding's most frequent token ids); ``codes`` then holds the rows after them.
+    ``scale_grid``: the scales lie on this 8-bit log2 grid (:func:`compress.kernels.log_scale_grid`)
+    and are stored as its codes; ``scales`` holds their fp16 values."""
 
     codes: Any
     scales: Any
     bits: int
     mins: Any = None
     top: PackedTensor | None = None
+    scale_grid: Any = None
 
     def dense(self, dtype: Any) -> torch.Tensor:
         """The weights, exactly as the stage set them (:func:`compress.kernels.rtn_dequantize`,
@@ -258,12 +262,26 @@ def write_packed(folder: str | os.PathLike[str], packed: dict[str, PackedTensor]
     for key, tensor in packed.items():
         for prefix, p in tensor.parts(packed_prefix(key)):
             tensors[f"{prefix}.{CODES}"] = pack_codes(p.codes, p.bits).contiguous()
-            tensors[f"{prefix}.{SCALES}"] = p.scales.contiguous()
+            tensors[f"{prefix}.{SCALES}"] = p.scales.contiguous() if p.scale_grid is None else _scale_codes_of(p, prefix)
+            if p.scale_grid is not None:
+                tensors[f"{prefix}.{SCALE_GRID}"] = p.scale_grid.contiguous()
             if p.mins is not None:
                 tensors[f"{prefix}.{MINS}"] = p.mins.contiguous()
             bits[prefix] = p.bits
     meta = {"format": "slmsearch-rtn-packed", "bits": json.dumps(bits), "dtype": dtype}
     save_file(tensors, str(Path(folder) / PACKED_EMBEDDING_FILE), metadata=meta)
+
+
+def _scale_codes_of(p: PackedTensor, prefix: str) -> torch.Tensor:
+    """The uint8 codes of ``p``'s scales on its grid, checked to decode to them bit for bit."""
+    import torch
+
+    from slmsearch.compress.kernels import log_scale_codes, log_scale_values
+
+    codes = log_scale_codes(p.scales, p.scale_grid, 8)
+    if p.scales.dtype != torch.float16 or not torch.equal(log_scale_values(codes, p.scale_grid).half(), p.scales):
+        raise SlmsearchError(f"{prefix}: its scales are not on their 8-bit grid; re-create the checkpoint")
+    return codes.contiguous()
 
 
 def packed_widths(meta: dict[str, str]) -> dict[str, int]:
@@ -293,7 +311,13 @@ def read_packed(folder: str | os.PathLike[str]) -> tuple[dict[str, PackedTensor]
                 raise SlmsearchError(f"{path}: no width recorded for {prefix}; re-create the checkpoint")
             mins = f.get_tensor(f"{prefix}.{MINS}") if f"{prefix}.{MINS}" in names else None
             codes = unpack_codes(f.get_tensor(f"{prefix}.{CODES}"), bits)
-            out[prefix] = PackedTensor(codes, f.get_tensor(f"{prefix}.{SCALES}"), bits, mins)
+            scales = f.get_tensor(f"{prefix}.{SCALES}")
+            grid = f.get_tensor(f"{prefix}.{SCALE_GRID}") if f"{prefix}.{SCALE_GRID}" in names else None
+            if grid is not None:
+                from slmsearch.compress.kernels import log_scale_values
+
+                scales = log_scale_values(scales, grid).half()
+            out[prefix] = PackedTensor(codes, scales, bits, mins, scale_grid=grid)
     tops = {prefix.removesuffix(f".{TOP}"): out.pop(prefix) for prefix in [p for p in out if p.endswith(f".{TOP}")]}
     for prefix, top in tops.items():
         if prefix not in out or top.codes.shape[1] != out[prefix].codes.shape[1]:

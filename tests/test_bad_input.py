@@ -275,6 +275,8 @@ ROWS: list[Row] = [
         ("gptq.layer_bits has 2 entries", "4 decoder layers")),
     Row("compress-scale-bits-unsupported", lambda e: compress(e, [{"stage": "gptq", "bits": 3, "group_size": 32, "scale_bits": 6}]),
         ("gptq.scale_bits", "6", "16, 8")),
+    Row("compress-embedding-scale-bits-unsupported", lambda e: compress(e, [{"stage": "embedding", "bits": 4, "scale_bits": 4}]),
+        ("embedding.scale_bits", "4", "16, 8")),
     Row("compress-autoround-not-offered", lambda e: compress(e, [{"stage": "gptq", "bits": 3, "method": "autoround"}]),
         ("stage 'gptq' has no setting(s) 'method'", "mse")),
     Row("compress-model-truncated", lambda e: compress(e, [{"stage": "depth", "drop": 1}], model=truncated_model(e)),

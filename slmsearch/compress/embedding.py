@@ -56,6 +56,9 @@ class EmbeddingQuant(Stage):
     # first 16,384 of 49,152 ids are 89% of WikiText-2 test tokens and 87% of TriviaQA's. What
     # matters is fixed by the tokenizer, not by any data a study scores on (docs/benchmarks.md §6).
     wide_rows: int = 0
+    # how each group's scale is stored: 16 (fp16), or 8 (a code on a log2 grid spanning the
+    # tensor's own scales, as the GPTQ stage's ``scale_bits``): rounded before the weights are set
+    scale_bits: int = 16
 
     def __post_init__(self) -> None:
         check_choice("embedding", "bits", self.bits, (16, 8, 4))
@@ -69,6 +72,7 @@ class EmbeddingQuant(Stage):
             raise SlmsearchError("embedding.grid 'minmax' rounds to nearest in groups: it needs a group_size and "
                                  "takes neither gptq nor mse (set gptq: false, mse: 0)")
         check_range("embedding", "wide_rows", self.wide_rows, 0, 10**7, integer=True)
+        check_choice("embedding", "scale_bits", self.scale_bits, (16, 8))
         if self.wide_rows and self.bits >= WIDE_BITS:
             raise SlmsearchError(f"embedding.wide_rows keeps rows at {WIDE_BITS} bits: it needs bits below {WIDE_BITS}, "
                                  f"got bits {self.bits}")
@@ -88,6 +92,8 @@ class EmbeddingQuant(Stage):
         out = super().to_dict()
         if not self.wide_rows:
             del out["wide_rows"]
+        if self.scale_bits == 16:
+            del out["scale_bits"]
         return out
 
     def shape(self, shape: ModelShape) -> ModelShape:
@@ -95,17 +101,20 @@ class EmbeddingQuant(Stage):
 
         zero_bits = 16 if self.grid == "minmax" else 0
         return shape.with_embedding_format(TensorFormat(weight_bits=self.bits, group_size=self.group_size, zero_bits=zero_bits,
-                                                        wide_rows=self.wide_rows, wide_bits=WIDE_BITS))
+                                                        scale_bits=self.scale_bits, wide_rows=self.wide_rows,
+                                                        wide_bits=WIDE_BITS))
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """A cache entry stores the weights dequantized, so their width is declared. (Without this stage the
         tensors' own dtype is the truth; hwmodel uses a declared width only when it is smaller.)"""
-        meta = {"bits": self.bits, "group_size": self.group_size, "zero_bits": 16 if self.grid == "minmax" else 0}
+        meta = {"bits": self.bits, "group_size": self.group_size, "zero_bits": 16 if self.grid == "minmax" else 0,
+                **({"scale_bits": self.scale_bits} if self.scale_bits != 16 else {})}
         return {"embedding": {**meta, "wide_rows": self.wide_rows} if self.wide_rows else meta}
 
     def label(self) -> str:
         return (f"emb{self.bits}" + (f"g{self.group_size}" if self.group_size else "") + ("h" if self.gptq else "")
-                + ("mm" if self.grid == "minmax" else "") + self._wide_label())
+                + ("mm" if self.grid == "minmax" else "") + ("" if self.scale_bits == 16 else f"s{self.scale_bits}")
+                + self._wide_label())
 
     def _wide_label(self) -> str:
         """``+16k8``: 16 x 1024 rows at 8 bits (``+40r8`` when not a multiple of 1024)."""
@@ -121,7 +130,7 @@ class EmbeddingQuant(Stage):
         """``embedding_bits`` (16 = no stage), ``embedding_group`` (0 or absent = per row) and
         ``embedding_mse`` (else the space's first), ``embedding_gptq`` (else the space's);
         ``embedding_grid`` "minmax" (else "sym") rounds on the min..max grid instead;
-        ``embedding_wide_rows`` (else 0) first rows at 8 bits."""
+        ``embedding_wide_rows`` (else 0) first rows at 8 bits; ``embedding_scale_bits`` (else the space's first)."""
         bits = int(params.get("embedding_bits", 16))
         group = int(params.get("embedding_group") or 0)
         mse = float(params.get("embedding_mse", space_first(space, "embedding_mse", 0.0)))
@@ -129,9 +138,10 @@ class EmbeddingQuant(Stage):
         if bits == 16:
             return None
         wide = int(params.get("embedding_wide_rows") or 0)
+        scale_bits = int(params.get("embedding_scale_bits", space_first(space, "embedding_scale_bits", 16)))
         if params.get("embedding_grid", "sym") == "minmax":  # rounded to nearest in groups (32 when per row was asked)
-            return cls(bits=bits, group_size=group or 32, grid="minmax", wide_rows=wide)
-        return cls(bits=bits, group_size=group or None, mse=mse, gptq=gptq, wide_rows=wide)
+            return cls(bits=bits, group_size=group or 32, grid="minmax", wide_rows=wide, scale_bits=scale_bits)
+        return cls(bits=bits, group_size=group or None, mse=mse, gptq=gptq, wide_rows=wide, scale_bits=scale_bits)
 
     def apply(self, model: Any, calib: Any = None) -> StageReport:
         import torch
@@ -165,27 +175,42 @@ class EmbeddingQuant(Stage):
         from slmsearch.checkpoint import PackedTensor
 
         wide = min(self.wide_rows, weight.shape[0])
-        rest = PackedTensor(*self._quantize(weight.data[wide:], self.bits, inputs))
+        rest = self._quantize(weight.data[wide:], self.bits, inputs)
         if not wide:
             return rest
-        return replace(rest, top=PackedTensor(*self._quantize(weight.data[:wide], WIDE_BITS, inputs)))
+        return replace(rest, top=self._quantize(weight.data[:wide], WIDE_BITS, inputs))
 
-    def _quantize(self, weight: Any, bits: int, inputs: Any = None) -> tuple[Any, Any, int, Any]:
+    def _quantize(self, weight: Any, bits: int, inputs: Any = None) -> Any:
         """Replace the values of ``weight`` (a view of the embedding) by their grid values at ``bits``
-        (round-to-nearest, or GPTQ given the ``inputs`` it multiplies as the lm_head); (codes,
-        fp16 scales, bits, fp16 minimums or None)."""
+        (round-to-nearest, or GPTQ given the ``inputs`` it multiplies as the lm_head); the
+        :class:`PackedTensor` (codes, fp16 scales, fp16 minimums or None, the scales' 8-bit grid
+        or None) they come from."""
+        from slmsearch.checkpoint import PackedTensor
         from slmsearch.compress.kernels import minmax_codes, minmax_dequantize, rtn_codes, rtn_dequantize
 
+        mins = None
         if self.grid == "minmax":
             codes, scales, mins = minmax_codes(weight, bits, self.group_size or 0)
-            weight.copy_(minmax_dequantize(codes, scales, mins, weight.dtype))
-            return codes.cpu(), scales.cpu(), bits, mins.cpu()
-        if inputs is None:
+        elif inputs is None:
             codes, scales = rtn_codes(weight, bits, self.group_size, mse=self.mse)
         else:
             codes, scales = gptq_codes(weight, inputs, bits, self.group_size, self.mse, self.damp)
-        weight.copy_(rtn_dequantize(codes, scales, bits, weight.dtype))
-        return codes.cpu(), scales.cpu(), bits, None
+        scales, grid = self._stored_scales(scales)
+        if mins is not None:
+            weight.copy_(minmax_dequantize(codes, scales, mins, weight.dtype))
+        else:
+            weight.copy_(rtn_dequantize(codes, scales, bits, weight.dtype))
+        return PackedTensor(codes.cpu(), scales.cpu(), bits, None if mins is None else mins.cpu(), scale_grid=grid)
+
+    def _stored_scales(self, scales: Any) -> tuple[Any, Any]:
+        """(the scales as stored, their log2 grid or None): with ``scale_bits`` 8 each scale moves
+        to its code's value (kernels.log_scale_grid), and the weights are set from those."""
+        from slmsearch.compress import kernels
+
+        if self.scale_bits == 16:
+            return scales, None
+        grid = kernels.log_scale_grid(scales, self.scale_bits)
+        return kernels.log_scale_values(kernels.log_scale_codes(scales, grid, self.scale_bits), grid).to(scales.dtype), grid
 
     def _lm_head_inputs(self, model: Any, calib: Any) -> list[Any]:
         """The lm_head's inputs (the final norm's outputs) on the calibration windows, a

@@ -147,7 +147,8 @@ def shape_from_checkpoint(path: str | Path) -> ModelShape:
         vocab += wide_rows
     elif e_meta.get("bits") is not None and int(e_meta["bits"]) < emb_fmt.weight_bits:
         emb_fmt = TensorFormat(weight_bits=int(e_meta["bits"]), group_size=e_meta.get("group_size"),
-                               zero_bits=e_meta.get("zero_bits"), wide_rows=int(e_meta.get("wide_rows", 0)))
+                               scale_bits=int(e_meta.get("scale_bits", 16)), zero_bits=e_meta.get("zero_bits"),
+                               wide_rows=int(e_meta.get("wide_rows", 0)))
     head_fmt = None
     if not tied:
         lm = tensors.get("lm_head.weight")

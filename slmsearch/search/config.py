@@ -33,7 +33,7 @@ KV_CACHE_LEVELS = ("l2", "l3")
 GPTQ_BITS = (2, 3, 4, 8, 16)  # 16 = not quantized
 GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
 EMBEDDING_BITS = (16, 8, 4)
-SCALE_BITS = (16, 8)  # how a GPTQ scale is stored (compress/gptq.py SCALE_BITS)
+SCALE_BITS = (16, 8)  # how a GPTQ or embedding scale is stored (compress/gptq.py SCALE_BITS)
 EMBEDDING_GROUPS = (0, 32, 64, 128)  # 0 = one scale per row
 KV_CACHE_BITS = (16, 8, 4)  # 16 = a float cache
 KV_CACHE_GROUPS = (8, 16, 32, 64, 128)
@@ -100,6 +100,10 @@ class SpaceConfig:
     embedding_groups: tuple[int, ...] = (32, 64)
     # the embedding's clipping search norm (0 = max-abs scales; kernels.rtn_codes)
     embedding_mse: tuple[float, ...] = (2.4,)
+    # how a quantized embedding's scales are stored: 16 = fp16, 8 = codes on a log2 grid (0.44 MB
+    # less at 4-bit g64 on SmolLM2-135M). Not the default: the minmax anchor's prior (anchors.py)
+    # does not price wide rows, and with the room it frees prefers a float KV cache to them
+    embedding_scale_bits: tuple[int, ...] = (16,)
     # the embedding's codes by GPTQ over the lm_head's inputs (compress/embedding.py): at 4-bit g64
     # x1.04 the dense token ppl instead of x1.16, ~60 s per new input model (docs/benchmarks.md)
     embedding_gptq: bool = True
@@ -158,6 +162,7 @@ class SpaceConfig:
         object.__setattr__(self, "embedding_bits", _choices(s, "embedding_bits", self.embedding_bits, EMBEDDING_BITS))
         object.__setattr__(self, "embedding_groups", _choices(s, "embedding_groups", self.embedding_groups, EMBEDDING_GROUPS))
         object.__setattr__(self, "embedding_mse", _choices(s, "embedding_mse", self.embedding_mse, (0.0, 2.0, 2.4, 3.0)))
+        object.__setattr__(self, "embedding_scale_bits", _choices(s, "embedding_scale_bits", self.embedding_scale_bits, SCALE_BITS))
         object.__setattr__(self, "kv_cache_bits", _choices(s, "kv_cache_bits", self.kv_cache_bits, KV_CACHE_BITS))
         object.__setattr__(self, "wider_fraction", _range(s, "wider_fraction", self.wider_fraction, 0.0, 1.0))
         object.__setattr__(self, "embedding_wide_fraction",

@@ -125,6 +125,7 @@ def suggest_plan(trial: Any, space: SpaceConfig, base_shape: Any, fits: Callable
     if params["embedding_bits"] != 16:
         params["embedding_group"] = _choose(trial, "embedding_group", space.embedding_groups)
         params["embedding_grid"] = _choose(trial, "embedding_grid", space.embedding_grids)
+        params["embedding_scale_bits"] = _choose(trial, "embedding_scale_bits", space.embedding_scale_bits)
         if params["embedding_grid"] == "sym":
             params["embedding_mse"] = _choose(trial, "embedding_mse", space.embedding_mse)
     params["layer_grid"] = _choose(trial, "layer_grid", space.layer_grids)

@@ -53,6 +53,7 @@ TYPICAL: dict[str, tuple[Stage, ...]] = {
     "lora kept": (LoraRecovery(rank=4, steps=2, seqlen=32, heldout=0, merge=False),),
     "embedding": (EmbeddingQuant(bits=4, group_size=32),),
     "embedding wide rows": (EmbeddingQuant(bits=4, group_size=32, grid="minmax", wide_rows=64),),
+    "embedding scale codes": (EmbeddingQuant(bits=4, group_size=32, wide_rows=64, scale_bits=8),),
     "gptq": (Gptq(bits=4, group_size=32),),
     "scales8": (Gptq(bits=3, group_size=32, scale_bits=8),),
     "minmax": (MinMaxQuant(bits=4, group_size=32),),

@@ -20,16 +20,21 @@ from slmsearch.hwmodel.shape import TensorFormat, smollm2_135m
 CALIB = dict(n_samples=4, seqlen=32, batch=4)
 
 
+def applied_one_then_the_other(model, first, second):
+    """(the embedding before, after ``first``, after ``second`` applied to the original instead)."""
+    original = model.get_input_embeddings().weight.detach().clone()
+    first.apply(model)
+    after_first = model.get_input_embeddings().weight.detach().clone()
+    model.get_input_embeddings().weight.data.copy_(original)
+    second.apply(model)
+    return original, after_first, model.get_input_embeddings().weight.detach()
+
+
 @pytest.mark.parametrize("grid", ["minmax", "sym"])
 def test_wide_rows_are_the_8_bit_grid_and_leave_the_other_rows_as_they_were(model, grid):
-    original = model.get_input_embeddings().weight.detach().clone()
     base = EmbeddingQuant(bits=4, group_size=32, grid=grid, **({"mse": 0.0} if grid == "sym" else {}))
-    base.apply(model)
-    all_narrow = model.get_input_embeddings().weight.detach().clone()
-    model.get_input_embeddings().weight.data.copy_(original)
     wide = dataclasses.replace(base, wide_rows=40)
-    wide.apply(model)
-    got = model.get_input_embeddings().weight.detach()
+    original, all_narrow, got = applied_one_then_the_other(model, base, wide)
     assert torch.equal(got[40:], all_narrow[40:])  # rows are rounded one by one
     packed = getattr(model, checkpoint.PACKED_ATTR)["embed"]
     assert packed.bits == 4 and packed.top.bits == 8 and packed.top.codes.shape[0] == 40
@@ -134,3 +139,28 @@ def test_more_wide_rows_than_tokens_is_refused_before_any_weight_is_read():
     plan = Plan.from_dict([{"stage": "embedding", "bits": 4, "group_size": 32, "wide_rows": 60000}])
     with pytest.raises(SlmsearchError, match="embedding.wide_rows=60000 exceeds the model's 49152 token rows; choose at most"):
         plan.check_fits(smollm2_135m())
+
+
+@pytest.mark.parametrize("grid", ["minmax", "sym"])
+def test_8_bit_scale_codes_of_the_embedding_round_trip_through_its_packed_file(model, grid, tmp_path):
+    """scale_bits 8: the scales (of both widths) move to their log2 grid's values before the
+    weights are set from them, the packed file stores one byte a scale, and reading it back gives
+    the same weights bit for bit; the weights move far less than the 4-bit rounding moved them."""
+    from safetensors import safe_open
+
+    base = EmbeddingQuant(bits=4, group_size=32, grid=grid, wide_rows=40, **({"mse": 0.0} if grid == "sym" else {}))
+    coded = dataclasses.replace(base, scale_bits=8)
+    original, fp16, got = applied_one_then_the_other(model, base, coded)
+    packed = getattr(model, checkpoint.PACKED_ATTR)["embed"]
+    assert packed.scale_grid is not None and packed.top.scale_grid is not None
+    assert torch.equal(packed.dense(got.dtype), got)
+    assert 0 < (got - fp16).norm() < 0.1 * (fp16 - original).norm()
+    checkpoint.write_packed(tmp_path, {"embed": packed}, "float32")
+    with safe_open(str(tmp_path / checkpoint.PACKED_EMBEDDING_FILE), framework="pt") as f:
+        assert f.get_slice(f"model.embed_tokens.{checkpoint.SCALES}").get_dtype() == "U8"
+        assert f.get_slice(f"model.embed_tokens.top.{checkpoint.SCALES}").get_dtype() == "U8"
+    back, _ = checkpoint.read_packed(tmp_path)
+    assert torch.equal(back["embed"].dense(got.dtype), got)
+    assert coded.label().startswith(f"emb4g32{'mm' if grid == 'minmax' else ''}s8+40r8")
+    assert coded.shape(smollm2_135m()).embedding_format.scale_bits == 8
+    assert "scale_bits" not in base.to_dict() and coded.to_dict()["scale_bits"] == 8

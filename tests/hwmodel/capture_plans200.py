@@ -57,7 +57,7 @@ def numbers(case: dict[str, Any]) -> dict[str, Any]:
     base = getattr(shapes, case["model"])()
     # the levers' settings the captured plans were made with (plain GPTQ with fp16 scales, max-abs embedding scales by
     # rounding, LM-loss LoRA, one KV-cache group of 32 for keys and values)
-    space = SpaceConfig(kv_groups=(0, 1), gptq_mse=(0.0,), gptq_scale_bits=(16,), embedding_mse=(0.0,), lora_loss=("lm",),
+    space = SpaceConfig(kv_groups=(0, 1), gptq_mse=(0.0,), gptq_scale_bits=(16,), embedding_mse=(0.0,), embedding_scale_bits=(16,), lora_loss=("lm",),
                         embedding_gptq=False, kv_cache_group=32, kv_cache_key_group=0)
     plan = plan_from_params(case["params"], space, base_dims(base), base.n_layers)
     est = estimate(plan.shape(base), load_platform("siracusa"), context_len=case["context_len"], prefill_len=64)
