@@ -418,14 +418,19 @@ def finish(folder: str | os.PathLike[str]) -> int:
     scales made on 8-bit grids as their codes. The weight files are rewritten whole, their index
     updated. Returns the bytes saved."""
     folder = Path(folder)
-    before = sum(p.stat().st_size for p in weight_files(folder))
+
+    def stored() -> int:  # the codes finish writes count against what it saves
+        codes = folder / SCALE_CODES_FILE
+        return sum(p.stat().st_size for p in weight_files(folder)) + (codes.stat().st_size if codes.is_file() else 0)
+
+    before = stored()
     if has_packed_embedding(folder):
         _drop_dense_embedding(folder)
     if is_gptq_folder(folder):
         _drop_derivable_gptq(folder)  # first: it reads each Linear's dimensions from its scales
         if (folder / SCALE_CODES_FILE).is_file():
             _store_scale_codes(folder)
-    return before - sum(p.stat().st_size for p in weight_files(folder))
+    return before - stored()
 
 
 def _store_scale_codes(folder: Path) -> None:

@@ -97,9 +97,9 @@ def test_label_columns_and_meta_come_from_the_stages():
     assert FULL.label() == "drop2 wandaunstructured@0.50 lora8 emb8 w4g64 eora16"
     assert Plan(()).label() == "baseline"
     assert FULL.columns() == {"drop_layers": 2, "wanda": "unstructured", "embedding_bits": 8, "embedding_wide_rows": 0, "gptq_bits": 4,
-                              "gptq_wider_layers": 0, "minmax_bits": 16, "kv_cache_bits": 16}
+                              "gptq_wider_layers": 0, "gptq_scale_bits": 16, "minmax_bits": 16, "kv_cache_bits": 16}
     assert Plan(()).columns() == {"drop_layers": 0, "wanda": "none", "embedding_bits": 16, "embedding_wide_rows": 0, "gptq_bits": 16,
-                                  "gptq_wider_layers": 0, "minmax_bits": 16, "kv_cache_bits": 16}
+                                  "gptq_wider_layers": 0, "gptq_scale_bits": 16, "minmax_bits": 16, "kv_cache_bits": 16}
     assert FULL.checkpoint_meta() == {
         "sparsity": {"format": "unstructured", "density": 0.5},
         "embedding": {"bits": 8, "group_size": None, "zero_bits": 0},
