@@ -276,10 +276,10 @@ def _scale_codes_of(p: PackedTensor, prefix: str) -> torch.Tensor:
     """The uint8 codes of ``p``'s scales on its grid, checked to decode to them bit for bit."""
     import torch
 
-    from slmsearch.compress.kernels import log_scale_codes, log_scale_values
+    from slmsearch.compress.kernels import exact_log_scale_codes
 
-    codes = log_scale_codes(p.scales, p.scale_grid, 8)
-    if p.scales.dtype != torch.float16 or not torch.equal(log_scale_values(codes, p.scale_grid).half(), p.scales):
+    codes = exact_log_scale_codes(p.scales, p.scale_grid, 8) if p.scales.dtype == torch.float16 else None
+    if codes is None:
         raise SlmsearchError(f"{prefix}: its scales are not on their 8-bit grid; re-create the checkpoint")
     return codes.contiguous()
 
@@ -434,8 +434,9 @@ def finish(folder: str | os.PathLike[str]) -> int:
 
 
 def _store_scale_codes(folder: Path) -> None:
-    """Write the codes of the scales rounded to 8-bit grids into :data:`SCALE_CODES_FILE`, then
-    leave the fp16 scales out of the weight files."""
+    """Leave the fp16 scales rounded to 8-bit grids out of the weight files and write their codes
+    into :data:`SCALE_CODES_FILE` (one pass over the weights: :func:`finish` works on a folder
+    that is discarded whole if it fails)."""
     from safetensors.torch import save_file
 
     from slmsearch import gptq_compact
@@ -443,16 +444,16 @@ def _store_scale_codes(folder: Path) -> None:
     stored, bits = _scale_file(folder)
     codes: dict[str, torch.Tensor] = {}
 
-    def collect(_: Path, tensors: dict[str, torch.Tensor]) -> None:
-        codes.update(gptq_compact.scale_codes(tensors, stored, bits))
+    def edit(_: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        found = gptq_compact.scale_codes(tensors, stored, bits)
+        codes.update(found)
+        return {n: t for n, t in tensors.items() if n not in found} if found else None
 
-    rewrite_weight_files(folder, collect)
+    rewrite_weight_files(folder, edit)
     if not codes:
         return
     with atomic_file(folder / SCALE_CODES_FILE) as tmp:
         save_file({**stored, **codes}, str(tmp), metadata={"bits": str(bits)})
-    rewrite_weight_files(folder, lambda _, tensors: {n: t for n, t in tensors.items() if n not in codes}
-                         if codes.keys() & tensors.keys() else None)
     _drop_from_index(folder, set(codes))
 
 

@@ -113,7 +113,12 @@ def rebuilt(shapes: Mapping[str, Sequence[int]], kinds: Collection[str], group_s
 
 def _scale_names(tensors: Mapping[str, Any]) -> list[str]:
     """The ``scales`` tensors of the quantized Linears in ``tensors`` (those beside a ``qweight``)."""
-    return [n for n in tensors if n.endswith(f".{SCALES}") and f"{n[: -len(SCALES) - 1]}.qweight" in tensors]
+    return [n for n in tensors if n.endswith(f".{SCALES}") and f"{n.removesuffix(SCALES)}qweight" in tensors]
+
+
+def _grid_name(scales_name: str) -> str:
+    """``<prefix>.scales_log2_grid`` of ``<prefix>.scales``."""
+    return f"{scales_name.removesuffix(SCALES)}{SCALE_GRID}"
 
 
 def on_log_grid(tensors: Mapping[str, torch.Tensor], bits: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -131,27 +136,23 @@ def on_log_grid(tensors: Mapping[str, torch.Tensor], bits: int) -> tuple[dict[st
         scales = tensors[name]
         if scales.dtype != torch.float16:
             raise SlmsearchError(f"{name} is {scales.dtype}, not float16: 8-bit scale codes are made from gptqmodel's fp16 scales")
-        grid = kernels.log_scale_grid(scales, bits)
-        out[name] = kernels.log_scale_values(kernels.log_scale_codes(scales, grid, bits), grid).to(scales.dtype)
-        grids[f"{name[: -len(SCALES) - 1]}.{SCALE_GRID}"] = grid
+        out[name], grids[_grid_name(name)] = kernels.round_to_log_grid(scales, bits)
     return out, grids
 
 
 def scale_codes(tensors: Mapping[str, torch.Tensor], grids: Mapping[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
     """{``<prefix>.scales``: uint8 codes} of the ``scales`` in ``tensors`` that have a grid,
     each checked to decode to the stored fp16 tensor bit for bit."""
-    import torch
-
     from slmsearch.compress import kernels
     from slmsearch.errors import SlmsearchError
 
     out: dict[str, torch.Tensor] = {}
     for name in _scale_names(tensors):
-        grid = grids.get(f"{name[: -len(SCALES) - 1]}.{SCALE_GRID}")
+        grid = grids.get(_grid_name(name))
         if grid is None:
             continue
-        codes = kernels.log_scale_codes(tensors[name], grid, bits)
-        if not torch.equal(kernels.log_scale_values(codes, grid).to(tensors[name].dtype), tensors[name]):
+        codes = kernels.exact_log_scale_codes(tensors[name], grid, bits)
+        if codes is None:
             raise SlmsearchError(f"{name} is not on its {bits}-bit scale grid; re-create the checkpoint")
         out[name] = codes
     return out
@@ -164,5 +165,5 @@ def decoded_scales(stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
     from slmsearch.compress import kernels
 
-    return {name: kernels.log_scale_values(codes, stored[f"{name[: -len(SCALES) - 1]}.{SCALE_GRID}"]).to(torch.float16)
+    return {name: kernels.log_scale_values(codes, stored[_grid_name(name)]).to(torch.float16)
             for name, codes in stored.items() if name.endswith(f".{SCALES}")}

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from slmsearch.compress.stage import Stage, StageReport, Timer, check_choice, check_range, space_first
+from slmsearch.compress.stage import SCALE_BITS, Stage, StageReport, Timer, check_choice, check_range, space_first
 from slmsearch.errors import SlmsearchError
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class EmbeddingQuant(Stage):
             raise SlmsearchError("embedding.grid 'minmax' rounds to nearest in groups: it needs a group_size and "
                                  "takes neither gptq nor mse (set gptq: false, mse: 0)")
         check_range("embedding", "wide_rows", self.wide_rows, 0, 10**7, integer=True)
-        check_choice("embedding", "scale_bits", self.scale_bits, (16, 8))
+        check_choice("embedding", "scale_bits", self.scale_bits, SCALE_BITS)
         if self.wide_rows and self.bits >= WIDE_BITS:
             raise SlmsearchError(f"embedding.wide_rows keeps rows at {WIDE_BITS} bits: it needs bits below {WIDE_BITS}, "
                                  f"got bits {self.bits}")
@@ -207,10 +207,7 @@ class EmbeddingQuant(Stage):
         to its code's value (kernels.log_scale_grid), and the weights are set from those."""
         from slmsearch.compress import kernels
 
-        if self.scale_bits == 16:
-            return scales, None
-        grid = kernels.log_scale_grid(scales, self.scale_bits)
-        return kernels.log_scale_values(kernels.log_scale_codes(scales, grid, self.scale_bits), grid).to(scales.dtype), grid
+        return (scales, None) if self.scale_bits == 16 else kernels.round_to_log_grid(scales, self.scale_bits)
 
     def _lm_head_inputs(self, model: Any, calib: Any) -> list[Any]:
         """The lm_head's inputs (the final norm's outputs) on the calibration windows, a

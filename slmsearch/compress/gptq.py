@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from slmsearch.checkpoint import ADAPTER_DIR, CONFIG_FILE, copy_folder, copy_tokenizer, write_scale_grids
 from slmsearch.compress.geometry import undivided_inputs
-from slmsearch.compress.stage import ADAPTER_BITS, Stage, StageReport, Timer, check_choice, check_range, space_first
+from slmsearch.compress.stage import ADAPTER_BITS, SCALE_BITS, Stage, StageReport, Timer, check_choice, check_range, space_first
 from slmsearch.errors import SlmsearchError
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_GROUPS = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
 WIDER = {2: 3, 3: 4, 4: 8}  # the width a layer raised by mixed precision gets (gptqmodel's widths)
-SCALE_BITS = (16, 8)  # fp16 scales as gptqmodel writes them, or 8-bit codes on a log2 grid per tensor
 
 
 def calibration_rows(calib: Calibration) -> list[dict[str, list[int]]]:

@@ -375,6 +375,20 @@ def log_scale_values(codes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.exp2(grid[0] + codes.float() * grid[1])
 
 
+def round_to_log_grid(scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``scales`` moved to their codes' values on their own ``bits``-bit log2 grid, in their
+    dtype; the grid): what a stage stores when it keeps its scales as codes."""
+    grid = log_scale_grid(scales, bits)
+    return log_scale_values(log_scale_codes(scales, grid, bits), grid).to(scales.dtype), grid
+
+
+def exact_log_scale_codes(scales: torch.Tensor, grid: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """The codes of ``scales`` on ``grid`` when they decode to ``scales`` bit for bit (scales made
+    by :func:`round_to_log_grid`), else None."""
+    codes = log_scale_codes(scales, grid, bits)
+    return codes if torch.equal(log_scale_values(codes, grid).to(scales.dtype), scales) else None
+
+
 def hadamard(n: int) -> torch.Tensor:
     """The orthonormal Walsh-Hadamard matrix of size ``n`` (a power of two), Sylvester's
     construction: ``H @ H.T == I``, every entry +-1/sqrt(n)."""

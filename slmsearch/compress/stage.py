@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from slmsearch.hwmodel.shape import ModelShape
 
 ADAPTER_BITS = 16  # a kept LoRA or an EoRA adapter is stored in 16-bit floats
+SCALE_BITS = (16, 8)  # how a stage stores its scales: fp16, or 8-bit codes on a log2 grid per tensor
 
 
 @dataclass

@@ -33,7 +33,7 @@ KV_CACHE_LEVELS = ("l2", "l3")
 GPTQ_BITS = (2, 3, 4, 8, 16)  # 16 = not quantized
 GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel
 EMBEDDING_BITS = (16, 8, 4)
-SCALE_BITS = (16, 8)  # how a GPTQ or embedding scale is stored (compress/gptq.py SCALE_BITS)
+SCALE_BITS = (16, 8)  # how a GPTQ or embedding scale is stored (compress/stage.py SCALE_BITS)
 EMBEDDING_GROUPS = (0, 32, 64, 128)  # 0 = one scale per row
 KV_CACHE_BITS = (16, 8, 4)  # 16 = a float cache
 KV_CACHE_GROUPS = (8, 16, 32, 64, 128)
