@@ -2,12 +2,13 @@
 
 Two probes run before a study starts, on this machine and the study's own model:
 :func:`forward_seconds` times one forward pass (float32, as evaluation runs it; one window of the
-evaluation's length), and :func:`gptq_layer_seconds` times the real GPTQ stage on a copy of the
-model cut to one decoder layer, at the space's scale search. The forward pass scales the
-evaluation, LoRA and screening costs measured on the reference machine; the GPTQ layer prices
-GPTQ and EoRA directly, because their speed does not follow the forward pass from one CPU to
-another (an Intel Xeon with AMX ran the forward pass at x0.96 the reference's but GPTQ at ~x1.7).
-:func:`trial_seconds` combines them for one compressed trial; after each trial the study
+evaluation's length), and :func:`gptq_stage_seconds` times the real GPTQ stage on copies of the
+model cut to one and to two decoder layers, at the space's scale search: the difference is one more
+layer, the rest is paid once per stage (loading, packing, saving, the scale codes). The forward
+pass scales the evaluation, LoRA and screening costs measured on the reference machine; the GPTQ
+probe prices GPTQ and EoRA directly, because their speed does not follow the forward pass from one
+CPU to another (an Intel Xeon with AMX ran the forward pass at x0.96 the reference's but GPTQ at
+~x1.7). :func:`trial_seconds` combines them for one compressed trial; after each trial the study
 re-estimates from this machine's measured trials.
 """
 
@@ -62,34 +63,48 @@ class Probe:
     forward_s: float  # one forward pass over ``seqlen`` tokens
     seqlen: int
     factor: float  # this machine's time per token / the reference machine's (default model)
-    gptq_layer_s: float | None = None  # the GPTQ stage on one decoder layer; None: the space has no GPTQ
+    gptq_layer_s: float | None = None  # the GPTQ stage's seconds per decoder layer; None: the space has no GPTQ
+    gptq_fixed_s: float = 0.0  # the GPTQ stage's seconds paid once, whatever the layers
 
 
 def probe(config: Any, location: str, data_dir: Path | None = None, space: Any = None) -> Probe:
     """Time one evaluation window's forward pass (at most the model's positions; the factor is per
     token) and, when ``space`` (default ``config.space``) quantizes layers and ``data_dir`` is
-    given, one decoder layer through the GPTQ stage."""
+    given, the GPTQ stage on one and two decoder layers."""
     from slmsearch.search.hardware import max_positions
 
     seqlen, limit = config.evaluation.token_seqlen or REFERENCE_SEQLEN, max_positions(location)
     seqlen = min(seqlen, limit) if limit else seqlen
     seconds = forward_seconds(location, seqlen=seqlen, trust_remote_code=config.trust_remote_code)
     space = space if space is not None else config.space
-    gptq_s = None
+    layer_s, fixed_s = None, 0.0
     if data_dir is not None and any(b != 16 for b in space.gptq_bits):
-        gptq_s = gptq_layer_seconds(location, data_dir, config.calibration, space=space)
-    return Probe(seconds, seqlen, speed_factor(seconds, seqlen), gptq_s)
+        layer_s, fixed_s = gptq_stage_seconds(location, data_dir, config.calibration, space=space)
+    return Probe(seconds, seqlen, speed_factor(seconds, seqlen), layer_s, fixed_s)
 
 
-# (location, settings) -> seconds: a study resumed in the same process (and the tests' many
-# studies of one tiny model) probe GPTQ once
-_GPTQ_PROBES: dict[tuple[Any, ...], float] = {}
+# (location, settings) -> (per layer, per stage): a study resumed in the same process (and the
+# tests' many studies of one tiny model) probe GPTQ once
+_GPTQ_PROBES: dict[tuple[Any, ...], tuple[float, float]] = {}
+
+# the second layer's seconds are at least this share of the one-layer run's: the two runs' noise
+# can leave their difference near zero, and the 30 layers of a trial multiply it
+MIN_LAYER_SHARE = 0.1
 
 
-def gptq_layer_seconds(location: str, data_dir: Path, calib: Any, *, space: Any) -> float:
-    """Seconds of the real GPTQ stage (gptqmodel: load, quantize, pack, save) on the model at
-    ``location`` cut to its first decoder layer, at the space's widest scale search, 4 bits
-    (3 when 4 is not searched) and its first group size that divides the model."""
+def split_stage_seconds(one: float, two: float) -> tuple[float, float]:
+    """Seconds per decoder layer and seconds paid once, from the GPTQ stage's seconds on one and on
+    two decoder layers."""
+    layer = max(two - one, MIN_LAYER_SHARE * one)
+    return layer, max(one - layer, 0.0)
+
+
+def gptq_stage_seconds(location: str, data_dir: Path, calib: Any, *, space: Any) -> tuple[float, float]:
+    """Seconds per decoder layer and seconds paid once per stage of the real GPTQ stage (gptqmodel:
+    load, quantize, pack, save; the scale codes), from the model at ``location`` cut to its first
+    decoder layer and to its first two, at the space's widest scale search, finest scale codes,
+    4 bits (3 when 4 is not searched) and first group size that divides the model. A one-layer
+    model has no second layer to time: all its seconds count per layer."""
     from slmsearch.compress import pipeline
     from slmsearch.compress.depth import DepthPrune
     from slmsearch.compress.gptq import Gptq
@@ -100,15 +115,22 @@ def gptq_layer_seconds(location: str, data_dir: Path, calib: Any, *, space: Any)
     bits = 4 if 4 in space.gptq_bits else min(b for b in space.gptq_bits if b != 16)
     group = valid_group_sizes(space, base_dims(shape))[0]
     mse = float(max(space.gptq_mse))
-    key = (str(location), str(data_dir), bits, group, mse, tuple(sorted(calib.key().items())))
+    scale_bits = int(min(space.gptq_scale_bits))
+    key = (str(location), str(data_dir), bits, group, mse, scale_bits, tuple(sorted(calib.key().items())))
     if key not in _GPTQ_PROBES:
         n = len(shape.layers)
-        stages = ((DepthPrune(indices=tuple(range(1, n))),) if n > 1 else ()) + (Gptq(bits=bits, group_size=group, mse=mse),)
-        result = pipeline.run(Plan(stages), location, Path(data_dir), calib)
-        try:
-            _GPTQ_PROBES[key] = next(r.seconds for r in result.reports if r.name == "gptq")
-        finally:
-            shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
+        gptq = Gptq(bits=bits, group_size=group, mse=mse, scale_bits=scale_bits)
+
+        def timed(layers: int) -> float:
+            cut = (DepthPrune(indices=tuple(range(layers, n))),) if n > layers else ()
+            result = pipeline.run(Plan(cut + (gptq,)), location, Path(data_dir), calib)
+            try:
+                return next(r.seconds for r in result.reports if r.name == "gptq")
+            finally:
+                shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
+
+        one = timed(1)
+        _GPTQ_PROBES[key] = split_stage_seconds(one, timed(2)) if n > 1 else (one, 0.0)
     return _GPTQ_PROBES[key]
 
 
@@ -117,7 +139,7 @@ def describe(probe: Probe) -> str:
     text = (f"x{probe.factor:.2f} (this machine's forward pass of the model: {probe.forward_s:.2f} s for {probe.seqlen} "
             f"tokens; the reference machine's for the default model: {REFERENCE_FORWARD_S:.2f} s, {REFERENCE_MACHINE})")
     if probe.gptq_layer_s is not None:
-        text += f"; GPTQ {probe.gptq_layer_s:.1f} s per decoder layer here"
+        text += f"; GPTQ {probe.gptq_layer_s:.1f} s per decoder layer + {probe.gptq_fixed_s:.1f} s per stage here"
     return text
 
 
@@ -133,17 +155,20 @@ LORA_S = 5.0  # LoRA's set-up, then
 LORA_STEP_S = 3.5  # per step (34-47 s for 10)
 EMBEDDING_GPTQ_S = 65.0  # the embedding's codes by GPTQ, once per new input model (64-65 s)
 SCREEN_S = 50.0  # one proxy screen (6-108 s, mean 50 over 18)
-# GPTQ and EoRA in units of the probe's seconds per layer: over all widths, groups and wider layers
-# the two demos' GPTQ took 6.1-11.0 s per kept layer (mean 8.0 over 11 trials) against the idle probe's
-# 7.4 (6.9-8.1). EoRA (slmsearch's float32 fit, compress/eora.py) r16 on the default study's calibration:
-# 3.07 s per layer against a probe of 7.14 on an AVX2 AMD EPYC (bench/eora_fit.py, bench/results/eora_fit.json)
-GPTQ_PER_PROBE = 1.08
-EORA_PER_PROBE = 0.43
+# GPTQ and EoRA per kept layer in units of the probe's seconds per layer (the GPTQ stage on two
+# layers less on one). GPTQ: the probe times the stage a trial runs, so one; on an AVX2 AMD EPYC the
+# one-layer probe (11.9 s, the stage's once-paid part included) priced a 30-layer GPTQ stage at ~385 s
+# where it took 158 s (`make demo`, 2026-12-04), which is why the probe times two points.
+# EoRA (slmsearch's float32 fit, compress/eora.py) r16 on the default study's calibration: 3.07 s
+# per layer on an AVX2 AMD EPYC where GPTQ at scale search 2.4 took ~4.7 s per layer
+# (bench/results/eora_fit.json: 2.35 s per layer without the scale search, which doubles it)
+GPTQ_PER_PROBE = 1.0
+EORA_PER_PROBE = 0.65
 # EoRA's adapters cost bytes a 64 MB plan rarely has: the two demos promoted a plan with EoRA in 2 of
 # 11 compressed trials, where 3 of the space's 4 ranks have one; its share of the space is scaled by this
 EORA_PROMOTED = 0.25
 # the probe on the reference machine is not known: without one, a GPTQ layer is this many
-# reference seconds (the Intel figure over its forward-pass factor)
+# reference seconds (the Intel Xeon's one-layer probe over its forward-pass factor, once-paid part included)
 REFERENCE_GPTQ_LAYER_S = 7.7
 
 
@@ -181,7 +206,8 @@ def screen_seconds(probe: Probe) -> float:
 def compressed_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers: int = 30) -> float:
     """This machine's seconds for one compressed trial of ``space`` (default ``config.space``; pass
     the budget-filtered one) on a model of ``n_layers`` decoder layers, its screens not included:
-    each stage's cost times the share of the space's choices that run it."""
+    each stage's cost times the share of the space's choices that run it (GPTQ: its once-paid part
+    and its seconds per kept layer)."""
     space = space if space is not None else config.space
     f = probe.factor
     layer_s = probe.gptq_layer_s if probe.gptq_layer_s is not None else REFERENCE_GPTQ_LAYER_S * f
@@ -193,7 +219,8 @@ def compressed_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers
     embedding = _share(space.embedding_bits, lambda b: b != 16) if space.embedding_gptq else 0.0
     reference = (TRIAL_OVERHEAD_S + evaluation_seconds(config) + lora * (LORA_S + LORA_STEP_S * space.lora_steps)
                  + embedding * EMBEDDING_GPTQ_S * 0.5)  # about half the trials bring a new input model
-    return reference * f + gptq * GPTQ_PER_PROBE * layer_s * kept + eora * EORA_PER_PROBE * layer_s * kept
+    return (reference * f + gptq * (probe.gptq_fixed_s + GPTQ_PER_PROBE * layer_s * kept)
+            + eora * EORA_PER_PROBE * layer_s * kept)
 
 
 def trial_seconds(config: Any, probe: Probe, *, space: Any = None, n_layers: int = 30) -> float:

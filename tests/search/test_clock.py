@@ -1,5 +1,5 @@
 """The up-front time estimate is measured on this machine: a forward pass of the study's model scales
-the evaluation, LoRA and screens; one decoder layer through the real GPTQ stage prices GPTQ and EoRA."""
+the evaluation, LoRA and screens; the real GPTQ stage on one and two decoder layers prices GPTQ and EoRA."""
 
 from __future__ import annotations
 
@@ -33,23 +33,49 @@ def test_speed_factor_is_the_ratio_to_the_reference_per_token():
     assert clock.speed_factor(clock.REFERENCE_FORWARD_S, seqlen=clock.REFERENCE_SEQLEN // 2) == pytest.approx(2.0)
 
 
-def test_the_gptq_probe_times_the_real_stage_on_one_layer(tiny_checkpoint, data_dir, tmp_path):
+def test_the_gptq_probe_times_the_real_stage_on_one_and_two_layers(tiny_checkpoint, data_dir, tmp_path, monkeypatch):
+    from slmsearch.compress import pipeline
     from slmsearch.compress.calib import CalibSettings
     from slmsearch.search.config import SpaceConfig
 
     calib = CalibSettings(n_samples=4, seqlen=64, batch=4)
-    space = SpaceConfig(gptq_bits=(3, 4, 16), group_sizes=(32,), gptq_mse=(0.0,))
+    space = SpaceConfig(gptq_bits=(3, 4, 16), group_sizes=(32,), gptq_mse=(0.0,), gptq_scale_bits=(8, 16))
     clock._GPTQ_PROBES.clear()
-    seconds = clock.gptq_layer_seconds(str(tiny_checkpoint), data_dir, calib, space=space)
-    assert 0 < seconds < math.inf
-    (key,) = clock._GPTQ_PROBES  # remembered for the next study of this process, at 4 bits g32
-    assert key[2:5] == (4, 32, 0.0)
-    assert clock.gptq_layer_seconds(str(tiny_checkpoint), data_dir, calib, space=space) == seconds
+    runs = []
+    real_run = pipeline.run
+
+    def counted(plan, *args, **kwargs):
+        result = real_run(plan, *args, **kwargs)
+        runs.append((plan, next(r.seconds for r in result.reports if r.name == "gptq")))
+        return result
+
+    monkeypatch.setattr(pipeline, "run", counted)
+    layer_s, fixed_s = clock.gptq_stage_seconds(str(tiny_checkpoint), data_dir, calib, space=space)
+    n = len(pipeline.model_geometry(str(tiny_checkpoint)).layers)
+    assert [len(plan.stages[0].indices) for plan, _ in runs] == [n - 1, n - 2]  # one layer kept, then two
+    gptq = runs[0][0].stages[-1]
+    assert (gptq.bits, gptq.group_size, gptq.mse, gptq.scale_bits) == (4, 32, 0.0, 8)  # as a trial's finest codes
+    one, two = (seconds for _, seconds in runs)
+    assert 0 < one < math.inf and 0 < two < math.inf
+    assert (layer_s, fixed_s) == clock.split_stage_seconds(one, two)
+    (key,) = clock._GPTQ_PROBES  # remembered for the next study of this process
+    assert clock.gptq_stage_seconds(str(tiny_checkpoint), data_dir, calib, space=space) == (layer_s, fixed_s)
+    assert len(runs) == 2
+
+
+def test_the_stage_seconds_split_into_per_layer_and_once_paid():
+    """Two layers in 17 s and one in 12 s: 5 s per layer, 7 s once; noise that leaves two layers no
+    slower than one keeps a floor per layer instead of pricing 30 layers at nothing."""
+    assert clock.split_stage_seconds(12.0, 17.0) == pytest.approx((5.0, 7.0))
+    layer, fixed = clock.split_stage_seconds(12.0, 11.5)
+    assert layer == pytest.approx(clock.MIN_LAYER_SHARE * 12.0) and fixed == pytest.approx(12.0 - layer)
+    assert clock.split_stage_seconds(2.0, 6.0) == pytest.approx((4.0, 0.0))  # never a negative once-paid part
 
 
 def test_trial_seconds_follow_the_probes():
     """Three times slower per token triples the forward-scaled part; the GPTQ probe prices GPTQ and
-    EoRA per kept layer; a space without GPTQ does not depend on the GPTQ probe."""
+    EoRA per kept layer and GPTQ's once-paid part once; a space without GPTQ does not depend on the
+    GPTQ probe."""
     from dataclasses import replace
 
     config = load_study_config("studies/default.yaml")
@@ -57,11 +83,13 @@ def test_trial_seconds_follow_the_probes():
     fast = clock.Probe(1.0, 512, 1.0, 0.0)
     slow = clock.Probe(3.0, 512, 3.0, 0.0)
     assert clock.trial_seconds(config, slow, space=space) == pytest.approx(3 * clock.trial_seconds(config, fast, space=space))
-    gptq = clock.Probe(1.0, 512, 1.0, 10.0)
+    gptq = clock.Probe(1.0, 512, 1.0, 10.0, 7.0)
     kept = 30 - sum(space.drop_layers) / 2
     share = sum(b != 16 for b in space.gptq_bits) / len(space.gptq_bits)
     extra = clock.trial_seconds(config, gptq, space=space) - clock.trial_seconds(config, fast, space=space)
-    assert extra == pytest.approx(share * clock.GPTQ_PER_PROBE * 10.0 * kept)
+    assert extra == pytest.approx(share * (7.0 + clock.GPTQ_PER_PROBE * 10.0 * kept))
+    deeper = clock.trial_seconds(config, gptq, space=space, n_layers=31) - clock.trial_seconds(config, gptq, space=space)
+    assert deeper == pytest.approx(share * clock.GPTQ_PER_PROBE * 10.0)  # one more layer: the per-layer seconds only
     no_gptq = replace(space, gptq_bits=(16,))
     assert clock.trial_seconds(config, gptq, space=no_gptq) == clock.trial_seconds(config, fast, space=no_gptq)
     # the baseline compresses nothing: evaluation only, counted once
@@ -99,15 +127,15 @@ def test_the_studys_first_estimate_is_measured_on_this_machine(tmp_path, tiny_ch
         return 3 * clock.REFERENCE_FORWARD_S * seqlen / clock.REFERENCE_SEQLEN
 
     monkeypatch.setattr(clock, "forward_seconds", slow)
-    monkeypatch.setattr(clock, "gptq_layer_seconds", lambda *a, **k: 2.0)
+    monkeypatch.setattr(clock, "gptq_stage_seconds", lambda *a, **k: (2.0, 3.0))
     lines: list[str] = []
     optimize(config, log=lines.append, stop_after=0)
     assert len(probed) == 1  # once per run, before the first trial
     first = next(line for line in lines if "min estimated" in line)
     per_trial = float(re.search(r"~(\d+) s each", first).group(1))
-    probe = clock.Probe(slow(""), 512, 3.0, 2.0)
+    probe = clock.Probe(slow(""), 512, 3.0, 2.0, 3.0)
     assert per_trial == round(clock.trial_seconds(config, probe, n_layers=4))
-    assert "x3.00" in first and "GPTQ 2.0 s per decoder layer" in first
+    assert "x3.00" in first and "GPTQ 2.0 s per decoder layer + 3.0 s per stage" in first
     assert "timeout" not in first
     # a timeout shorter than the estimate is named: it, not the trial count, ends the run
     from dataclasses import replace
