@@ -246,7 +246,8 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     parts = [(packed >> (k * bits)) & mask for k in range(per_byte)]
-    return torch.stack(parts, dim=2).reshape(packed.shape[0], -1).to(torch.uint8)
+    # the columns named, not inferred: a tensor of no rows (an embedding whose rows are all wide) unpacks too
+    return torch.stack(parts, dim=2).reshape(packed.shape[0], packed.shape[1] * per_byte).to(torch.uint8)
 
 
 def has_packed_embedding(folder: str | os.PathLike[str]) -> bool:

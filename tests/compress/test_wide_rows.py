@@ -120,6 +120,21 @@ def test_a_finished_folder_with_wide_rows_loads_bit_for_bit_and_measures_as_pred
     assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
 
 
+def test_every_row_wide_leaves_no_narrow_row_and_round_trips_through_the_packed_file(model, tmp_path):
+    """wide_rows equal to the vocabulary (the study's embedding_wide_fraction 1.0): the narrow part
+    has no rows, and the packed file still reads back bit for bit (a minmax stage after it reads it)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    EmbeddingQuant(bits=4, group_size=32, grid="minmax", wide_rows=rows).apply(model)
+    packed = getattr(model, checkpoint.PACKED_ATTR)["embed"]
+    assert packed.codes.shape[0] == 0 and packed.top.codes.shape[0] == rows
+    got = model.get_input_embeddings().weight.detach()
+    checkpoint.write_packed(tmp_path, {"embed": packed}, "float32")
+    back, _ = checkpoint.read_packed(tmp_path)
+    assert back["embed"].codes.shape == packed.codes.shape and torch.equal(back["embed"].dense(got.dtype), got)
+    empty = torch.zeros(0, 16, dtype=torch.uint8)
+    assert checkpoint.unpack_codes(checkpoint.pack_codes(empty, 4), 4).shape == (0, 16)
+
+
 @pytest.mark.parametrize("stage, message", [
     ({"stage": "embedding", "bits": 8, "group_size": 32, "wide_rows": 1024},
      "embedding.wide_rows keeps rows at 8 bits: it needs bits below 8, got bits 8"),
