@@ -102,9 +102,9 @@ def split_stage_seconds(one: float, two: float) -> tuple[float, float]:
 def gptq_stage_seconds(location: str, data_dir: Path, calib: Any, *, space: Any) -> tuple[float, float]:
     """Seconds per decoder layer and seconds paid once per stage of the real GPTQ stage (gptqmodel:
     load, quantize, pack, save; the scale codes), from the model at ``location`` cut to its first
-    decoder layer and to its first two, at the space's widest scale search, finest scale codes,
-    4 bits (3 when 4 is not searched) and first group size that divides the model. A one-layer
-    model has no second layer to time: all its seconds count per layer."""
+    decoder layer (twice: the first run warms up) and to its first two, at the space's widest scale
+    search, finest scale codes, 4 bits (3 when 4 is not searched) and first group size that divides
+    the model. A one-layer model has no second layer to time: all its seconds count per layer."""
     from slmsearch.compress import pipeline
     from slmsearch.compress.depth import DepthPrune
     from slmsearch.compress.gptq import Gptq
@@ -129,7 +129,9 @@ def gptq_stage_seconds(location: str, data_dir: Path, calib: Any, *, space: Any)
             finally:
                 shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
 
-        one = timed(1)
+        one = timed(1)  # the process's first GPTQ stage also warms gptqmodel's loading and saving
+        if n > 1:  # (2.8 s more on the AVX2 EPYC, which would come off the second layer): timed again
+            one = timed(1)
         _GPTQ_PROBES[key] = split_stage_seconds(one, timed(2)) if n > 1 else (one, 0.0)
     return _GPTQ_PROBES[key]
 
@@ -156,14 +158,14 @@ LORA_STEP_S = 3.5  # per step (34-47 s for 10)
 EMBEDDING_GPTQ_S = 65.0  # the embedding's codes by GPTQ, once per new input model (64-65 s)
 SCREEN_S = 50.0  # one proxy screen (6-108 s, mean 50 over 18)
 # GPTQ and EoRA per kept layer in units of the probe's seconds per layer (the GPTQ stage on two
-# layers less on one). GPTQ: the probe times the stage a trial runs, so one; on an AVX2 AMD EPYC the
-# one-layer probe (11.9 s, the stage's once-paid part included) priced a 30-layer GPTQ stage at ~385 s
-# where it took 158 s (`make demo`, 2026-12-04), which is why the probe times two points.
-# EoRA (slmsearch's float32 fit, compress/eora.py) r16 on the default study's calibration: 3.07 s
-# per layer on an AVX2 AMD EPYC where GPTQ at scale search 2.4 took ~4.7 s per layer
-# (bench/results/eora_fit.json: 2.35 s per layer without the scale search, which doubles it)
-GPTQ_PER_PROBE = 1.0
-EORA_PER_PROBE = 0.65
+# layers less on one). From `make demo` on an AVX2 AMD EPYC, 2026-12-04 (docs/benchmarks.md section
+# 7): the two-layer run's second layer took 6.0 s; the seven trials' GPTQ took 4.8-9.5 s per kept
+# layer (mean x1.13 that; groups of 32 and 4-bit rows cost the most), EoRA r16 3.45 s (x0.57, one
+# trial). There the one-layer probe of earlier sessions (11.9 s, its once-paid part included) had
+# priced a 30-layer stage at ~385 s where it took 143-178 s, and a one-layer run without the
+# warm-up before it came out 2.8 s slower than warm, all of it off the second layer's seconds.
+GPTQ_PER_PROBE = 1.1
+EORA_PER_PROBE = 0.57
 # EoRA's adapters cost bytes a 64 MB plan rarely has: the two demos promoted a plan with EoRA in 2 of
 # 11 compressed trials, where 3 of the space's 4 ranks have one; its share of the space is scaled by this
 EORA_PROMOTED = 0.25
