@@ -103,8 +103,8 @@ def gptq_stage_seconds(location: str, data_dir: Path, calib: Any, *, space: Any)
     """Seconds per decoder layer and seconds paid once per stage of the real GPTQ stage (gptqmodel:
     load, quantize, pack, save; the scale codes), from the model at ``location`` cut to its first
     decoder layer (twice: the first run warms up) and to its first two, at the space's widest scale
-    search, finest scale codes, 4 bits (3 when 4 is not searched) and first group size that divides
-    the model. A one-layer model has no second layer to time: all its seconds count per layer."""
+    search, its 8-bit scale codes when it searches them, 4 bits (3 when 4 is not searched) and its
+    first group size that divides the model. A one-layer model has no second layer to time: all its seconds count per layer."""
     from slmsearch.compress import pipeline
     from slmsearch.compress.depth import DepthPrune
     from slmsearch.compress.gptq import Gptq

@@ -54,7 +54,7 @@ def test_the_gptq_probe_times_the_real_stage_on_one_and_two_layers(tiny_checkpoi
     n = len(pipeline.model_geometry(str(tiny_checkpoint)).layers)
     assert [len(plan.stages[0].indices) for plan, _ in runs] == [n - 1, n - 1, n - 2]  # one layer (a warm-up, then timed), two
     gptq = runs[0][0].stages[-1]
-    assert (gptq.bits, gptq.group_size, gptq.mse, gptq.scale_bits) == (4, 32, 0.0, 8)  # as a trial's finest codes
+    assert (gptq.bits, gptq.group_size, gptq.mse, gptq.scale_bits) == (4, 32, 0.0, 8)  # 8-bit scale codes, as the space searches them
     _, one, two = (seconds for _, seconds in runs)
     assert 0 < one < math.inf and 0 < two < math.inf
     assert (layer_s, fixed_s) == clock.split_stage_seconds(one, two)
