@@ -104,7 +104,8 @@ def gptq_stage_seconds(location: str, data_dir: Path, calib: Any, *, space: Any)
     load, quantize, pack, save; the scale codes), from the model at ``location`` cut to its first
     decoder layer (twice: the first run warms up) and to its first two, at the space's widest scale
     search, its 8-bit scale codes when it searches them, 4 bits (3 when 4 is not searched) and its
-    first group size that divides the model. A one-layer model has no second layer to time: all its seconds count per layer."""
+    first group size that divides the model. A one-layer model has no second layer to time: all its
+    seconds count per layer."""
     from slmsearch.compress import pipeline
     from slmsearch.compress.depth import DepthPrune
     from slmsearch.compress.gptq import Gptq
@@ -129,10 +130,14 @@ def gptq_stage_seconds(location: str, data_dir: Path, calib: Any, *, space: Any)
             finally:
                 shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
 
-        one = timed(1)  # the process's first GPTQ stage also warms gptqmodel's loading and saving
-        if n > 1:  # (2.8 s more on the AVX2 EPYC, which would come off the second layer): timed again
+        one = timed(1)
+        if n > 1:
+            # the first run, the process's first GPTQ stage, also warmed gptqmodel's loading and saving
+            # (2.8 s on the AVX2 EPYC, which would come off the second layer): time one layer again
             one = timed(1)
-        _GPTQ_PROBES[key] = split_stage_seconds(one, timed(2)) if n > 1 else (one, 0.0)
+            _GPTQ_PROBES[key] = split_stage_seconds(one, timed(2))
+        else:
+            _GPTQ_PROBES[key] = (one, 0.0)
     return _GPTQ_PROBES[key]
 
 
